@@ -1,0 +1,1 @@
+"""evlm: compress vision-language models with the EfficientVLM recipe."""

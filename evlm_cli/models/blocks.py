@@ -1,0 +1,178 @@
+"""Prunable transformer blocks: per-layer head counts and FFN widths, optional gates and maps."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from evlm_cli.models.config import EncoderConfig
+
+Gates = dict[str, Tensor]
+
+
+def activation(name: str):
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "quick_gelu":
+        return lambda x: x * torch.sigmoid(1.702 * x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """[B, Lk] keep-mask (1 = attend) -> [B, 1, 1, Lk] additive mask, as BERT does."""
+    if mask is None:
+        return None
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+class Attention(nn.Module):
+    """Multi-head attention with any number of heads, including none.
+
+    The output bias is a separate parameter so that it survives when every head is pruned.
+    A head gate of shape [heads] scales each head's context before the output projection.
+    """
+
+    def __init__(self, width: int, heads: int, head_dim: int, kv_width: int | None = None):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        kv_width = kv_width or width
+        inner = heads * head_dim
+        if heads:
+            self.q = nn.Linear(width, inner)
+            self.k = nn.Linear(kv_width, inner)
+            self.v = nn.Linear(kv_width, inner)
+            self.out = nn.Linear(inner, width, bias=False)
+        self.out_bias = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: Tensor, kv: Tensor | None = None, mask: Tensor | None = None,
+                head_gate: Tensor | None = None, need_weights: bool = False):
+        if not self.heads:
+            return self.out_bias.expand_as(x), None
+        kv = x if kv is None else kv
+        B, L, _ = x.shape
+        split = lambda t: t.view(B, t.shape[1], self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(kv)), split(self.v(kv))
+        probs = None
+        if need_weights:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores + mask
+            probs = scores.softmax(-1)
+            ctx = probs @ v
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if head_gate is not None:
+            ctx = ctx * head_gate.view(1, -1, 1, 1).to(ctx.dtype)
+        ctx = ctx.transpose(1, 2).reshape(B, L, self.heads * self.head_dim)
+        return self.out(ctx) + self.out_bias, probs
+
+
+class MLP(nn.Module):
+    """Feed-forward sublayer of any width, including zero (then only the output bias remains)."""
+
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        self.hidden = hidden
+        self.act = activation(act)
+        if hidden:
+            self.fc1 = nn.Linear(width, hidden)
+            self.fc2 = nn.Linear(hidden, width, bias=False)
+        self.fc2_bias = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: Tensor, neuron_gate: Tensor | None = None) -> Tensor:
+        if not self.hidden:
+            return self.fc2_bias.expand_as(x)
+        h = self.act(self.fc1(x))
+        if neuron_gate is not None:
+            h = h * neuron_gate.to(h.dtype)
+        return self.fc2(h) + self.fc2_bias
+
+
+@dataclass
+class LayerOutput:
+    hidden: Tensor
+    attention: Tensor | None = None
+    cross_attention: Tensor | None = None
+
+
+class Block(nn.Module):
+    """One transformer layer: self-attention, optional cross-attention, FFN; pre- or post-norm."""
+
+    def __init__(self, cfg: EncoderConfig, index: int):
+        super().__init__()
+        w, eps = cfg.width, cfg.eps
+        self.pre_norm = cfg.norm == "pre"
+        self.attn = Attention(w, cfg.heads[index], cfg.head_dim)
+        self.norm1 = nn.LayerNorm(w, eps=eps)
+        self.cross = None
+        if cfg.has_cross:
+            self.cross = Attention(w, cfg.cross_heads[index], cfg.head_dim, cfg.kv_width)
+            self.norm_cross = nn.LayerNorm(w, eps=eps)
+        self.mlp = MLP(w, cfg.ffn[index], cfg.act)
+        self.norm2 = nn.LayerNorm(w, eps=eps)
+
+    def _sublayer(self, x: Tensor, norm: nn.LayerNorm, fn, layer_gate: Tensor | None):
+        """Residual wiring shared by all sublayers; a layer gate scales the sublayer's output."""
+        out, maps = fn(norm(x) if self.pre_norm else x)
+        if layer_gate is not None:
+            out = out * layer_gate.to(out.dtype)
+        return (x + out if self.pre_norm else norm(x + out)), maps
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, kv: Tensor | None = None,
+                kv_mask: Tensor | None = None, gates: Gates | None = None, prefix: str = "",
+                need_weights: bool = False) -> LayerOutput:
+        g = (lambda unit: gates.get(f"{prefix}.{unit}")) if gates else (lambda unit: None)  # noqa: E731
+        x, attn = self._sublayer(
+            x, self.norm1,
+            lambda h: self.attn(h, mask=mask, head_gate=g("heads"), need_weights=need_weights),
+            g("attn_layer"))
+        cross = None
+        if self.cross is not None:
+            x, cross = self._sublayer(
+                x, self.norm_cross,
+                lambda h: self.cross(h, kv=kv, mask=kv_mask, head_gate=g("cross_heads"),
+                                     need_weights=need_weights),
+                g("cross_layer"))
+        x, _ = self._sublayer(x, self.norm2, lambda h: (self.mlp(h, g("ffn")), None), g("ffn_layer"))
+        return LayerOutput(x, attn, cross)
+
+
+@dataclass
+class EncoderOutput:
+    last: Tensor
+    hidden_states: list[Tensor] | None = None  # input embeddings first, then every layer's output
+    attentions: list[Tensor | None] | None = None
+    cross_attentions: list[Tensor | None] | None = None
+
+
+class Encoder(nn.Module):
+    """A stack of Blocks named `name` (its gates are looked up as "{name}.{layer}.{unit}")."""
+
+    def __init__(self, cfg: EncoderConfig, name: str):
+        super().__init__()
+        self.name = name
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.layers))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, kv: Tensor | None = None,
+                kv_mask: Tensor | None = None, gates: Gates | None = None,
+                output_hidden: bool = False, output_attentions: bool = False) -> EncoderOutput:
+        hidden = [x] if output_hidden else None
+        attns = [] if output_attentions else None
+        crosses = [] if output_attentions else None
+        mask = additive_mask(mask, x.dtype)
+        kv_mask = additive_mask(kv_mask, x.dtype)
+        for i, layer in enumerate(self.layers):
+            out = layer(x, mask, kv, kv_mask, gates, f"{self.name}.{i}", output_attentions)
+            x = out.hidden
+            if output_hidden:
+                hidden.append(x)
+            if output_attentions:
+                attns.append(out.attention)
+                crosses.append(out.cross_attention)
+        return EncoderOutput(x, hidden, attns, crosses)

@@ -1,0 +1,227 @@
+"""The X-VLM-style vision-language model: ViT, BERT text encoder, cross-attention fusion, heads."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from evlm_cli.compress.groups import PrunableGroup
+from evlm_cli.models.blocks import Encoder, EncoderOutput, Gates
+from evlm_cli.models.config import ENCODERS, EncoderConfig, VisionConfig, VLMConfig
+
+
+class ConvStem(nn.Module):
+    """Stride-2 3x3 convolutions down to the patch grid, then a 1x1 to the width.
+
+    Early convolutions make ViTs train faster and more stably on small data (Xiao et al. 2021).
+    """
+
+    def __init__(self, cfg: VisionConfig, width: int):
+        super().__init__()
+        steps = int(round(math.log2(cfg.patch_size)))
+        if 2 ** steps != cfg.patch_size:
+            raise ValueError(f"the conv stem needs a power-of-two patch size, not {cfg.patch_size}")
+        layers, c_in = [], cfg.channels
+        for s in range(steps):
+            c_out = max(width // 2 ** (steps - s), 16)
+            layers += [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            c_in = c_out
+        layers.append(nn.Conv2d(c_in, width, 1))
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.proj(images)
+
+
+class VisionEncoder(nn.Module):
+    """ViT: patch embedding, CLS token, learned positions, pre-norm blocks, final norm."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        w = cfg.encoder.width
+        if cfg.stem == "patch":
+            self.stem = nn.Conv2d(cfg.channels, w, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        else:
+            self.stem = ConvStem(cfg, w)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, w))
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches + 1, w) * 0.02)
+        self.norm_pre = nn.LayerNorm(w, eps=cfg.encoder.eps) if cfg.pre_norm else nn.Identity()
+        self.encoder = Encoder(cfg.encoder, "vision")
+        self.norm = nn.LayerNorm(w, eps=cfg.encoder.eps)
+
+    def forward(self, images: Tensor, gates: Gates | None = None, output_hidden: bool = False,
+                output_attentions: bool = False) -> EncoderOutput:
+        x = self.stem(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        out = self.encoder(self.norm_pre(x), gates=gates, output_hidden=output_hidden,
+                           output_attentions=output_attentions)
+        out.last = self.norm(out.last)
+        return out
+
+
+class TextEmbeddings(nn.Module):
+    """BERT embeddings: word + position + token type, then LayerNorm."""
+
+    def __init__(self, cfg, width: int, eps: float):
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, width, padding_idx=cfg.pad_id)
+        self.position = nn.Embedding(cfg.max_positions, width)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, width)
+        self.norm = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word(input_ids) + self.position(positions)[None] + self.token_type.weight[0]
+        return self.norm(x)
+
+
+class ITCHead(nn.Module):
+    """Image-text contrastive projections with a learned temperature."""
+
+    def __init__(self, vision_width: int, text_width: int, embed_dim: int):
+        super().__init__()
+        self.vision_proj = nn.Linear(vision_width, embed_dim)
+        self.text_proj = nn.Linear(text_width, embed_dim)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+
+    def forward(self, image_cls: Tensor, text_cls: Tensor) -> Tensor:
+        """Similarity logits [B_image, B_text]."""
+        img = nn.functional.normalize(self.vision_proj(image_cls), dim=-1)
+        txt = nn.functional.normalize(self.text_proj(text_cls), dim=-1)
+        return img @ txt.t() / self.temp.clamp(min=1e-3)
+
+
+class MLMHead(nn.Module):
+    def __init__(self, width: int, vocab_size: int, eps: float):
+        super().__init__()
+        self.transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width, eps=eps))
+        self.decoder = nn.Linear(width, vocab_size)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.decoder(self.transform(hidden))
+
+
+def build_heads(cfg: VLMConfig) -> nn.ModuleDict:
+    w = cfg.fusion.width
+    heads = nn.ModuleDict()
+    for name in cfg.heads:
+        if name == "vqa":
+            if cfg.num_answers < 1:
+                raise ValueError("the vqa head needs num_answers >= 1")
+            heads["vqa"] = nn.Sequential(nn.Linear(w, 2 * w), nn.GELU(), nn.LayerNorm(2 * w),
+                                         nn.Linear(2 * w, cfg.num_answers))
+        elif name == "itm":
+            heads["itm"] = nn.Linear(w, 2)
+        elif name == "itc":
+            heads["itc"] = ITCHead(cfg.vision.encoder.width, cfg.text.encoder.width, cfg.embed_dim)
+        elif name == "mlm":
+            heads["mlm"] = MLMHead(w, cfg.text.vocab_size, cfg.fusion.eps)
+        else:
+            raise ValueError(f"unknown head {name!r} (known: vqa, itm, itc, mlm)")
+    return heads
+
+
+@dataclass
+class VLMOutput:
+    vision: EncoderOutput
+    text: EncoderOutput
+    fusion: EncoderOutput
+
+    def encoder(self, name: str) -> EncoderOutput:
+        return getattr(self, name)
+
+
+class VLM(nn.Module):
+    """Vision encoder + text encoder + fusion encoder (text self-attn, cross-attn to image, FFN)."""
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        if cfg.fusion.kv_width != cfg.vision.encoder.width:
+            raise ValueError(f"fusion.kv_width ({cfg.fusion.kv_width}) must equal the vision width "
+                             f"({cfg.vision.encoder.width})")
+        self.config = cfg
+        tcfg = cfg.text.encoder
+        self.vision = VisionEncoder(cfg.vision)
+        self.embeddings = TextEmbeddings(cfg.text, tcfg.width, tcfg.eps)
+        self.text = Encoder(tcfg, "text")
+        self.text_to_fusion = (nn.Linear(tcfg.width, cfg.fusion.width)
+                               if tcfg.width != cfg.fusion.width else nn.Identity())
+        self.fusion = Encoder(cfg.fusion, "fusion")
+        self.heads = build_heads(cfg)
+
+    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
+                gates: Gates | None = None, output_hidden: bool = False,
+                output_attentions: bool = False) -> VLMOutput:
+        opts = dict(gates=gates, output_hidden=output_hidden, output_attentions=output_attentions)
+        vision = self.vision(images, **opts)
+        text = self.text(self.embeddings(input_ids), mask=attention_mask, **opts)
+        fusion = self.fusion(self.text_to_fusion(text.last), mask=attention_mask, kv=vision.last,
+                             **opts)
+        return VLMOutput(vision, text, fusion)
+
+    def logits(self, task: str, out: VLMOutput) -> Tensor:
+        """Task logits from the fused CLS token (VQA answer scores, ITM match scores)."""
+        if task in ("vqa", "itm"):
+            return self.heads[task](out.fusion.last[:, 0])
+        raise ValueError(f"no classification head for task {task!r}")
+
+    def prunable_groups(self, units=("heads", "ffn")) -> list[PrunableGroup]:
+        return prunable_groups(self.config, units)
+
+
+def _head_params(width: int, head_dim: int, kv_width: int) -> int:
+    """Parameters one head owns: its rows of q, k, v (with biases) and its columns of out."""
+    return (width * head_dim + head_dim) + 2 * (kv_width * head_dim + head_dim) + head_dim * width
+
+
+def prunable_groups(cfg: VLMConfig, units=("heads", "ffn")) -> list[PrunableGroup]:
+    """Every prunable group (encoder x unit x layer) with its exact per-unit parameter cost."""
+    groups = []
+    for enc in ENCODERS:
+        ecfg: EncoderConfig = cfg.encoder(enc)
+        w, hd = ecfg.width, ecfg.head_dim
+        for i in range(ecfg.layers):
+            def add(unit, size, cost, enc=enc, i=i):
+                if size:
+                    groups.append(PrunableGroup(f"{enc}.{i}.{unit}", enc, unit, i, size, cost))
+            if "heads" in units:
+                add("heads", ecfg.heads[i], _head_params(w, hd, w))
+                if ecfg.has_cross:
+                    add("cross_heads", ecfg.cross_heads[i], _head_params(w, hd, ecfg.kv_width))
+            if "ffn" in units:
+                add("ffn", ecfg.ffn[i], 2 * w + 1)
+            if "layers" in units:
+                add("attn_layer", 1 if ecfg.heads[i] else 0, 0)
+                if ecfg.has_cross:
+                    add("cross_layer", 1 if ecfg.cross_heads[i] else 0, 0)
+                add("ffn_layer", 1 if ecfg.ffn[i] else 0, 0)
+    return groups
+
+
+def param_breakdown(model: VLM) -> dict[str, int]:
+    """Parameters per part: embeddings, vision, text, fusion, heads, and the total."""
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    v = model.vision
+    parts = {
+        "embeddings": count(v.stem) + v.cls_token.numel() + v.pos_embed.numel()
+        + count(model.embeddings),
+        "vision": count(v.encoder) + count(v.norm) + count(v.norm_pre),
+        "text": count(model.text),
+        "fusion": count(model.fusion) + count(model.text_to_fusion),
+        "heads": count(model.heads),
+    }
+    parts["total"] = count(model)
+    assert parts["total"] == sum(parts[k] for k in parts if k != "total")
+    return parts
+
+
+def prunable_param_count(cfg: VLMConfig) -> dict[str, int]:
+    """Parameters in heads and FFN neurons per encoder: what pruning can remove."""
+    totals = dict.fromkeys(ENCODERS, 0)
+    for g in prunable_groups(cfg):
+        totals[g.encoder] += g.size * g.unit_params
+    totals["total"] = sum(totals.values())
+    return totals

@@ -1,0 +1,179 @@
+"""The VLM: uneven shapes, save/load round trip, gates, maps, parameter counts."""
+
+import json
+
+import pytest
+import torch
+
+from evlm_cli.errors import CheckpointError
+from evlm_cli.models.checkpoint import load_model, save_model
+from evlm_cli.models.config import EncoderConfig, TextConfig, VisionConfig, VLMConfig, make_config
+from evlm_cli.models.vlm import VLM, param_breakdown, prunable_groups
+
+
+def tiny_config(**kw) -> VLMConfig:
+    base = dict(vision=dict(layers=2, width=32, heads=4, ffn=64),
+                text=dict(layers=2, width=24, heads=3, ffn=48),
+                fusion=dict(layers=2, width=24, heads=3, ffn=48), image_size=16, patch_size=8,
+                vocab_size=40, max_positions=16, heads=["vqa", "itm", "itc", "mlm"], num_answers=5,
+                embed_dim=8)
+    base.update(kw)
+    return make_config(**base)
+
+
+def uneven_config() -> VLMConfig:
+    cfg = tiny_config()
+    v, t, f = cfg.vision.encoder, cfg.text.encoder, cfg.fusion
+    v.heads, v.ffn = [3, 0], [10, 64]  # a fully pruned attention sublayer
+    t.heads, t.ffn = [1, 3], [0, 7]  # a fully pruned FFN
+    f.heads, f.ffn, f.cross_heads = [2, 3], [5, 0], [0, 1]
+    return cfg
+
+
+def inputs(batch=2, seq=6, image=16, vocab=40):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, image, image, generator=g)
+    ids = torch.randint(1, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, -2:] = 0
+    return images, ids, mask
+
+
+def test_uneven_model_round_trips_through_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    model = VLM(uneven_config()).eval()
+    for p in model.parameters():  # output biases start at zero; make every tensor matter
+        torch.nn.init.normal_(p, std=0.2)
+    save_model(model, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["vision"]["encoder"]["heads"] == [3, 0] and cfg["fusion"]["cross_heads"] == [0, 1]
+    loaded = load_model(tmp_path / "m").eval()
+    x = inputs()
+    with torch.no_grad():
+        a, b = model(*x), loaded(*x)
+    assert torch.equal(model.logits("vqa", a), loaded.logits("vqa", b))
+    assert torch.equal(a.vision.last, b.vision.last)
+    # the fully pruned sublayers hold no weights but keep their output bias
+    assert not hasattr(loaded.vision.encoder.layers[1].attn, "q")
+    assert loaded.vision.encoder.layers[1].attn.out_bias.abs().sum() > 0
+    assert not hasattr(loaded.text.layers[0].mlp, "fc1")
+
+
+def test_loading_weights_that_disagree_with_config_names_the_tensor(tmp_path):
+    model = VLM(tiny_config())
+    save_model(model, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["text"]["encoder"]["ffn"][1] = 40
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"'text\.layers\.1\.mlp\.fc1\.weight' has shape \(48, 24\)"):
+        load_model(tmp_path / "m")
+
+
+def test_corrupt_weights_give_a_checkpoint_error(tmp_path):
+    save_model(VLM(tiny_config()), tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt"):
+        load_model(tmp_path / "m")
+
+
+def test_attention_maps_and_hidden_states_on_request():
+    model = VLM(tiny_config()).eval()
+    with torch.no_grad():
+        fast = model(*inputs())
+        full = model(*inputs(), output_hidden=True, output_attentions=True)
+    assert fast.text.hidden_states is None and fast.fusion.attentions is None
+    assert torch.allclose(fast.fusion.last, full.fusion.last, atol=1e-5)
+    assert len(full.vision.hidden_states) == 3  # embeddings + 2 layers
+    cross = full.fusion.cross_attentions[0]
+    assert cross.shape == (2, 3, 6, 1 + 4)  # [B, heads, text tokens, image tokens]
+    assert torch.allclose(cross.sum(-1), torch.ones(()))
+    text_attn = full.text.attentions[0]
+    assert text_attn[0, :, :, -2:].abs().max() < 1e-6  # padded keys get no attention
+
+
+def test_zero_gates_equal_removing_the_unit():
+    model = VLM(tiny_config()).eval()
+    x = inputs()
+    gates = {"text.1.heads": torch.tensor([1.0, 0.0, 1.0]), "fusion.0.ffn": torch.ones(48),
+             "vision.0.ffn_layer": torch.zeros(1)}
+    gates["fusion.0.ffn"][:10] = 0
+    with torch.no_grad():
+        gated = model(*x, gates=gates).fusion.last
+        ungated = model(*x).fusion.last
+        # zeroing the head's output-projection columns removes it too
+        model.text.layers[1].attn.out.weight[:, 8:16] = 0
+        model.fusion.layers[0].mlp.fc2.weight[:, :10] = 0
+        layer = model.vision.encoder.layers[0].mlp
+        layer.fc2.weight.zero_()
+        layer.fc2_bias.zero_()
+        removed = model(*x).fusion.last
+    assert not torch.allclose(gated, ungated, atol=1e-4)
+    assert torch.allclose(gated, removed, atol=1e-5)
+
+
+def hand_count(cfg: VLMConfig) -> int:
+    def layer(w, h, hd, f, cross_h=0, kv=0):
+        attn = 3 * (w * h * hd + h * hd) + h * hd * w + w + 2 * w
+        cross = (w * cross_h * hd + cross_h * hd + 2 * (kv * cross_h * hd + cross_h * hd)
+                 + cross_h * hd * w + w + 2 * w) if cross_h else 0
+        return attn + cross + (w * f + f) + (f * w + w) + 2 * w
+
+    v, t, f = cfg.vision, cfg.text, cfg.fusion
+    vw, tw = v.encoder.width, t.encoder.width
+    n = 3 * vw * v.patch_size ** 2 + vw + vw + (v.num_patches + 1) * vw + 2 * vw  # stem, cls, pos, norm
+    n += sum(layer(vw, v.encoder.heads[i], v.encoder.head_dim, v.encoder.ffn[i]) for i in range(2))
+    n += (t.vocab_size + t.max_positions + 2) * tw + 2 * tw
+    n += sum(layer(tw, t.encoder.heads[i], t.encoder.head_dim, t.encoder.ffn[i]) for i in range(2))
+    n += sum(layer(tw, f.heads[i], f.head_dim, f.ffn[i], f.cross_heads[i], vw) for i in range(2))
+    n += (tw * 2 * tw + 2 * tw) + 4 * tw + (2 * tw * 5 + 5)  # vqa head
+    n += tw * 2 + 2  # itm
+    n += (vw * 8 + 8) + (tw * 8 + 8) + 1  # itc
+    n += (tw * tw + tw) + 2 * tw + (tw * 40 + 40)  # mlm
+    return n
+
+
+def test_parameter_count_matches_a_hand_count():
+    cfg = tiny_config()
+    parts = param_breakdown(VLM(cfg))
+    assert parts["total"] == hand_count(cfg)
+    assert parts["heads"] == (24 * 48 + 48 + 96 + 48 * 5 + 5) + 50 + (32 * 8 + 8 + 24 * 8 + 8 + 1) + (
+        24 * 24 + 24 + 48 + 24 * 40 + 40)
+
+
+def test_prunable_groups_cost_what_slicing_removes():
+    cfg = tiny_config()
+    groups = {g.name: g for g in prunable_groups(cfg, units=("heads", "ffn", "layers"))}
+    assert groups["vision.0.heads"].unit_params == 3 * (32 * 8 + 8) + 8 * 32
+    assert groups["fusion.1.cross_heads"].unit_params == (24 * 8 + 8) + 2 * (32 * 8 + 8) + 8 * 24
+    assert groups["text.0.ffn"].size == 48 and groups["text.0.ffn"].unit_params == 2 * 24 + 1
+    assert groups["fusion.0.cross_layer"].size == 1
+
+
+def paper_config(layers: tuple[int, int, int]) -> VLMConfig:
+    """CLIP ViT-B/16 (224 px, width 768) + BERT-base text and fusion, as in EfficientVLM."""
+    v, t, f = layers
+    venc = EncoderConfig.uniform(768, v, 12, 3072, norm="pre", eps=1e-5)
+    tenc = EncoderConfig.uniform(768, t, 12, 3072)
+    fenc = EncoderConfig.uniform(768, f, 12, 3072, cross=True, kv_width=768)
+    return VLMConfig(vision=VisionConfig(venc, image_size=224, patch_size=16, patch_bias=False,
+                                         pre_norm=True),
+                     text=TextConfig(tenc, vocab_size=30522, max_positions=512), fusion=fenc,
+                     heads=["itm", "itc"], embed_dim=256)
+
+
+def test_paper_configuration_parameter_count_on_meta_device(capsys):
+    counts = {}
+    for name, layers in (("teacher 12/6/6", (12, 6, 6)), ("student 6/3/3", (6, 3, 3))):
+        with torch.device("meta"):
+            model = VLM(paper_config(layers))
+        assert next(model.parameters()).is_meta  # nothing allocated
+        counts[name] = param_breakdown(model)
+        with capsys.disabled():
+            print(f"\n{name}: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in counts[name].items()))
+    t, s = counts["teacher 12/6/6"], counts["student 6/3/3"]
+    # ViT-B/16 encoder layers ~85.0M; BERT-base layer 7.09M; a fusion layer adds 2.36M of cross-attn
+    assert t["vision"] == 12 * 7_087_872 + 2 * 1536
+    assert t["text"] == 6 * 7_087_872
+    assert t["fusion"] == 6 * (7_087_872 + 4 * 768 * 768 + 4 * 768 + 2 * 768)
+    assert s["vision"] == 6 * 7_087_872 + 2 * 1536
+    assert 0.55 < s["total"] / t["total"] < 0.65
