@@ -1,0 +1,107 @@
+"""Tests of the `evlm` command line: output lines, exit status, no traceback, --debug."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from evlm_cli.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SPEC = str(ROOT / "specs" / "vqa_50pct.yaml")
+TINY_SPEC = str(ROOT / "tests" / "specs" / "tiny_vqa.yaml")
+TWO_PROBLEMS = "name: two_problems\ntask: vqa\nseed: -3\nprune:\n  target_sparsity: 1.5\n"
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.fixture
+def bad_spec(in_tmp_dir):
+    path = in_tmp_dir / "bad.yaml"
+    path.write_text(TWO_PROBLEMS, encoding="utf-8")
+    return path
+
+
+def test_validate_prints_one_ok_line_per_spec():
+    result = invoke("validate", DEFAULT_SPEC, TINY_SPEC)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        f"OK {DEFAULT_SPEC} (name: vqa_50pct, task: vqa)",
+        f"OK {TINY_SPEC} (name: tiny_vqa, task: vqa)",
+    ]
+    assert result.stderr == ""
+
+
+def test_validate_reports_each_problem_on_one_line_and_writes_nothing(bad_spec):
+    before = sorted(bad_spec.parent.rglob("*"))
+    result = invoke("validate", "bad.yaml")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "bad.yaml:3: seed: -3 is less than the minimum 0",
+        "bad.yaml:5: prune.target_sparsity: 1.5 is greater than the maximum 0.95",
+    ]
+    assert sorted(bad_spec.parent.rglob("*")) == before
+
+
+def test_validate_checks_every_spec_before_failing(bad_spec):
+    result = invoke("validate", TINY_SPEC, "bad.yaml", "missing.yaml")
+    assert result.exit_code == 2
+    assert result.stdout.splitlines() == [f"OK {TINY_SPEC} (name: tiny_vqa, task: vqa)"]
+    errors = result.stderr.splitlines()
+    assert len(errors) == 3
+    assert errors[-1] == "missing.yaml: cannot read the spec: No such file or directory"
+
+
+@pytest.mark.parametrize("command", ["run", "compile", "diff", "show", "validate"])
+def test_every_command_has_help(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    assert f"Usage: main {command}" in result.output
+    summary = result.output.splitlines()[2].strip()
+    assert len(summary) > 20
+
+
+@pytest.mark.parametrize("command", ["run", "compile", "show"])
+def test_unbuilt_commands_validate_their_spec_first(command, bad_spec):
+    result = invoke(command, "bad.yaml")
+    assert result.exit_code == 2
+    assert "bad.yaml:3: seed: -3 is less than the minimum 0" in result.stderr.splitlines()
+    assert "not yet implemented" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "compile", "show", "diff"])
+def test_unbuilt_commands_say_so(command):
+    result = invoke(command, TINY_SPEC)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"evlm {command}: not yet implemented"
+
+
+def evlm_process(*args, cwd):
+    executable = Path(sys.executable).parent / "evlm"
+    return subprocess.run([str(executable), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_real_process_exits_2_with_one_line_per_problem_and_no_traceback(bad_spec):
+    finished = evlm_process("validate", "bad.yaml", cwd=bad_spec.parent)
+    assert finished.returncode == 2
+    assert "Traceback" not in finished.stderr
+    assert finished.stderr.splitlines() == [
+        "bad.yaml:3: seed: -3 is less than the minimum 0",
+        "bad.yaml:5: prune.target_sparsity: 1.5 is greater than the maximum 0.95",
+    ]
+
+
+def test_real_process_with_debug_shows_the_traceback(bad_spec):
+    finished = evlm_process("--debug", "validate", "bad.yaml", cwd=bad_spec.parent)
+    assert finished.returncode == 2
+    assert "Traceback (most recent call last)" in finished.stderr
+    assert "load_spec" in finished.stderr
+    assert finished.stderr.splitlines()[-1] == (
+        "bad.yaml:5: prune.target_sparsity: 1.5 is greater than the maximum 0.95"
+    )

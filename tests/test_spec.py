@@ -1,0 +1,247 @@
+"""Tests of the spec loader: schema, defaults, semantic rules and the exact error lines."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from evlm_cli.errors import SpecError
+from evlm_cli.spec import (
+    SCHEMA_PATH,
+    InvalidSpecError,
+    load_schema,
+    load_spec,
+    looks_like_hub_id,
+    minilm_dir,
+    resolve_ref,
+    validate_spec_text,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_SPECS = Path(__file__).resolve().parent / "specs"
+BAD_SPECS = sorted((TEST_SPECS / "bad").glob("*.yaml"))
+SHIPPED_SPECS = sorted((ROOT / "specs").glob("*.yaml"))
+
+
+def expected_line(spec_file: Path) -> str:
+    first = spec_file.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("# expect: "), f"{spec_file.name} must start with '# expect: '"
+    return first.removeprefix("# expect: ")
+
+
+def problems_of(path: str) -> list[str]:
+    with pytest.raises(InvalidSpecError) as caught:
+        load_spec(path)
+    return caught.value.problems
+
+
+def leaves(tree, prefix=()):
+    """Every (key path, value) at the leaves of nested mappings."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from leaves(value, prefix + (key,))
+    else:
+        yield prefix, tree
+
+
+# ---------------------------------------------------------------- malformed specs
+
+
+def test_there_are_enough_malformed_specs():
+    assert len(BAD_SPECS) >= 30
+
+
+@pytest.mark.parametrize("spec_file", BAD_SPECS, ids=[path.stem for path in BAD_SPECS])
+def test_malformed_spec_gives_the_expected_line(spec_file, monkeypatch):
+    # Relative paths inside the bad specs (data/train.json) resolve against tests/specs.
+    monkeypatch.chdir(TEST_SPECS)
+    relative = f"bad/{spec_file.name}"
+    expected = expected_line(spec_file).replace("{path}", relative)
+    problems = problems_of(relative)
+    assert expected in problems
+    assert all("\n" not in problem for problem in problems)
+
+
+def test_every_schema_error_is_collected(tmp_path):
+    spec = tmp_path / "many.yaml"
+    spec.write_text(
+        "name: Bad\ntask: vqa\nseed: -1\nprune:\n  target_sparsity: 2\n  colour: red\n",
+        encoding="utf-8",
+    )
+    problems = problems_of(str(spec))
+    assert [problem.split(":")[1] for problem in problems] == ["1", "3", "5", "6"]
+    assert f"{spec}:3: seed: -1 is less than the minimum 0" in problems
+
+
+def test_spec_error_joins_problems_one_per_line():
+    with pytest.raises(SpecError) as caught:
+        validate_spec_text("name: a/b\ntask: nope\n", "x.yaml")
+    assert str(caught.value).splitlines() == caught.value.problems
+    assert len(caught.value.problems) == 2
+
+
+def test_unreadable_spec_names_the_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    assert problems_of(str(missing)) == [f"{missing}: cannot read the spec: No such file or directory"]
+
+
+# ---------------------------------------------------------------- shipped specs
+
+
+@pytest.mark.parametrize("spec_file", SHIPPED_SPECS, ids=[path.stem for path in SHIPPED_SPECS])
+def test_shipped_specs_are_valid_and_named_after_their_file(spec_file):
+    spec = load_spec(spec_file)
+    assert spec["name"] == spec_file.stem
+    assert spec["task"] == "vqa"
+
+
+def test_default_spec_writes_every_key_explicitly():
+    written = yaml.safe_load((ROOT / "specs" / "vqa_50pct.yaml").read_text(encoding="utf-8"))
+    resolved = load_spec(ROOT / "specs" / "vqa_50pct.yaml")
+    assert {path for path, _ in leaves(written)} == {path for path, _ in leaves(resolved)}
+
+
+@pytest.mark.parametrize("variant", ["vqa_30pct", "vqa_uniform_50pct"])
+def test_variants_differ_from_the_default_only_in_name_and_prune(variant):
+    default = dict(leaves(load_spec(ROOT / "specs" / "vqa_50pct.yaml")))
+    other = dict(leaves(load_spec(ROOT / "specs" / f"{variant}.yaml")))
+    assert default.keys() == other.keys()
+    changed = {path for path in default if default[path] != other[path]}
+    assert ("name",) in changed
+    assert any(path[0] == "prune" for path in changed)
+    assert all(path == ("name",) or path[0] == "prune" for path in changed)
+
+
+def test_tiny_test_spec_is_valid_and_tiny():
+    spec = load_spec(TEST_SPECS / "tiny_vqa.yaml")
+    assert spec["data"]["limit"] == 256
+    assert spec["teacher"]["init"]["text"] is None
+    assert [spec["teacher"][encoder]["layers"] for encoder in ("vision", "text", "fusion")] == [2, 2, 2]
+
+
+# ---------------------------------------------------------------- defaults
+
+
+def test_defaults_are_filled_into_a_minimal_spec():
+    spec = validate_spec_text("name: minimal\ntask: vqa\n", "minimal.yaml")
+    assert spec["prune"]["units"] == ["heads", "ffn"]
+    assert spec["prune"]["target_sparsity"] == 0.5
+    assert spec["teacher"]["train"]["lr"] == 1e-4
+    assert spec["finetune"]["train"]["max_steps"] is None
+    assert spec["student"]["layer_map"] == {"vision": None, "text": None, "fusion": None}
+    assert spec["evaluate"]["latency"]["batch_sizes"] == [1, 32]
+    assert spec["evaluate"]["metric"] == "vqa_accuracy"
+    assert spec["distill"]["weights"] == {"task": 1.0, "logits": 1.0, "hidden": 1.0, "attention": 1.0}
+    assert spec["prune"]["weights"] == {"task": 1.0, "logits": 1.0, "hidden": 0.0, "attention": 0.0}
+
+
+def test_partial_blocks_keep_their_use_site_defaults():
+    spec = validate_spec_text(
+        "name: partial\ntask: vqa\nprune:\n  weights: {task: 2.0}\ndistill:\n  weights: {task: 3.0}\n",
+        "partial.yaml",
+    )
+    assert spec["prune"]["weights"] == {"task": 2.0, "logits": 1.0, "hidden": 0.0, "attention": 0.0}
+    assert spec["distill"]["weights"] == {"task": 3.0, "logits": 1.0, "hidden": 1.0, "attention": 1.0}
+
+
+def test_filled_spec_still_satisfies_the_schema():
+    spec = validate_spec_text("name: minimal\ntask: vqa\n", "minimal.yaml")
+    jsonschema.Draft202012Validator(load_schema()).validate(spec)
+
+
+def test_metric_default_follows_the_task(in_tmp_dir):
+    (in_tmp_dir / "train.json").write_text("[]", encoding="utf-8")
+    (in_tmp_dir / "images").mkdir()
+    text = ("name: caps\ntask: captioning\ndata:\n  source: xvlm-json\n  train: train.json\n"
+            "  test: [train.json]\n  image_root: images\n")
+    assert validate_spec_text(text, "caps.yaml")["evaluate"]["metric"] == "cider"
+
+
+# ---------------------------------------------------------------- the schema itself
+
+
+def schema_properties(node, root, where="spec"):
+    """Yield (dotted name, property schema) for every property, through $refs."""
+    node = resolve_ref(node, root)
+    for key, prop in node.get("properties", {}).items():
+        yield f"{where}.{key}", resolve_ref(prop, root)
+        yield from schema_properties(prop, root, f"{where}.{key}")
+
+
+def test_every_schema_property_has_type_description_and_default():
+    root = load_schema()
+    found = list(schema_properties(root, root))
+    assert len(found) > 100
+    lacking = [name for name, prop in found
+               if not {"type", "description", "default"} <= prop.keys() or not prop["description"]]
+    assert lacking == []
+
+
+def test_every_schema_object_refuses_unknown_keys():
+    root = load_schema()
+    objects = [("spec", root)] + [(n, p) for n, p in schema_properties(root, root)
+                                  if p["type"] == "object"]
+    assert [name for name, prop in objects if prop.get("additionalProperties") is not False] == []
+
+
+def test_every_default_fits_its_own_property():
+    root = load_schema()
+    required = set(root["required"])
+    misfits = []
+    for name, prop in schema_properties(root, root):
+        if name.removeprefix("spec.") in required:
+            continue  # required keys have no usable default
+        checked = {**prop, "$defs": root["$defs"]}
+        if not jsonschema.Draft202012Validator(checked).is_valid(prop["default"]):
+            misfits.append(name)
+    assert misfits == []
+
+
+def test_schema_is_valid_json_schema():
+    jsonschema.Draft202012Validator.check_schema(json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))
+
+
+# ---------------------------------------------------------------- paths
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("bert-base-uncased", True),
+    ("openai/clip-vit-base-patch16", True),
+    ("./bert-base-uncased", False),
+    ("/models/bert", False),
+    ("models/bert/base", False),
+    ("vit_small.pth", False),
+    ("checkpoints/vit.safetensors", False),
+])
+def test_hub_id_heuristic(value, expected):
+    assert looks_like_hub_id(value) is expected
+
+
+def test_local_directory_with_a_hub_like_name_is_accepted(in_tmp_dir):
+    local = in_tmp_dir / "bert-base-uncased"
+    local.mkdir()
+    config = {"hidden_size": 384, "num_attention_heads": 12, "intermediate_size": 1536,
+              "num_hidden_layers": 6}
+    (local / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    spec = validate_spec_text("name: local\ntask: vqa\nteacher:\n  init:\n    text: bert-base-uncased\n",
+                              "local.yaml")
+    assert spec["teacher"]["init"]["text"] == "bert-base-uncased"
+    assert spec["data"]["tokenizer"] == "bert-base-uncased"
+
+
+def test_minilm_resolves_to_the_packaged_model_directory():
+    spec = validate_spec_text("name: mini\ntask: vqa\nteacher:\n  init:\n    text: minilm\n", "mini.yaml")
+    directory = Path(spec["teacher"]["init"]["text"])
+    assert directory.is_absolute()
+    assert directory == minilm_dir()
+    assert (directory / "config.json").is_file()
+    assert (directory / "vocab.txt").is_file()
+    assert spec["data"]["tokenizer"] == str(directory)
+
+
+def test_explicit_tokenizer_is_kept_when_text_init_is_set():
+    text = "name: mini\ntask: vqa\ndata:\n  tokenizer: minilm\nteacher:\n  init:\n    text: minilm\n"
+    spec = validate_spec_text(text, "mini.yaml")
+    assert spec["data"]["tokenizer"] == str(minilm_dir())
