@@ -14,6 +14,16 @@ from typing import Any
 import torch
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Some writers (safetensors) create private 0600 files; outputs get the usual permissions.
+FILE_MODE = 0o666 & ~_current_umask()
+
+
 def _fsync_file(path: Path) -> None:
     # Flush the data before the rename so a crash cannot leave a complete name over partial bytes.
     with open(path, "rb") as handle:
@@ -47,6 +57,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if not temp.exists():
             raise FileNotFoundError(f"the writer created nothing at {temp} for {final}")
         if temp.is_file():
+            os.chmod(temp, FILE_MODE)
             _fsync_file(temp)
         if final.is_dir() and not final.is_symlink():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")

@@ -1,0 +1,166 @@
+"""Batches from a prepared directory by whole-tensor indexing: no per-example Python in the loop."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import Dataset
+from transformers import BertTokenizerFast
+
+from evlm_cli.data.tokenizer import load_tokenizer
+from evlm_cli.errors import DataError
+
+Batch = dict[str, torch.Tensor]
+
+
+class PreparedData:
+    """A prepared directory: meta, answers, the shared image tensor and its splits."""
+
+    def __init__(self, prepared_dir: str | os.PathLike) -> None:
+        self.directory = Path(prepared_dir)
+        self.meta = _read_json(self.directory / "meta.json")
+        self.answers: list[str] = _read_json(self.directory / "answers.json")
+        self._images: torch.Tensor | None = None
+
+    @property
+    def images(self) -> torch.Tensor:
+        """uint8 [N_images, 3, S, S], loaded on first use and shared by every split."""
+        if self._images is None:
+            self._images = _load_tensors(self.directory / "images.safetensors")["images"]
+        return self._images
+
+    @property
+    def split_names(self) -> list[str]:
+        return list(self.meta["splits"])
+
+    @property
+    def num_answers(self) -> int:
+        return len(self.answers)
+
+    def split(self, name: str) -> PreparedSplit:
+        if name not in self.meta["splits"]:
+            raise DataError(f"{self.directory}: no split {name!r} (has {', '.join(self.split_names)})")
+        return PreparedSplit(self.directory, name, images=self.images)
+
+    def tokenizer(self) -> BertTokenizerFast:
+        return load_tokenizer(self.directory / "tokenizer")
+
+
+class PreparedSplit(Dataset):
+    """One split of a prepared directory; `batches` is the fast path, indexing the slow one."""
+
+    def __init__(
+        self, prepared_dir: str | os.PathLike, split: str, images: torch.Tensor | None = None
+    ) -> None:
+        directory = Path(prepared_dir)
+        self.name = split
+        self.images = images if images is not None else PreparedData(directory).images
+        tensors = _load_tensors(directory / f"{split}.safetensors")
+        self.image_index = tensors["image_index"]
+        self.input_ids = tensors["input_ids"]
+        self.attention_mask = tensors["attention_mask"]
+        self.targets = tensors["targets"]
+        self.question_id = tensors["question_id"]
+
+    def __len__(self) -> int:
+        return self.question_id.numel()
+
+    def __getitem__(self, index: int) -> Batch:
+        batch = self.gather(torch.tensor([index]))
+        return {key: value[0] for key, value in batch.items()}
+
+    def gather(self, indices: torch.Tensor) -> Batch:
+        """The examples at `indices` as one batch, images normalised to mean 0.5, std 0.5."""
+        pixels = self.images[self.image_index[indices]]
+        return {
+            # (x / 255 - 0.5) / 0.5, folded into one multiply-add
+            "images": pixels.float().mul_(2.0 / 255.0).sub_(1.0),
+            "input_ids": self.input_ids[indices].long(),
+            "attention_mask": self.attention_mask[indices].long(),
+            "targets": self.targets[indices].float(),
+            "question_id": self.question_id[indices],
+        }
+
+    def shard_indices(
+        self, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1
+    ) -> torch.Tensor:
+        """This rank's example indices, as `DistributedSampler` deals them.
+
+        The order is a permutation seeded by (seed, epoch) when shuffling, else source order.
+        With several ranks the list is padded by wrapping around so all ranks get the same
+        count (and so the same number of steps); a metric over all ranks then sees a few
+        examples twice, which `question_id` lets the caller drop.
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        count = len(self)
+        if shuffle:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(count, generator=generator)
+        else:
+            order = torch.arange(count)
+        per_rank = math.ceil(count / world_size)
+        padding = per_rank * world_size - count
+        if padding and count:
+            order = torch.cat([order, order.repeat(math.ceil(padding / count))[:padding]])
+        return order[rank::world_size]
+
+    def num_batches(self, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
+        """Batches per rank per epoch."""
+        per_rank = math.ceil(len(self) / world_size)
+        return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> Iterator[Batch]:
+        """Yield this rank's batches for one epoch (see `shard_indices` for the order)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        indices = self.shard_indices(shuffle, seed, epoch, rank, world_size)
+        for start in range(0, self.num_batches(batch_size, world_size, drop_last) * batch_size, batch_size):
+            yield self.gather(indices[start : start + batch_size])
+
+
+def batches(
+    prepared_dir: str | os.PathLike,
+    split: str,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+) -> Iterator[Batch]:
+    """Shortcut: the batches of one split of a prepared directory."""
+    data_split = PreparedData(prepared_dir).split(split)
+    yield from data_split.batches(batch_size, shuffle, seed, epoch, rank, world_size, drop_last)
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run the prepare stage first")
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run the prepare stage first")
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own error type for a corrupt header
+        raise DataError(f"{path}: cannot be read as safetensors ({error})") from error

@@ -1,0 +1,79 @@
+"""Batches from a prepared directory: dtypes, normalisation, order, and sharding across ranks."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evlm_cli.data.loader import PreparedData, PreparedSplit, batches
+from evlm_cli.data.prepare import prepare
+from evlm_cli.errors import DataError
+
+COUNT, SIZE = 37, 16  # an odd count, so sharding needs padding
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    data = {
+        "source": "easy-vqa", "train": None, "val": None, "test": None, "image_root": None,
+        "answer_list": None, "image_size": SIZE, "max_text_len": 12, "limit": COUNT,
+        "val_fraction": 0.1, "tokenizer": None, "vocab_size": 100,
+    }
+    spec = {"name": "t", "task": "vqa", "seed": 3, "data": data, "teacher": {"init": {"text": None}}}
+    prepare(spec, out)
+    return out
+
+
+def test_batch_contents(prepared):
+    split = PreparedData(prepared).split("train")
+    assert len(split) == COUNT
+    batch = next(split.batches(batch_size=8))
+    assert batch["images"].dtype == torch.float32 and batch["images"].shape == (8, 3, SIZE, SIZE)
+    assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape == (8, 12)
+    assert batch["attention_mask"].dtype == torch.long
+    assert batch["targets"].dtype == torch.float32 and batch["targets"].shape == (8, 13)
+    assert batch["question_id"].dtype == torch.long
+    raw = load_file(prepared / "train.safetensors")
+    images = load_file(prepared / "images.safetensors")["images"]
+    expected = (images[raw["image_index"][:8]].float() / 255 - 0.5) / 0.5
+    assert torch.allclose(batch["images"], expected, atol=1e-6)
+    assert batch["images"].min() >= -1 and batch["images"].max() <= 1
+    assert torch.equal(batch["question_id"], raw["question_id"][:8])
+    item = split[2]
+    assert torch.equal(item["input_ids"], batch["input_ids"][2])
+
+
+def test_epoch_covers_every_example_once(prepared):
+    split = PreparedSplit(prepared, "val")
+    seen = torch.cat([b["question_id"] for b in split.batches(batch_size=5, shuffle=True, seed=1)])
+    assert sorted(seen.tolist()) == sorted(split.question_id.tolist())
+    assert split.num_batches(5) == 8 and split.num_batches(5, drop_last=True) == 7
+    assert len(list(split.batches(batch_size=5, drop_last=True))) == 7
+
+
+def test_shuffle_depends_on_seed_and_epoch(prepared):
+    split = PreparedSplit(prepared, "train")
+    order = split.shard_indices(shuffle=True, seed=0, epoch=0)
+    assert torch.equal(order, split.shard_indices(shuffle=True, seed=0, epoch=0))
+    assert not torch.equal(order, split.shard_indices(shuffle=True, seed=0, epoch=1))
+    assert not torch.equal(order, split.shard_indices(shuffle=True, seed=1, epoch=0))
+    assert torch.equal(split.shard_indices(shuffle=False), torch.arange(COUNT))
+
+
+def test_shards_are_equal_and_cover_all(prepared):
+    split = PreparedSplit(prepared, "test")
+    shards = [split.shard_indices(True, seed=0, epoch=2, rank=r, world_size=2) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 19  # 37 padded to 38
+    assert set(torch.cat(shards).tolist()) == set(range(COUNT))
+    steps = [len(list(split.batches(4, True, 0, 2, rank=r, world_size=2))) for r in range(2)]
+    assert steps == [5, 5]
+    with pytest.raises(ValueError):
+        split.shard_indices(False, rank=2, world_size=2)
+
+
+def test_module_shortcut_and_missing_split(prepared, tmp_path):
+    assert sum(len(b["question_id"]) for b in batches(prepared, "val", batch_size=10)) == COUNT
+    with pytest.raises(DataError, match="no split 'dev'"):
+        PreparedData(prepared).split("dev")
+    with pytest.raises(DataError, match="meta.json: missing"):
+        PreparedData(tmp_path)

