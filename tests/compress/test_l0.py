@@ -1,0 +1,214 @@
+"""Hard-concrete gates, expected size, deterministic masks and the sparsity Lagrangian."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from evlm_cli.compress.groups import PrunableGroup
+from evlm_cli.compress.l0 import (
+    LOG_ALPHA_RANGE,
+    L0Gates,
+    SparsityConstraint,
+    sample_hard_concrete,
+    target_at,
+)
+from evlm_cli.errors import SpecError
+
+
+def tiny_groups():
+    return [
+        PrunableGroup("vision.0.heads", "vision", "heads", 0, 2, 10),
+        PrunableGroup("vision.0.attn_layer", "vision", "attn_layer", 0, 1, 0),
+        PrunableGroup("text.0.ffn", "text", "ffn", 0, 3, 4),
+    ]
+
+
+def set_log_alpha(gates, name, values):
+    with torch.no_grad():
+        gates.log_alpha_of(name).copy_(torch.tensor(values))
+
+
+def p_kept(log_alpha):
+    """P(z > 0) written out from Louizos et al.: sigmoid(log_alpha - beta * log(-low/high))."""
+    return 1 / (1 + math.exp(-(log_alpha - 2 / 3 * math.log(0.1 / 1.1))))
+
+
+def test_samples_lie_in_unit_interval_with_exact_zeros_and_ones():
+    torch.manual_seed(0)
+    log_alpha = torch.zeros(20000, requires_grad=True)
+    z = sample_hard_concrete(log_alpha)
+    assert z.min() >= 0 and z.max() <= 1
+    assert (z == 0).any() and (z == 1).any()
+    assert abs((z > 0).float().mean().item() - p_kept(0.0)) < 0.015
+    z.sum().backward()
+    assert log_alpha.grad.abs().sum() > 0
+
+
+def test_training_samples_are_fresh_and_eval_gates_deterministic():
+    torch.manual_seed(0)
+    gates = L0Gates(tiny_groups())
+    first, second = gates(), gates.sample()
+    assert not torch.equal(first["text.0.ffn"], second["text.0.ffn"])
+    gates.eval()
+    assert all(torch.equal(gates()[k], v) for k, v in gates().items())
+
+
+def test_eval_keeps_top_round_expected_units_with_positive_values():
+    gates = L0Gates(tiny_groups()).eval()
+    set_log_alpha(gates, "text.0.ffn", [3.0, -4.0, 0.5])  # P kept ~ 0.99, 0.09, 0.90 -> keep 2
+    set_log_alpha(gates, "vision.0.heads", [-3.0, 5.0])  # ~ 0.20, 1.00 -> keep 1
+    set_log_alpha(gates, "vision.0.attn_layer", [5.0])
+    expected_text = sum(p_kept(a) for a in (3.0, -4.0, 0.5))
+    masks = gates.deterministic_masks()
+    assert masks["text.0.ffn"].sum().item() == round(expected_text) == 2
+    assert masks["text.0.ffn"].tolist() == [True, False, True]
+    assert masks["vision.0.heads"].tolist() == [False, True]
+    values = gates()
+    assert values["text.0.ffn"][1] == 0 and (values["text.0.ffn"][[0, 2]] > 0).all()
+    assert values["vision.0.heads"][0] == 0 and values["vision.0.heads"][1] == 1.0
+
+
+def test_dropped_layer_gate_drops_the_units_under_it():
+    gates = L0Gates(tiny_groups()).eval()
+    set_log_alpha(gates, "vision.0.heads", [5.0, 5.0])
+    set_log_alpha(gates, "vision.0.attn_layer", [-5.0])
+    masks = gates.deterministic_masks()
+    assert not masks["vision.0.attn_layer"].any() and not masks["vision.0.heads"].any()
+    assert torch.equal(gates()["vision.0.heads"], torch.zeros(2))
+
+
+def test_expected_params_matches_hand_computation_with_layer_gate():
+    gates = L0Gates(tiny_groups())
+    heads, layer, ffn = [1.0, -2.0], [0.5], [2.0, 0.0, -1.0]
+    set_log_alpha(gates, "vision.0.heads", heads)
+    set_log_alpha(gates, "vision.0.attn_layer", layer)
+    set_log_alpha(gates, "text.0.ffn", ffn)
+    vision = 10 * sum(map(p_kept, heads)) * p_kept(layer[0])
+    text = 4 * sum(map(p_kept, ffn))
+    assert gates.total_params() == 32 and gates.total_params("vision") == 20
+    assert gates.expected_params("vision").item() == pytest.approx(vision, rel=1e-5)
+    assert gates.expected_params().item() == pytest.approx(vision + text, rel=1e-5)
+    assert gates.expected_sparsity("text").item() == pytest.approx(1 - text / 12, rel=1e-5)
+    gates.expected_sparsity().backward()
+    assert gates.log_alpha_of("vision.0.attn_layer").grad.abs().item() > 0
+
+
+def test_kept_params_from_masks_is_exact():
+    gates = L0Gates(tiny_groups())
+    masks = {"vision.0.heads": torch.tensor([1, 1]), "vision.0.attn_layer": torch.tensor([1]),
+             "text.0.ffn": torch.tensor([1, 0, 1])}
+    assert gates.kept_params_from_masks(masks) == 2 * 10 + 2 * 4
+    masks["vision.0.attn_layer"] = torch.tensor([0])
+    assert gates.kept_params_from_masks(masks) == 8
+    assert gates.kept_params_from_masks(masks, "vision") == 0
+
+
+def test_summary_reports_kept_units_and_sparsity():
+    gates = L0Gates(tiny_groups())
+    masks = {"vision.0.heads": torch.tensor([0, 1]), "vision.0.attn_layer": torch.tensor([1]),
+             "text.0.ffn": torch.tensor([1, 0, 0])}
+    summary = gates.summary(masks)
+    assert summary["kept_params"] == 14 and summary["sparsity"] == pytest.approx(1 - 14 / 32)
+    layer = summary["encoders"]["vision"]["layers"][0]
+    assert layer["heads"] == {"kept": 1, "total": 2, "kept_indices": [1]}
+    assert summary["encoders"]["text"]["sparsity"] == pytest.approx(1 - 4 / 12)
+    assert 0 < summary["expected_sparsity"] < 1
+
+
+def test_clamp_keeps_log_alpha_in_range():
+    gates = L0Gates(tiny_groups())
+    set_log_alpha(gates, "text.0.ffn", [50.0, -50.0, 1.0])
+    gates.clamp_()
+    assert gates.log_alpha_of("text.0.ffn").tolist() == [LOG_ALPHA_RANGE[1], LOG_ALPHA_RANGE[0], 1.0]
+
+
+def test_target_ramps_linearly_then_holds():
+    assert target_at(0, 100, 0.6, 0.5) == 0.0
+    assert target_at(25, 100, 0.6, 0.5) == pytest.approx(0.3)
+    assert target_at(80, 100, 0.6, 0.5) == pytest.approx(0.6)
+    assert target_at(0, 100, 0.6, 0.0) == pytest.approx(0.6)
+
+
+def test_none_mode_and_bad_mode():
+    constraint = SparsityConstraint(L0Gates(tiny_groups()), "none", 0.5)
+    assert not constraint.uses_gates and constraint.loss(3, 10).item() == 0.0
+    assert constraint.ascent_optimizer(0.1) is None
+    with pytest.raises(SpecError, match="prune.mode"):
+        SparsityConstraint(L0Gates(tiny_groups()), "global", 0.5)
+
+
+def two_encoder_groups():
+    groups = []
+    for enc, width in (("vision", 3), ("text", 2)):
+        for i in range(2):
+            groups += [PrunableGroup(f"{enc}.{i}.heads", enc, "heads", i, 4, 10 * width),
+                       PrunableGroup(f"{enc}.{i}.ffn", enc, "ffn", i, 16, 2 * width),
+                       PrunableGroup(f"{enc}.{i}.ffn_layer", enc, "ffn_layer", i, 1, 0)]
+    return groups
+
+
+def step_all(optimizers, loss, gates):
+    for opt in optimizers:
+        opt.zero_grad()
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    gates.clamp_()
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_lagrangian_alone_reaches_target(target):
+    torch.manual_seed(0)
+    gates = L0Gates(two_encoder_groups())
+    constraint = SparsityConstraint(gates, "modal-adaptive", target)
+    optimizers = [torch.optim.Adam(gates.parameters(), lr=0.1), constraint.ascent_optimizer(0.1)]
+    assert gates.expected_sparsity().item() < 0.25
+    for step in range(300):
+        step_all(optimizers, constraint.loss(step, 300), gates)
+    assert gates.expected_sparsity().item() == pytest.approx(target, abs=0.02)
+
+
+class TwoModalityNet(nn.Module):
+    """y = head(concat(gate_v * relu(W_v x_v), gate_t * relu(W_t x_t))), one gated layer each."""
+
+    def __init__(self, inputs, hidden):
+        super().__init__()
+        self.vision, self.text = nn.Linear(inputs, hidden), nn.Linear(inputs, hidden)
+        self.head = nn.Linear(2 * hidden, 1)
+
+    def forward(self, x_vision, x_text, gates):
+        return self.head(torch.cat([gates["vision.0.ffn"] * torch.relu(self.vision(x_vision)),
+                                    gates["text.0.ffn"] * torch.relu(self.text(x_text))], -1))
+
+
+def train_two_modalities(mode, steps=600, inputs=6, hidden=16):
+    """The label depends on the vision input only; returns the trained gates."""
+    torch.manual_seed(0)
+    true_weights = torch.randn(inputs, 1)
+    net = TwoModalityNet(inputs, hidden)
+    per_neuron = inputs + 2  # its row of W, its bias, its column of the head
+    gates = L0Gates([PrunableGroup("vision.0.ffn", "vision", "ffn", 0, hidden, per_neuron),
+                     PrunableGroup("text.0.ffn", "text", "ffn", 0, hidden, per_neuron)])
+    constraint = SparsityConstraint(gates, mode, target=0.5, warmup_fraction=0.5)
+    optimizers = [torch.optim.Adam(net.parameters(), lr=3e-2),
+                  torch.optim.Adam(gates.parameters(), lr=0.1), constraint.ascent_optimizer(0.1)]
+    for step in range(steps):
+        x_vision, x_text = torch.randn(64, inputs), torch.randn(64, inputs)
+        task = ((net(x_vision, x_text, gates()) - x_vision @ true_weights) ** 2).mean()
+        step_all(optimizers, task + constraint.loss(step, steps), gates)
+    return gates
+
+
+def test_modal_adaptive_prunes_the_useless_modality_more():
+    gates = train_two_modalities("modal-adaptive")
+    vision, text = gates.expected_sparsity("vision").item(), gates.expected_sparsity("text").item()
+    assert vision < text - 0.2
+    assert gates.expected_sparsity().item() == pytest.approx(0.5, abs=0.03)
+
+
+def test_uniform_reaches_target_in_each_encoder():
+    gates = train_two_modalities("uniform")
+    assert gates.expected_sparsity("vision").item() == pytest.approx(0.5, abs=0.03)
+    assert gates.expected_sparsity("text").item() == pytest.approx(0.5, abs=0.03)

@@ -1,0 +1,58 @@
+"""FLOPs, parameter counts and interleaved latency measurement."""
+
+import torch
+from torch import nn
+
+from evlm_cli.compress.measure import count_flops, count_params, measure_latency, speedup
+
+
+def test_count_flops_of_linear():
+    assert count_flops(nn.Linear(8, 16), torch.randn(4, 8)) == 2 * 4 * 8 * 16
+
+
+def test_count_flops_passes_keyword_arguments():
+    def scaled(x, *, times):
+        return x @ torch.ones(8, times)
+
+    assert count_flops(scaled, torch.randn(4, 8), times=3) == 2 * 4 * 8 * 3
+
+
+def test_count_params_counts_shared_weights_once():
+    linear = nn.Linear(8, 16)
+    assert count_params(nn.Sequential(linear, nn.ReLU(), linear)) == 8 * 16 + 16
+
+
+def test_measure_latency_interleaves_and_reports_positive_times():
+    calls = []
+    torch.set_num_threads(1)
+
+    def fake(name, size):
+        def run():
+            calls.append(name)
+            return torch.randn(size, size) @ torch.randn(size, size)
+        return run
+
+    result = measure_latency({"big": fake("big", 64), "small": fake("small", 8)},
+                             repeats=5, warmup=2, threads=2, shuffle=False)
+    assert calls[:4] == ["big", "big", "small", "small"]  # warm-up: each model in turn
+    assert calls[4:] == ["big", "small"] * 5  # then one call of each model per round
+    for stats in result.values():
+        assert len(stats["times_ms"]) == 5 and stats["median_ms"] > 0
+        assert stats["median_ms"] <= stats["p90_ms"] <= max(stats["times_ms"])
+    big, small = result["big"]["median_ms"], result["small"]["median_ms"]
+    assert speedup(result["big"], result["small"]) == big / small
+    assert torch.get_num_threads() == 1  # restored after measuring with 2
+
+
+def test_measure_latency_shuffles_rounds_reproducibly():
+    def order_of(seed):
+        calls = []
+        models = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+        measure_latency(models, repeats=12, warmup=0, threads=None, shuffle=True, seed=seed)
+        return calls
+
+    first = order_of(0)
+    assert first == order_of(0)
+    rounds = [first[i:i + 3] for i in range(0, 36, 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1
