@@ -7,7 +7,10 @@ from pathlib import Path
 
 import click
 
+from evlm_cli.compile import compile_specs as compile_specs_to_dvc
+from evlm_cli.diff import diff_json, diff_rows, load_run, plot, render, summary_table
 from evlm_cli.errors import EvlmError
+from evlm_cli.runner import StageFailed, repro
 from evlm_cli.spec import load_spec
 
 # click's own usage errors already exit with 2; ours match them.
@@ -58,11 +61,6 @@ def raise_together(errors: list[EvlmError]) -> None:
         raise EvlmError("\n".join(str(error) for error in errors)) from errors[0]
 
 
-def not_yet_implemented(command: str) -> None:
-    click.echo(f"evlm {command}: not yet implemented", err=True)
-    click.get_current_context().exit(EXIT_USER_ERROR)
-
-
 @main.command()
 @click.argument("specs", nargs=-1, required=True, metavar="SPEC...")
 def validate(specs: tuple[str, ...]) -> None:
@@ -84,14 +82,28 @@ def validate(specs: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("specs", nargs=-1, required=True, metavar="SPEC...")
-def run(specs: tuple[str, ...]) -> None:
+@click.option("--force", is_flag=True, help="Rerun every stage even if nothing changed.")
+def run(specs: tuple[str, ...], force: bool) -> None:
     """Validate, compile into dvc.yaml, run `dvc repro` and print a summary table.
 
     Stages whose inputs did not change are not rerun; stages shared by several specs
     (same data, teacher and distillation settings) run once.
     """
-    load_specs(specs)
-    not_yet_implemented("run")
+    resolved = load_specs(specs)
+    compile_specs_to_dvc(resolved)
+    names = [s["name"] for s in resolved]
+    log = Path("runs") / (names[0] if len(names) == 1 else "_multi") / "run.log"
+    try:
+        repro([f"{n}-evaluate" for n in names], log, force=force)
+    except StageFailed as failed:
+        click.echo(f"evlm run: {failed}", err=True)
+        click.get_current_context().exit(1)
+    except KeyboardInterrupt:
+        click.echo("evlm run: interrupted; stages stopped. Run again to resume.", err=True)
+        click.get_current_context().exit(130)
+    for name in names:
+        click.echo("")
+        click.echo(summary_table(load_run(name)))
 
 
 @main.command("compile")
@@ -101,19 +113,32 @@ def compile_specs(specs: tuple[str, ...]) -> None:
 
     Stages of specs not named here are left in place, so `dvc repro` keeps working on them.
     """
-    load_specs(specs)
-    not_yet_implemented("compile")
+    plans = compile_specs_to_dvc(load_specs(specs))
+    for stages in plans:
+        click.echo(f"{stages[-1].name.rsplit('-', 1)[0]}: " + ", ".join(s.name for s in stages))
+    click.echo("wrote dvc.yaml")
 
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True, metavar="RUN...")
-def diff(runs: tuple[str, ...]) -> None:
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table",
+              show_default=True, help="Output format.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also write a PNG of sparsity per encoder and speedup per batch size.")
+def diff(runs: tuple[str, ...], fmt: str, plot_path: str | None) -> None:
     """Compare runs side by side: params, metric, retention, sparsity per modality, speed.
 
     Each RUN is a run name (a folder under runs/) or a spec file.
     """
-    load_specs(tuple(run for run in runs if is_spec_file(run)))
-    not_yet_implemented("diff")
+    names = [spec["name"] for spec in load_specs(tuple(r for r in runs if is_spec_file(r)))]
+    names = iter(names)
+    loaded = [load_run(next(names) if is_spec_file(r) else r) for r in runs]
+    if fmt == "json":
+        click.echo(diff_json(loaded))
+    else:
+        click.echo(render(*diff_rows(loaded), fmt))
+    if plot_path:
+        click.echo(f"wrote {plot(loaded, Path(plot_path))}")
 
 
 @main.command()
@@ -123,9 +148,8 @@ def show(target: str) -> None:
 
     SPEC_OR_RUN is a spec file or a run name (a folder under runs/).
     """
-    if is_spec_file(target):
-        load_specs((target,))
-    not_yet_implemented("show")
+    name = load_specs((target,))[0]["name"] if is_spec_file(target) else target
+    click.echo(summary_table(load_run(name)))
 
 
 def is_spec_file(argument: str) -> bool:

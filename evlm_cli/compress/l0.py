@@ -313,6 +313,6 @@ class SparsityConstraint(nn.Module):
         row = {"target_sparsity": self.target_at(step, total_steps)}
         row.update({f"expected_sparsity/{k}": v for k, v in self.expected_sparsities().items()})
         for scope, lagrangian in self.lagrangians.items():
-            row[f"lambda_1/{scope}"] = float(lagrangian.lambda_1)
-            row[f"lambda_2/{scope}"] = float(lagrangian.lambda_2)
+            row[f"lambda_1/{scope}"] = lagrangian.lambda_1.item()
+            row[f"lambda_2/{scope}"] = lagrangian.lambda_2.item()
         return row

@@ -1,0 +1,139 @@
+"""Runs side by side: the end-of-run summary, `evlm diff` tables (text, Markdown, JSON), plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from evlm_cli.errors import EvlmError
+from evlm_cli.models.config import ENCODERS
+
+RUNS = Path("runs")
+
+
+def load_run(name: str, root: Path = Path(".")) -> dict:
+    folder = root / RUNS / name
+    metrics_path = folder / "evaluate" / "metrics.json"
+    params_path = folder / "params.yaml"
+    if not params_path.is_file():
+        raise EvlmError(f"{params_path}: no such run (compile or run its spec first)")
+    if not metrics_path.is_file():
+        raise EvlmError(f"{metrics_path}: missing; the run has not finished (evlm run its spec)")
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except json.JSONDecodeError as e:
+        raise EvlmError(f"{metrics_path}: invalid JSON ({e})") from None
+    return {"name": name, "params": yaml.safe_load(params_path.read_text()), "metrics": metrics}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def result_rows(m: dict) -> list[tuple[str, object]]:
+    """(label, value) rows of a run's results, in reading order."""
+    rows = [(m["metric"], m["value"]), (f"teacher {m['metric']}", m["teacher_value"]),
+            ("retention", m["retention"]),
+            ("params (M)", m["params"] / 1e6), ("teacher params (M)", m["teacher_params"] / 1e6),
+            ("GFLOPs / example", m["gflops_per_example"]),
+            ("teacher GFLOPs / example", m["teacher_gflops_per_example"])]
+    for bs, lat in m["latency_ms"].items():
+        rows.append((f"latency {bs.replace('_', ' ')} (ms)", lat["student"]))
+        rows.append((f"teacher latency {bs.replace('_', ' ')} (ms)", lat["teacher"]))
+        rows.append((f"speedup {bs.replace('_', ' ')}", m["speedup"][bs]))
+    rows.append(("sparsity overall", m["sparsity"]["overall"]))
+    rows += [(f"sparsity {e}", m["sparsity"].get(e)) for e in ENCODERS]
+    return rows
+
+
+def summary_table(run: dict) -> str:
+    """The end-of-run table: teacher next to student, then speed and sparsity."""
+    m = run["metrics"]
+    lines = [f"{run['name']}: {run['params']['task']}, {run['params']['prune']['mode']} pruning "
+             f"to {run['params']['prune']['target_sparsity']:.0%}",
+             f"  {'':<24}{'teacher':>12}{'student':>12}",
+             f"  {m['metric']:<24}{m['teacher_value']:>12.4f}{m['value']:>12.4f}"
+             f"   retention {m['retention']:.1%}",
+             f"  {'params (M)':<24}{m['teacher_params'] / 1e6:>12.2f}{m['params'] / 1e6:>12.2f}",
+             f"  {'GFLOPs / example':<24}{m['teacher_gflops_per_example']:>12.3f}"
+             f"{m['gflops_per_example']:>12.3f}"]
+    for bs, lat in m["latency_ms"].items():
+        label = f"latency {bs.replace('_', ' ')} (ms)"
+        lines.append(f"  {label:<24}{lat['teacher']:>12.2f}{lat['student']:>12.2f}"
+                     f"   speedup {m['speedup'][bs]:.2f}x")
+    sp = m["sparsity"]
+    lines.append(f"  {'sparsity (prunable)':<24}{'':>12}{sp['overall']:>12.3f}   "
+                 + ", ".join(f"{e} {sp[e]:.3f}" for e in ENCODERS if e in sp))
+    return "\n".join(lines)
+
+
+def diff_rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: every result, then every param that differs between the runs."""
+    header = ["", *(r["name"] for r in runs)]
+    results = [result_rows(r["metrics"]) for r in runs]
+    rows = [[label, *(_fmt(res[i][1]) for res in results)] for i, (label, _) in enumerate(results[0])]
+    flat = [_flatten(r["params"]) for r in runs]
+    keys = sorted(set().union(*flat) - {"name"})
+    rows += [[k, *(_fmt(f.get(k)) for f in flat)] for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1]
+    return header, rows
+
+
+def render(header: list[str], rows: list[list[str]], fmt: str) -> str:
+    if fmt == "markdown":
+        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                               enumerate(zip(r, widths, strict=True))) for r in [header, *rows])
+
+
+def diff_json(runs: list[dict]) -> str:
+    return json.dumps({r["name"]: {"metrics": r["metrics"], "params": r["params"]} for r in runs},
+                      indent=2)
+
+
+def plot(runs: list[dict], path: Path) -> Path:
+    """Sparsity per encoder and speedup per batch size, one bar per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from evlm_cli.io import atomic_path
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / len(runs)
+    for i, r in enumerate(runs):
+        sp = r["metrics"]["sparsity"]
+        ax1.bar([j + i * width for j in range(4)], [sp["overall"], *(sp.get(e, 0) for e in ENCODERS)],
+                width, label=r["name"])
+        speed = r["metrics"]["speedup"]
+        ax2.bar([j + i * width for j in range(len(speed))], list(speed.values()), width, label=r["name"])
+    ax1.set_xticks([j + 0.4 - width / 2 for j in range(4)], ["overall", *ENCODERS])
+    ax1.set_ylabel("sparsity of prunable params")
+    ax1.legend()
+    speed_keys = list(runs[0]["metrics"]["speedup"])
+    ax2.set_xticks([j + 0.4 - width / 2 for j in range(len(speed_keys))],
+                   [k.replace("_", " ") for k in speed_keys])
+    ax2.set_ylabel("speedup over teacher (x)")
+    ax2.axhline(1.0, color="grey", lw=0.5)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path

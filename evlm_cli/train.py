@@ -1,0 +1,230 @@
+"""The one training loop: progress, AdamW schedule, clipping, NaN guard, log.csv, resume.
+
+Stages hand it the modules to checkpoint, their optimisers, a loss function and batches.
+Distillation and pruning are loss terms and extra optimisers, not loops of their own.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from evlm_cli.errors import TrainingError
+from evlm_cli.io import atomic_path
+
+CHECKPOINT = "resume.pt"
+
+
+class Batches(Protocol):
+    """Deterministic batches per epoch; `start` skips the first batches (for resuming)."""
+
+    def __len__(self) -> int: ...
+
+    def __call__(self, epoch: int, start: int = 0) -> Iterator[dict[str, Tensor]]: ...
+
+
+@dataclass
+class Optim:
+    """One optimiser; only the first one of a run follows the warm-up/decay schedule and clipping."""
+
+    optimizer: torch.optim.Optimizer
+    after_step: Callable[[], None] | None = None  # e.g. clamp the gates' log_alpha
+
+
+@dataclass
+class Run:
+    modules: dict[str, nn.Module]  # everything whose state a checkpoint must keep
+    optims: list[Optim]
+    loss: Callable[[dict[str, Tensor], int, int], tuple[Tensor, dict[str, float]]]
+    batches: Batches
+    optim_cfg: dict  # the spec's <optim> block
+    work_dir: Path  # undeclared resume folder
+    log_path: Path | None = None
+    desc: str = "train"
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    autocast: bool = False  # bf16 autocast (GPU)
+
+
+def total_steps(optim_cfg: dict, steps_per_epoch: int) -> int:
+    if optim_cfg.get("max_steps"):
+        return int(optim_cfg["max_steps"])
+    return max(1, math.ceil(optim_cfg["epochs"] * steps_per_epoch)) if optim_cfg["epochs"] > 0 else 0
+
+
+def warmup_linear(warmup_steps: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total - step) / max(1, total - warmup_steps))
+    return factor
+
+
+def adamw(params, optim_cfg: dict, lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases, norms and embeddings-like 1-D tensors."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": optim_cfg["weight_decay"]},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr or optim_cfg["lr"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+
+
+class _Log:
+    """log.csv, one row per step; on resume, rows after the checkpoint are dropped."""
+
+    def __init__(self, path: Path | None, resume_step: int):
+        self.path, self.writer, self.file = path, None, None
+        if path is None:
+            return
+        rows = []
+        if resume_step and path.exists():
+            with path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = path.open("w", newline="")
+        self.rows_before = rows
+
+    def write(self, row: dict) -> None:
+        if self.file is None:
+            return
+        if self.writer is None:
+            self.writer = csv.DictWriter(self.file, fieldnames=list(row), extrasaction="ignore")
+            self.writer.writeheader()
+            self.writer.writerows(self.rows_before)
+        self.writer.writerow(row)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def fit(run: Run) -> dict[str, float]:
+    """Train until the configured number of steps; resume from `work_dir` if a checkpoint is there."""
+    steps_per_epoch = len(run.batches)
+    total = total_steps(run.optim_cfg, steps_per_epoch)
+    main = run.optims[0].optimizer
+    warmup = int(run.optim_cfg["warmup_ratio"] * total)
+    schedule = torch.optim.lr_scheduler.LambdaLR(main, warmup_linear(max(1, warmup), max(1, total)))
+    run.work_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run.work_dir / CHECKPOINT
+    step = 0
+    seed_everything(run.seed)
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        for name, module in run.modules.items():
+            module.load_state_dict(state["modules"][name])
+        for o, s in zip(run.optims, state["optims"], strict=True):
+            o.optimizer.load_state_dict(s)
+        schedule.load_state_dict(state["schedule"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"])  # batches are seeded per epoch; this covers dropout/gates
+        tqdm.write(f"{run.desc}: resuming from step {step} of {total} ({ckpt_path})")
+    log = _Log(run.log_path, step)
+    for m in run.modules.values():
+        m.train()
+    clip = run.optim_cfg.get("grad_clip")
+    clip_params = [p for g in main.param_groups for p in g["params"]]
+    every = run.optim_cfg["checkpoint_every"]
+    last = {}
+    bar = tqdm(total=total, initial=step, desc=run.desc, unit="step", dynamic_ncols=True)
+    try:
+        while step < total:
+            epoch, start = divmod(step, steps_per_epoch)
+            for batch in run.batches(epoch, start):
+                t0 = time.perf_counter()
+                batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+                with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.autocast):
+                    loss, logs = run.loss(batch, step, total)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"{run.desc}: the loss became {loss.item()} at step {step} "
+                                        f"({', '.join(f'{k}={v:.4g}' for k, v in logs.items())}); "
+                                        "nothing was saved. Lower the learning rate or check the data")
+                for o in run.optims:
+                    o.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = (torch.nn.utils.clip_grad_norm_(clip_params, clip).item()
+                             if clip else float("nan"))
+                for o in run.optims:
+                    o.optimizer.step()
+                    if o.after_step:
+                        o.after_step()
+                schedule.step()
+                step += 1
+                dt = time.perf_counter() - t0
+                n = next(iter(batch.values())).shape[0]
+                last = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                        "loss": loss.item(), "lr": main.param_groups[0]["lr"],
+                        "grad_norm": grad_norm, "examples_per_s": n / dt, **logs}
+                log.write(last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=f"{n / dt:.0f}")
+                bar.update(1)
+                if step % every == 0 and step < total:
+                    _save(ckpt_path, run, schedule, step)
+                if step >= total:
+                    break
+    finally:
+        bar.close()
+        log.close()
+    for m in run.modules.values():
+        m.eval()
+    return last
+
+
+def _save(path: Path, run: Run, schedule, step: int) -> None:
+    state = {"modules": {k: m.state_dict() for k, m in run.modules.items()},
+             "optims": [o.optimizer.state_dict() for o in run.optims],
+             "schedule": schedule.state_dict(), "step": step, "rng": torch.get_rng_state()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def finish(run: Run) -> None:
+    """Drop the resume checkpoint once the final outputs are safely written."""
+    (run.work_dir / CHECKPOINT).unlink(missing_ok=True)
+
+
+class EpochBatches:
+    """Shuffled full batches of a prepared split per epoch, padding trimmed to the longest text."""
+
+    def __init__(self, split, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.split, self.batch_size, self.seed = split, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.count = split.num_batches(batch_size, world_size, drop_last=True)
+        if self.count < 1:
+            raise TrainingError(f"split {split.name!r} has {len(split)} examples, fewer than one "
+                                f"batch of {batch_size}: lower batch_size or raise data.limit")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __call__(self, epoch: int, start: int = 0) -> Iterator[dict[str, Tensor]]:
+        order = self.split.shard_indices(True, self.seed, epoch, self.rank, self.world_size)
+        for b in range(start, self.count):
+            yield trim_text(self.split.gather(order[b * self.batch_size:(b + 1) * self.batch_size]))
+
+
+def trim_text(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop padding columns that no example in the batch uses (easy-VQA questions are short)."""
+    length = int(batch["attention_mask"].sum(1).max())
+    return {**batch, "input_ids": batch["input_ids"][:, :length],
+            "attention_mask": batch["attention_mask"][:, :length]}

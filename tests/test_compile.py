@@ -1,0 +1,83 @@
+"""The compiler: stage names, params keys, code deps, sharing between specs, stale stages."""
+
+import copy
+
+import yaml
+
+from evlm_cli.compile import PARAM_KEYS, compile_specs, plan
+from evlm_cli.spec import load_spec
+
+TINY = "tests/specs/tiny_vqa.yaml"
+
+
+def tiny(name="tiny_vqa", **changes):
+    spec = copy.deepcopy(load_spec(TINY))
+    spec["name"] = name
+    for dotted, value in changes.items():
+        node = spec
+        *path, last = dotted.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return spec
+
+
+def stages_of(root):
+    return yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+
+
+def test_stage_names_params_and_deps(tmp_path):
+    compile_specs([tiny()], tmp_path)
+    stages = stages_of(tmp_path)
+    kinds = sorted(name.split("-")[1] if name.startswith("shared-") else name.split("-")[-1]
+                   for name in stages)
+    assert kinds == sorted(PARAM_KEYS)
+    prune = stages["tiny_vqa-prune"]
+    assert prune["params"] == [{"runs/tiny_vqa/params.yaml": PARAM_KEYS["prune"]}]
+    assert "evlm_cli/compress/l0.py" in prune["deps"] and "stages/prune.py" in prune["deps"]
+    teacher = next(v for k, v in stages.items() if k.startswith("shared-teacher-"))
+    assert "evlm_cli/compress/l0.py" not in teacher["deps"]  # pruning code never reruns the teacher
+    assert prune["metrics"] == [{"runs/tiny_vqa/prune/masks.json": {"cache": False}}]
+    assert stages["tiny_vqa-evaluate"]["metrics"] == [
+        {"runs/tiny_vqa/evaluate/metrics.json": {"cache": False}}]
+    # the resolved params are written, and a shared stage's file holds only the keys it reads
+    params = yaml.safe_load((tmp_path / "runs/tiny_vqa/params.yaml").read_text())
+    assert params["prune"]["target_sparsity"] == 0.5
+    shared_file = next(iter(teacher["params"][0]))
+    assert set(yaml.safe_load((tmp_path / shared_file).read_text())) == {
+        "seed", "task", "device", "resources", "teacher"}
+
+
+def test_specs_differing_downstream_share_upstream_stages(tmp_path):
+    a, b = plan(tiny("a")), plan(tiny("b", **{"prune.target_sparsity": 0.3}))
+    assert [s.name for s in a[:4]] == [s.name for s in b[:4]]  # prepare, teacher, eval, distill
+    c = plan(tiny("c", **{"distill.temperature": 4.0}))
+    assert [s.name for s in c[:3]] == [s.name for s in a[:3]] and c[3].name != a[3].name
+    d = plan(tiny("d", **{"teacher.train.lr": 0.01}))
+    assert d[0].name == a[0].name and d[1].name != a[1].name and d[3].name != a[3].name
+
+
+def test_compiling_keeps_other_specs_and_prunes_stale_stages(tmp_path):
+    compile_specs([tiny("a"), tiny("b")], tmp_path)
+    first = stages_of(tmp_path)
+    assert sum(k.startswith("shared-") for k in first) == 4  # one upstream chain for both
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        k: {"cmd": "x"} for k in first}}))
+    # b changes its distillation: a new distill stage; a's stays because a still uses it
+    compile_specs([tiny("b", **{"distill.temperature": 4.0})], tmp_path)
+    second = stages_of(tmp_path)
+    assert {k for k in second if k.startswith("a-")} == {"a-prune", "a-finetune", "a-evaluate"}
+    assert sum(k.startswith("shared-distill-") for k in second) == 2
+    # a changes too: the old distill stage is now used by nobody and is pruned, from the lock too
+    compile_specs([tiny("a", **{"distill.temperature": 4.0})], tmp_path)
+    third = stages_of(tmp_path)
+    assert sum(k.startswith("shared-distill-") for k in third) == 1
+    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
+    assert set(lock) <= set(third) and not set(first) - set(third) & set(lock)
+
+
+def test_commands_quote_paths_and_never_interpolate_into_a_shell(tmp_path):
+    compile_specs([tiny()], tmp_path)
+    cmd = stages_of(tmp_path)["tiny_vqa-prune"]["cmd"]
+    assert cmd.startswith("python stages/prune.py --params runs/tiny_vqa/params.yaml ")
+    assert ";" not in cmd and "$" not in cmd
