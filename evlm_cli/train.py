@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -139,7 +140,9 @@ def fit(run: Run) -> dict[str, float]:
         step = state["step"]
         torch.set_rng_state(state["rng"])  # batches are seeded per epoch; this covers dropout/gates
         tqdm.write(f"{run.desc}: resuming from step {step} of {total} ({ckpt_path})")
-    log = _Log(run.log_path, step)
+    # The log grows in the work folder (DVC deletes declared outputs before a rerun, which
+    # would lose the steps before a resume) and is copied out whole at the end.
+    log = _Log(run.work_dir / "log.csv" if run.log_path else None, step)
     for m in run.modules.values():
         m.train()
     clip = run.optim_cfg.get("grad_clip")
@@ -187,6 +190,9 @@ def fit(run: Run) -> dict[str, float]:
         log.close()
     for m in run.modules.values():
         m.eval()
+    if run.log_path:
+        with atomic_path(run.log_path) as tmp:
+            shutil.copyfile(run.work_dir / "log.csv", tmp)
     return last
 
 
@@ -196,6 +202,12 @@ def _save(path: Path, run: Run, schedule, step: int) -> None:
              "schedule": schedule.state_dict(), "step": step, "rng": torch.get_rng_state()}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+def empty_log(path: Path) -> None:
+    """The log of a stage that trained nothing (imported, disabled): a header only."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("step,loss\n")
 
 
 def finish(run: Run) -> None:

@@ -53,7 +53,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, kv: Tensor | None = None, mask: Tensor | None = None,
                 head_gate: Tensor | None = None, need_weights: bool = False):
         if not self.heads:
-            return self.out_bias.expand_as(x), None
+            return torch.zeros_like(x) + self.out_bias, None  # not a view: see MLP.forward
         kv = x if kv is None else kv
         B, L, _ = x.shape
         split = lambda t: t.view(B, t.shape[1], self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
@@ -87,7 +87,9 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, neuron_gate: Tensor | None = None) -> Tensor:
         if not self.hidden:
-            return self.fc2_bias.expand_as(x)
+            # A plain sum, not expand_as: a view of a parameter made under no_grad still
+            # claims requires_grad, which breaks FlopCounterMode's module tracking.
+            return torch.zeros_like(x) + self.fc2_bias
         h = self.act(self.fc1(x))
         if neuron_gate is not None:
             h = h * neuron_gate.to(h.dtype)

@@ -9,7 +9,7 @@ from evlm_cli.io import atomic_path, atomic_write_json
 from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.student import student_from_teacher
 from evlm_cli.recipe.common import Objective, evaluate_task, setup, work_dir
-from evlm_cli.train import EpochBatches, Optim, Run, adamw, finish, fit
+from evlm_cli.train import EpochBatches, Optim, Run, adamw, empty_log, finish, fit
 
 
 def run_distill(spec: dict, prepared: Path, teacher_dir: Path, out: Path, log_path: Path) -> dict:
@@ -42,4 +42,6 @@ def run_distill(spec: dict, prepared: Path, teacher_dir: Path, out: Path, log_pa
         atomic_write_json(Path(tmp) / "layer_map.json", layer_maps)
     if run is not None:
         finish(run)
+    else:
+        empty_log(log_path)
     return summary

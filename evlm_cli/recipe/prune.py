@@ -14,7 +14,7 @@ from evlm_cli.io import atomic_path, atomic_write_json
 from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.vlm import param_breakdown
 from evlm_cli.recipe.common import Objective, evaluate_task, setup, work_dir
-from evlm_cli.train import EpochBatches, Optim, Run, adamw, finish, fit
+from evlm_cli.train import EpochBatches, Optim, Run, adamw, empty_log, finish, fit
 
 
 def run_prune(spec: dict, prepared: Path, student_dir: Path, teacher_dir: Path, out: Path,
@@ -70,6 +70,8 @@ def run_prune(spec: dict, prepared: Path, student_dir: Path, teacher_dir: Path, 
     atomic_write_json(masks_path, masks)
     if run is not None:
         finish(run)
+    else:
+        empty_log(log_path)
     return masks
 
 

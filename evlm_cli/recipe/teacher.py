@@ -8,7 +8,7 @@ from evlm_cli.data.loader import PreparedData
 from evlm_cli.io import atomic_path
 from evlm_cli.models.checkpoint import save_model
 from evlm_cli.recipe.common import Objective, build_teacher, evaluate_task, setup, work_dir
-from evlm_cli.train import EpochBatches, Optim, Run, adamw, finish, fit
+from evlm_cli.train import EpochBatches, Optim, Run, adamw, empty_log, finish, fit
 
 NO_KD = {"task": 1.0, "logits": 0.0, "hidden": 0.0, "attention": 0.0}
 
@@ -48,6 +48,8 @@ def run_teacher(spec: dict, prepared: Path, out: Path, log_path: Path) -> dict:
                                           t["train"]["batch_size"], device)
     with atomic_path(out) as tmp:
         save_model(model.cpu(), tmp)
-    if not t["checkpoint"]:
+    if t["checkpoint"]:
+        empty_log(log_path)
+    else:
         finish(run)
     return summary

@@ -177,3 +177,10 @@ def test_paper_configuration_parameter_count_on_meta_device(capsys):
     assert t["fusion"] == 6 * (7_087_872 + 4 * 768 * 768 + 4 * 768 + 2 * 768)
     assert s["vision"] == 6 * 7_087_872 + 2 * 1536
     assert 0.55 < s["total"] / t["total"] < 0.65
+
+
+def test_flops_count_a_model_with_fully_pruned_sublayers():
+    from evlm_cli.compress.measure import count_flops
+
+    full, uneven = VLM(tiny_config()).eval(), VLM(uneven_config()).eval()
+    assert 0 < count_flops(uneven, *inputs()) < count_flops(full, *inputs())

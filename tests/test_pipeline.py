@@ -1,0 +1,121 @@
+"""End to end: `evlm run` on a tiny spec inside a temporary git + DVC repository."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EVLM = [sys.executable, "-m", "evlm_cli"]
+
+
+def sh(cmd, cwd, check=True, **kw):
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    if check and res.returncode:
+        raise AssertionError(f"{cmd} exited {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def ran(output: str) -> set[str]:
+    """The kinds of stage that ran ('prune', 'teacher', ...), from DVC's output."""
+    names = re.findall(r"Running stage '([^']+)'", output)
+    return {n.split("-")[1] if n.startswith("shared-") else n.rsplit("-", 1)[1] for n in names}
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A fresh git + DVC project holding the stage scripts and code, and the tiny spec."""
+    for folder in ("evlm_cli", "stages", "schemas"):
+        shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / ".dvcignore", tmp_path / ".dvcignore")
+    (tmp_path / "specs").mkdir()
+    shutil.copy(REPO / "tests/specs/tiny_vqa.yaml", tmp_path / "specs/tiny_vqa.yaml")
+    sh(["git", "init", "-q"], tmp_path)
+    sh([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
+    return tmp_path
+
+
+def edit_spec(path: Path, name: str | None = None, **changes) -> Path:
+    spec = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        node = spec
+        *keys, last = dotted.split(".")
+        for k in keys:
+            node = node.setdefault(k, {})
+        node[last] = value
+    if name:
+        spec["name"] = name
+        path = path.with_name(f"{name}.yaml")
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_run_rerun_partial_reruns_and_sharing(project):
+    spec = project / "specs/tiny_vqa.yaml"
+    first = sh([*EVLM, "run", str(spec)], project)
+    assert ran(first.stdout) == {"prepare", "teacher", "teacher_eval", "distill", "prune",
+                                 "finetune", "evaluate"}
+    assert "retention" in first.stdout and "speedup" in first.stdout  # the summary table
+    metrics = json.loads((project / "runs/tiny_vqa/evaluate/metrics.json").read_text())
+    assert 0 <= metrics["value"] <= 1 and metrics["params"] < metrics["teacher_params"]
+    masks = json.loads((project / "runs/tiny_vqa/prune/masks.json").read_text())
+    assert masks["params_after"] == metrics["params"] < masks["params_before"]
+
+    again = sh([*EVLM, "run", str(spec)], project)
+    assert ran(again.stdout) == set()
+
+    edit_spec(spec, **{"finetune.train.lr": 0.0003})
+    assert ran(sh([*EVLM, "run", str(spec)], project).stdout) == {"finetune", "evaluate"}
+
+    edit_spec(spec, **{"prune.target_sparsity": 0.3})
+    assert ran(sh([*EVLM, "run", str(spec)], project).stdout) == {"prune", "finetune", "evaluate"}
+
+    other = edit_spec(spec, name="tiny_sweep", **{"prune.target_sparsity": 0.6})
+    assert ran(sh([*EVLM, "run", str(other)], project).stdout) == {"prune", "finetune", "evaluate"}
+
+    # DVC's own views work on what evlm compiled
+    assert "tiny_sweep-evaluate" in sh([sys.executable, "-m", "dvc", "dag"], project).stdout
+    shown = sh([sys.executable, "-m", "dvc", "metrics", "show"], project).stdout
+    assert "runs/tiny_vqa/evaluate/metrics.json" in shown
+    assert ran(sh([sys.executable, "-m", "dvc", "repro"], project).stdout) == set()
+
+    diff = sh([*EVLM, "diff", "tiny_vqa", "tiny_sweep", "--plot", "diff.png"], project).stdout
+    assert re.search(r"prune\.target_sparsity\s+0\.3\s+0\.6", diff)
+    assert (project / "diff.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_killed_prune_stage_resumes_from_its_checkpoint(project):
+    spec = edit_spec(project / "specs/tiny_vqa.yaml",
+                     **{"prune.train": {"epochs": 1, "batch_size": 8, "max_steps": 60,
+                                        "checkpoint_every": 5}})
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    proc = subprocess.Popen([*EVLM, "run", str(spec)], cwd=project, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    ckpts = []
+    while time.time() < deadline and not ckpts:
+        ckpts = list(project.glob(".evlm/work/prune-*/resume.pt"))
+        time.sleep(0.2)
+    assert ckpts, "the prune stage never wrote a checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)  # evlm, dvc and the stage, at once
+    proc.wait()
+    assert not (project / "runs/tiny_vqa/prune/masks.json").exists()
+
+    res = sh([*EVLM, "run", str(spec)], project)
+    step = int(re.search(r"prune: resuming from step (\d+) of 60", res.stdout + res.stderr).group(1))
+    assert step >= 5
+    assert ran(res.stdout) == {"prune", "finetune", "evaluate"}
+    log = (project / "runs/tiny_vqa/prune/log.csv").read_text().splitlines()
+    assert len(log) == 1 + 60 and log[-1].startswith("60,")  # header + every step once
+    assert json.loads((project / "runs/tiny_vqa/prune/masks.json").read_text())["params_after"] > 0
