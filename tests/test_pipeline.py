@@ -119,3 +119,18 @@ def test_killed_prune_stage_resumes_from_its_checkpoint(project):
     log = (project / "runs/tiny_vqa/prune/log.csv").read_text().splitlines()
     assert len(log) == 1 + 60 and log[-1].startswith("60,")  # header + every step once
     assert json.loads((project / "runs/tiny_vqa/prune/masks.json").read_text())["params_after"] > 0
+
+
+def test_a_failing_stage_is_named_with_its_log(project):
+    (project / "bad").mkdir()
+    (project / "bad/config.json").write_text("{not json")
+    (project / "bad/model.safetensors").write_bytes(b"garbage")
+    spec = edit_spec(project / "specs/tiny_vqa.yaml", **{"teacher.checkpoint": "bad"})
+    res = sh([*EVLM, "run", str(spec)], project, check=False)
+    assert res.returncode == 1
+    assert re.search(r"evlm run: stage shared-teacher-\w{8} failed .*runs/tiny_vqa/run\.log", res.stderr)
+    log = (project / "runs/tiny_vqa/run.log").read_text()
+    # the stage's own one-line error, naming the file, and no traceback
+    assert "error: stage teacher: bad/config.json: not a valid evlm model config" in log
+    assert "Traceback" not in log
+    assert not list(project.glob("runs/shared/teacher-*/model"))  # nothing half-written
