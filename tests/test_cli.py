@@ -1,5 +1,6 @@
 """Tests of the `evlm` command line: output lines, exit status, no traceback, --debug."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,11 +75,26 @@ def test_unbuilt_commands_validate_their_spec_first(command, bad_spec):
     assert "not yet implemented" not in result.stderr
 
 
-@pytest.mark.parametrize("command", ["run", "compile", "show", "diff"])
-def test_unbuilt_commands_say_so(command):
-    result = invoke(command, TINY_SPEC)
+@pytest.mark.parametrize("args", [("show", "nosuchrun"), ("diff", "nosuchrun", "other")])
+def test_reports_on_a_missing_run_name_it(args, in_tmp_dir):
+    result = invoke(*args)
     assert result.exit_code == 2
-    assert result.stderr.strip() == f"evlm {command}: not yet implemented"
+    assert result.stderr.strip() == "runs/nosuchrun/params.yaml: no such run (compile or run its spec first)"
+
+
+def test_run_outside_a_dvc_project_says_so_and_exits_2(in_tmp_dir):
+    shutil.copy(TINY_SPEC, in_tmp_dir / "tiny.yaml")
+    result = invoke("run", "tiny.yaml")
+    assert result.exit_code == 2
+    assert "not a DVC project (no .dvc/)" in result.stderr
+
+
+def test_compile_writes_params_and_stages(in_tmp_dir):
+    shutil.copy(ROOT / "tests/specs/tiny_vqa.yaml", in_tmp_dir / "tiny.yaml")
+    result = invoke("compile", "tiny.yaml")
+    assert result.exit_code == 0, result.stderr
+    assert (in_tmp_dir / "runs/tiny_vqa/params.yaml").is_file()
+    assert "tiny_vqa-evaluate" in (in_tmp_dir / "dvc.yaml").read_text()
 
 
 def evlm_process(*args, cwd):

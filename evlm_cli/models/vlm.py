@@ -14,9 +14,12 @@ from evlm_cli.models.config import ENCODERS, EncoderConfig, VisionConfig, VLMCon
 
 
 class ConvStem(nn.Module):
-    """Stride-2 3x3 convolutions down to the patch grid, then a 1x1 to the width.
+    """Convolutions down to the patch grid, then a 1x1 to the width.
 
-    Early convolutions make ViTs train faster and more stably on small data (Xiao et al. 2021).
+    Each halving is a stride-2 3x3 conv followed by a stride-1 3x3 conv (BatchNorm, ReLU).
+    Early convolutions give a ViT the locality prior it otherwise has to learn from data,
+    which small datasets cannot afford (Xiao et al. 2021); the second conv per stage lets
+    each patch token see shape, not just colour.
     """
 
     def __init__(self, cfg: VisionConfig, width: int):
@@ -27,7 +30,9 @@ class ConvStem(nn.Module):
         layers, c_in = [], cfg.channels
         for s in range(steps):
             c_out = max(width // 2 ** (steps - s), 16)
-            layers += [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            for stride, c_from in ((2, c_in), (1, c_out)):
+                layers += [nn.Conv2d(c_from, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out),
+                           nn.ReLU()]
             c_in = c_out
         layers.append(nn.Conv2d(c_in, width, 1))
         self.proj = nn.Sequential(*layers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ def run_prune(spec: dict, prepared: Path, student_dir: Path, teacher_dir: Path, 
     p = spec["prune"]
     student = load_model(student_dir).to(device)
     teacher = load_model(teacher_dir).to(device).eval()
-    layer_maps = _layer_maps(student_dir)
+    layer_maps = json.loads((Path(student_dir) / "layer_map.json").read_text())
     gates = L0Gates(student.prunable_groups(tuple(p["units"])), droprate_init=p["droprate_init"])
     gates.to(device)
     constraint = SparsityConstraint(gates, p["mode"], p["target_sparsity"], p["warmup_fraction"])
@@ -73,9 +74,3 @@ def run_prune(spec: dict, prepared: Path, student_dir: Path, teacher_dir: Path, 
     else:
         empty_log(log_path)
     return masks
-
-
-def _layer_maps(student_dir: Path) -> dict[str, list[int]]:
-    import json
-
-    return json.loads((Path(student_dir) / "layer_map.json").read_text())
