@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -22,7 +23,9 @@ def count_params(module: nn.Module) -> int:
 def count_flops(model: Callable[..., Any], *inputs: Any, **kwargs: Any) -> int:
     """FLOPs of one forward call, counted by torch's FlopCounterMode (a multiply-add is 2)."""
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    # The math attention kernel: torch has no FLOP formula for the fused CPU kernel, which
+    # would count attention's two matmuls as zero.
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), counter:
         model(*inputs, **kwargs)
     return int(counter.get_total_flops())
 

@@ -56,3 +56,9 @@ def test_measure_latency_shuffles_rounds_reproducibly():
     rounds = [first[i:i + 3] for i in range(0, 36, 3)]
     assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
     assert len({tuple(r) for r in rounds}) > 1
+
+
+def test_count_flops_counts_attention_matmuls():
+    q = torch.randn(2, 4, 10, 8)
+    flops = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    assert flops == 2 * (2 * 2 * 4 * 10 * 10 * 8)  # scores and context, 2 FLOPs per multiply-add
