@@ -10,7 +10,7 @@ import click
 from evlm_cli.compile import compile_specs as compile_specs_to_dvc
 from evlm_cli.diff import diff_json, diff_rows, load_run, plot, render, summary_table
 from evlm_cli.errors import EvlmError
-from evlm_cli.runner import StageFailed, repro
+from evlm_cli.runner import StageFailed, ensure_dvc_repo, repro
 from evlm_cli.spec import load_spec
 
 # click's own usage errors already exit with 2; ours match them.
@@ -90,6 +90,7 @@ def run(specs: tuple[str, ...], force: bool) -> None:
     (same data, teacher and distillation settings) run once.
     """
     resolved = load_specs(specs)
+    ensure_dvc_repo(Path("."))  # before anything is written
     compile_specs_to_dvc(resolved)
     names = [s["name"] for s in resolved]
     log = Path("runs") / (names[0] if len(names) == 1 else "_multi") / "run.log"

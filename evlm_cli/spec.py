@@ -371,7 +371,23 @@ def semantic_problems(spec: dict) -> list[tuple[Where, str]]:
         *metric_problems(spec),
         *path_problems(spec),
         *init_text_problems(spec),
+        *scope_problems(spec),
     ]
+
+
+def scope_problems(spec: dict) -> Iterator[tuple[Where, str]]:
+    """What the schema can say but evlm cannot do yet, refused before anything is written."""
+    if spec["name"] == "shared":
+        yield ("name",), "name: 'shared' is reserved for the stages specs share; pick another"
+    if spec["task"] != "vqa":
+        yield ("task",), f"task: {spec['task']!r} is not implemented yet (only vqa is)"
+    for key in ("processes", "nodes"):
+        if spec["resources"][key] > 1:
+            yield ("resources", key), (f"resources.{key}: {spec['resources'][key]} is not "
+                                       "implemented yet (multi-process training): use 1")
+    units = spec["prune"]["units"]
+    if "heads" not in units and "ffn" not in units:
+        yield ("prune", "units"), "prune.units: needs heads or ffn (layers alone prune nothing)"
 
 
 def layer_problems(spec: dict) -> Iterator[tuple[Where, str]]:

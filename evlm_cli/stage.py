@@ -27,7 +27,7 @@ def stage_main(name: str, paths: list[str], body: Callable[[dict, argparse.Names
     try:
         spec = yaml.safe_load(args.params.read_text())
         summary = body(spec, args)
-    except EvlmError as e:
+    except (EvlmError, OSError, yaml.YAMLError) as e:
         if args.debug:
             traceback.print_exc()
         print(f"error: stage {name}: {e}", file=sys.stderr)

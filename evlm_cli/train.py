@@ -104,6 +104,11 @@ class _Log:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = path.open("w", newline="")
         self.rows_before = rows
+        if rows:  # rewrite the kept rows now, so a failure before the next step loses nothing
+            self.writer = csv.DictWriter(self.file, fieldnames=list(rows[0]), extrasaction="ignore")
+            self.writer.writeheader()
+            self.writer.writerows(rows)
+            self.file.flush()
 
     def write(self, row: dict) -> None:
         if self.file is None:
@@ -127,6 +132,10 @@ def fit(run: Run) -> dict[str, float]:
     warmup = int(run.optim_cfg["warmup_ratio"] * total)
     schedule = torch.optim.lr_scheduler.LambdaLR(main, warmup_linear(max(1, warmup), max(1, total)))
     run.work_dir.mkdir(parents=True, exist_ok=True)
+    if total == 0:
+        if run.log_path:
+            empty_log(run.log_path)
+        return {}
     ckpt_path = run.work_dir / CHECKPOINT
     step = 0
     seed_everything(run.seed)

@@ -87,6 +87,7 @@ def test_run_outside_a_dvc_project_says_so_and_exits_2(in_tmp_dir):
     result = invoke("run", "tiny.yaml")
     assert result.exit_code == 2
     assert "not a DVC project (no .dvc/)" in result.stderr
+    assert sorted(p.name for p in in_tmp_dir.iterdir()) == ["tiny.yaml"]  # nothing written
 
 
 def test_compile_writes_params_and_stages(in_tmp_dir):

@@ -28,13 +28,13 @@ def _kept(gates: Gates, key: str, size: int, layer_gate: Tensor | None) -> tuple
 
 def _slice_attention(old: Attention, keep: Tensor, scale: Tensor, layer_scale: float) -> dict:
     hd = old.head_dim
-    rows = (keep[:, None] * hd + torch.arange(hd)).flatten()
+    rows = (keep[:, None] * hd + torch.arange(hd)).flatten().to(old.out_bias.device)
     out = {"out_bias": old.out_bias * layer_scale}
     if len(keep):
         for name in ("q", "k", "v"):
             lin = getattr(old, name)
             out[f"{name}.weight"], out[f"{name}.bias"] = lin.weight[rows], lin.bias[rows]
-        out["out.weight"] = old.out.weight[:, rows] * scale.repeat_interleave(hd)[None]
+        out["out.weight"] = old.out.weight[:, rows] * scale.to(old.out.weight).repeat_interleave(hd)[None]
     return out
 
 
@@ -58,8 +58,9 @@ def _slice_block(block: Block, gates: Gates, prefix: str) -> tuple[dict, dict]:
     layer_scale = 1.0 if layer_gate is None else float(layer_gate.reshape(()))
     state["mlp.fc2_bias"] = mlp.fc2_bias * layer_scale
     if len(keep):
+        keep = keep.to(mlp.fc2_bias.device)
         state["mlp.fc1.weight"], state["mlp.fc1.bias"] = mlp.fc1.weight[keep], mlp.fc1.bias[keep]
-        state["mlp.fc2.weight"] = mlp.fc2.weight[:, keep] * scale[None]
+        state["mlp.fc2.weight"] = mlp.fc2.weight[:, keep] * scale.to(mlp.fc2.weight)[None]
     shape["ffn"] = len(keep)
     return state, shape
 

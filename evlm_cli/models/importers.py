@@ -184,7 +184,7 @@ def import_timm_vit(state: State, num_heads: int, image_size: int | None = None,
 
 # --- X-VLM / EfficientVLM ------------------------------------------------------------------
 
-def import_xvlm(state: State, vision_heads: int, text_hf_config: dict,
+def import_xvlm(state: State, vision_heads: int, text_hf_config: dict, image_size: int | None = None,
                 source: str = "X-VLM checkpoint") -> tuple[State, dict]:
     """An X-VLM/EfficientVLM checkpoint (ViT vision encoder) -> our state dict + config parts.
 
@@ -193,7 +193,8 @@ def import_xvlm(state: State, vision_heads: int, text_hf_config: dict,
     Also `vision_proj`, `text_proj`, `temp` (ITC) and `itm_head`.
     Returns the state and {"vision": VisionConfig, "text": TextConfig, "fusion": EncoderConfig}.
     """
-    vis_state, vcfg = import_timm_vit(state, vision_heads, prefix="vision_encoder.", source=source)
+    vis_state, vcfg = import_timm_vit(state, vision_heads, image_size=image_size,
+                                      prefix="vision_encoder.", source=source)
     layer_ids = sorted({int(m.group(1)) for k in state
                         if (m := re.match(r"text_encoder\.bert\.encoder\.layer\.(\d+)\.", k))})
     cross_ids = sorted({int(m.group(1)) for k in state

@@ -31,9 +31,22 @@ def setup(spec: dict) -> torch.device:
     return torch.device("cpu")
 
 
-def work_dir(stage: str, *configs) -> Path:
-    """A resume folder keyed by a hash of everything the stage's result depends on."""
-    digest = hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()
+def fingerprint(path: Path) -> str:
+    """A hash of a file's or a directory's contents (a path alone may hold other results)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+    for f in files:
+        h.update(str(f.relative_to(path) if Path(path).is_dir() else f.name).encode())
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def work_dir(stage: str, *configs, inputs: tuple[Path, ...] = ()) -> Path:
+    """A resume folder keyed by the stage's settings and the contents of its inputs."""
+    key = [configs, [fingerprint(p) for p in inputs]]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     return WORK_ROOT / f"{stage}-{digest[:12]}"
 
 
@@ -73,7 +86,10 @@ def build_teacher(spec: dict, data: PreparedData) -> tuple[VLM, set[str]]:
                   max_position_embeddings=model.config.text.max_positions,
                   num_hidden_layers=tx["layers"])
         state, _ = import_xvlm(read_weights(t["checkpoint"]), t["vision"]["heads"], hf,
-                               source=str(t["checkpoint"]))
+                               image_size=data.meta["image_size"], source=str(t["checkpoint"]))
+        # Pre-training heads (ITM, ITC) have no place in a task model; the task head is new.
+        own = model.state_dict()
+        state = {k: v for k, v in state.items() if k in own}
         _load_partial(model, state, str(t["checkpoint"]))
         return model, set(state)
     if hf_text:

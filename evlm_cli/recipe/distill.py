@@ -31,7 +31,7 @@ def run_distill(spec: dict, prepared: Path, teacher_dir: Path, out: Path, log_pa
                   optims=[Optim(adamw(params, d["train"]))], loss=objective,
                   batches=EpochBatches(data.split("train"), d["train"]["batch_size"], spec["seed"]),
                   optim_cfg=d["train"],
-                  work_dir=work_dir("distill", spec["seed"], s, d, str(teacher_dir), str(prepared)),
+                  work_dir=work_dir("distill", spec["seed"], s, d, inputs=(teacher_dir, prepared)),
                   log_path=log_path, desc="distill", seed=spec["seed"], device=device,
                   autocast=device.type == "cuda")
         summary["last_step"] = fit(run)

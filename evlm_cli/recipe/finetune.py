@@ -26,10 +26,10 @@ def run_finetune(spec: dict, prepared: Path, pruned_dir: Path, teacher_dir: Path
               loss=objective,
               batches=EpochBatches(data.split("train"), f["train"]["batch_size"], spec["seed"]),
               optim_cfg=f["train"],
-              work_dir=work_dir("finetune", spec["seed"], f, str(pruned_dir), str(prepared)),
+              work_dir=work_dir("finetune", spec["seed"], f, inputs=(pruned_dir, teacher_dir, prepared)),
               log_path=log_path, desc="finetune", seed=spec["seed"], device=device,
               autocast=device.type == "cuda")
-    last = fit(run) if f["train"]["epochs"] or f["train"]["max_steps"] else {}
+    last = fit(run)
     summary = {"last_step": last, "val_metric": evaluate_task(student, data, "val", spec["task"],
                                                               f["train"]["batch_size"], device)}
     with atomic_path(out) as tmp:

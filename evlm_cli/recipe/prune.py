@@ -43,7 +43,8 @@ def run_prune(spec: dict, prepared: Path, student_dir: Path, teacher_dir: Path, 
                   optims=optims, loss=objective,
                   batches=EpochBatches(data.split("train"), p["train"]["batch_size"], spec["seed"]),
                   optim_cfg=p["train"],
-                  work_dir=work_dir("prune", spec["seed"], p, str(student_dir), str(prepared)),
+                  work_dir=work_dir("prune", spec["seed"], p,
+                                    inputs=(student_dir, teacher_dir, prepared)),
                   log_path=log_path, desc="prune", seed=spec["seed"], device=device,
                   autocast=device.type == "cuda")
         fit(run)

@@ -31,8 +31,10 @@ def run_teacher(spec: dict, prepared: Path, out: Path, log_path: Path) -> dict:
     data = PreparedData(prepared)
     model, pretrained = build_teacher(spec, data)
     t = spec["teacher"]
+    # An evlm checkpoint is a finished task model; an X-VLM one still needs its task head trained.
+    train = not (t["checkpoint"] and t["checkpoint_format"] == "evlm")
     summary = {"imported": bool(t["checkpoint"]), "pretrained_tensors": len(pretrained)}
-    if not t["checkpoint"]:
+    if train:
         optim_cfg = t["train"]
         model.to(device)
         objective = Objective(model, spec["task"], NO_KD, 1.0)
@@ -40,7 +42,7 @@ def run_teacher(spec: dict, prepared: Path, out: Path, log_path: Path) -> dict:
                   optims=[Optim(param_groups(model, pretrained, optim_cfg, t["init"]["lr_scale"]))],
                   loss=objective, batches=EpochBatches(data.split("train"), optim_cfg["batch_size"],
                                                        spec["seed"]),
-                  optim_cfg=optim_cfg, work_dir=work_dir("teacher", spec["seed"], t, str(prepared)),
+                  optim_cfg=optim_cfg, work_dir=work_dir("teacher", spec["seed"], t, inputs=(prepared,)),
                   log_path=log_path, desc="teacher", seed=spec["seed"], device=device,
                   autocast=device.type == "cuda")
         summary["last_step"] = fit(run)
@@ -48,8 +50,8 @@ def run_teacher(spec: dict, prepared: Path, out: Path, log_path: Path) -> dict:
                                           t["train"]["batch_size"], device)
     with atomic_path(out) as tmp:
         save_model(model.cpu(), tmp)
-    if t["checkpoint"]:
-        empty_log(log_path)
-    else:
+    if train:
         finish(run)
+    else:
+        empty_log(log_path)
     return summary
