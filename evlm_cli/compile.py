@@ -32,7 +32,6 @@ PARAM_KEYS = {
 }
 
 # The code each stage runs: editing pruning code reruns prune and what follows, not the teacher.
-_CORE = ["evlm_cli/stage.py", "evlm_cli/errors.py", "evlm_cli/io.py"]
 _MODEL = ["evlm_cli/models", "evlm_cli/compress/groups.py"]
 _TRAIN = [*_MODEL, "evlm_cli/train.py", "evlm_cli/tasks", "evlm_cli/data/loader.py",
           "evlm_cli/data/tokenizer.py", "evlm_cli/recipe/common.py", "evlm_cli/compress/distill.py"]
@@ -92,6 +91,28 @@ def subset(spec: dict, keys: list[str]) -> dict:
     return out
 
 
+def user_files(spec: dict, keys: list[tuple[str, ...]]) -> list[Path]:
+    """Files and folders the spec names inside the project: DVC deps, so editing them reruns.
+
+    Absolute paths (such as the packaged MiniLM in site-packages) are left out: they are
+    installed, not edited, and would tie dvc.yaml to one machine.
+    """
+    out = []
+    for key in keys:
+        node = spec
+        for k in key:
+            node = node[k]
+        for value in node if isinstance(node, list) else [node]:
+            if value is not None and not Path(value).is_absolute():
+                out.append(Path(value))
+    return out
+
+
+PREPARE_FILES = [("data", k) for k in ("train", "val", "test", "image_root", "answer_list",
+                                       "tokenizer")]
+TEACHER_FILES = [("teacher", "checkpoint"), ("teacher", "init", "text"), ("teacher", "init", "vision")]
+
+
 def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -109,12 +130,13 @@ def plan(spec: dict) -> list[Stage]:
         return f"shared-{kind}-{h}", folder, params
 
     n, d, params = shared("prepare", [])
-    prepare = Stage(n, d / "params.yaml", params, {"out": d / "data"}, [], outs=[d / "data"],
-                    kind="prepare")
+    prepare = Stage(n, d / "params.yaml", params, {"out": d / "data"},
+                    user_files(spec, PREPARE_FILES), outs=[d / "data"], kind="prepare")
     n, d, params = shared("teacher", [prepare])
     teacher = Stage(n, d / "params.yaml", params,
                     {"prepared": prepare.outs[0], "out": d / "model", "log": d / "log.csv"},
-                    [prepare.outs[0]], outs=[d / "model"], plots=[d / "log.csv"], kind="teacher")
+                    [prepare.outs[0], *user_files(spec, TEACHER_FILES)], outs=[d / "model"],
+                    plots=[d / "log.csv"], kind="teacher")
     n, d, params = shared("teacher_eval", [prepare, teacher])
     teacher_eval = Stage(n, d / "params.yaml", params,
                          {"prepared": prepare.outs[0], "teacher": teacher.outs[0],

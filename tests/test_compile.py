@@ -81,3 +81,13 @@ def test_commands_quote_paths_and_never_interpolate_into_a_shell(tmp_path):
     cmd = stages_of(tmp_path)["tiny_vqa-prune"]["cmd"]
     assert cmd.startswith("python stages/prune.py --params runs/tiny_vqa/params.yaml ")
     assert ";" not in cmd and "$" not in cmd
+
+
+def test_files_the_spec_names_are_deps_of_the_stages_that_read_them(tmp_path):
+    spec = tiny()
+    spec["teacher"]["checkpoint"] = "models/teacher"
+    spec["data"]["tokenizer"] = "/opt/site-packages/minilm"  # installed, not edited: no dep
+    stages = {s.kind: s.to_dvc() for s in plan(spec)}
+    assert "models/teacher" in stages["teacher"]["deps"]
+    assert "models/teacher" not in stages["prepare"]["deps"]
+    assert not any(d.startswith("/") for s in stages.values() for d in s["deps"])
