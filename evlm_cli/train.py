@@ -225,11 +225,17 @@ def finish(run: Run) -> None:
 
 
 class EpochBatches:
-    """Shuffled full batches of a prepared split per epoch, padding trimmed to the longest text."""
+    """Shuffled full batches of a prepared split per epoch, padding trimmed to the longest text.
 
-    def __init__(self, split, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    With `answer_balance` > 0 an epoch samples examples by answer frequency instead of
+    shuffling (see `PreparedSplit.answer_weights`).
+    """
+
+    def __init__(self, split, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 answer_balance: float = 0.0):
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.rank, self.world_size = rank, world_size
+        self.weights = split.answer_weights(answer_balance) if answer_balance > 0 else None
         self.count = split.num_batches(batch_size, world_size, drop_last=True)
         if self.count < 1:
             raise TrainingError(f"split {split.name!r} has {len(split)} examples, fewer than one "
@@ -239,7 +245,8 @@ class EpochBatches:
         return self.count
 
     def __call__(self, epoch: int, start: int = 0) -> Iterator[dict[str, Tensor]]:
-        order = self.split.shard_indices(True, self.seed, epoch, self.rank, self.world_size)
+        order = self.split.shard_indices(True, self.seed, epoch, self.rank, self.world_size,
+                                         self.weights)
         for b in range(start, self.count):
             yield trim_text(self.split.gather(order[b * self.batch_size:(b + 1) * self.batch_size]))
 

@@ -87,12 +87,32 @@ class PreparedSplit(Dataset):
             "question_id": self.question_id[indices],
         }
 
+    def answer_weights(self, balance: float) -> torch.Tensor:
+        """Sampling weight per example: (count of its top answer) ** -balance.
+
+        0 = every example equally likely; 1 = every answer equally often. Answer imbalance can
+        starve an attribute: in easy-VQA, yes/no make up 74% of the questions and the three
+        shape answers 13% together, too little signal for a vision encoder trained from
+        scratch to learn shape. An unlabelled example (no scored answer) gets weight 0.
+        """
+        if not 0.0 <= balance <= 1.0:
+            raise ValueError(f"answer balance must be in [0, 1], got {balance}")
+        targets = self.targets.float()
+        labelled = targets.amax(1) > 0
+        top = targets.argmax(1)
+        counts = torch.bincount(top[labelled], minlength=targets.shape[1]).double()
+        weights = counts[top].clamp(min=1.0).pow(-balance)
+        return torch.where(labelled, weights, torch.zeros_like(weights))
+
     def shard_indices(
-        self, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1
+        self, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """This rank's example indices, as `DistributedSampler` deals them.
 
         The order is a permutation seeded by (seed, epoch) when shuffling, else source order.
+        With `weights` (one per example), an epoch instead draws as many examples as the split
+        holds, with replacement, each with probability proportional to its weight.
         With several ranks the list is padded by wrapping around so all ranks get the same
         count (and so the same number of steps); a metric over all ranks then sees a few
         examples twice, which `question_id` lets the caller drop.
@@ -100,8 +120,12 @@ class PreparedSplit(Dataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         count = len(self)
-        if shuffle:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        if weights is not None:
+            if weights.shape != (count,) or not bool((weights >= 0).all()) or not weights.sum() > 0:
+                raise ValueError(f"weights must be {count} non-negative numbers, not all zero")
+            order = torch.multinomial(weights.double(), count, replacement=True, generator=generator)
+        elif shuffle:
             order = torch.randperm(count, generator=generator)
         else:
             order = torch.arange(count)
@@ -133,21 +157,6 @@ class PreparedSplit(Dataset):
         for start in range(0, self.num_batches(batch_size, world_size, drop_last) * batch_size, batch_size):
             yield self.gather(indices[start : start + batch_size])
 
-
-def batches(
-    prepared_dir: str | os.PathLike,
-    split: str,
-    batch_size: int,
-    shuffle: bool = False,
-    seed: int = 0,
-    epoch: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    drop_last: bool = False,
-) -> Iterator[Batch]:
-    """Shortcut: the batches of one split of a prepared directory."""
-    data_split = PreparedData(prepared_dir).split(split)
-    yield from data_split.batches(batch_size, shuffle, seed, epoch, rank, world_size, drop_last)
 
 
 def _read_json(path: Path):

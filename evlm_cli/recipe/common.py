@@ -17,7 +17,7 @@ from evlm_cli.models.config import ENCODERS, VLMConfig, make_config
 from evlm_cli.models.importers import import_hf_bert, import_timm_vit, import_xvlm, load_hf_bert_dir
 from evlm_cli.models.vlm import VLM
 from evlm_cli.tasks import TASKS
-from evlm_cli.train import trim_text
+from evlm_cli.train import EpochBatches, Optim, Run, trim_text
 
 WORK_ROOT = Path(".evlm") / "work"  # undeclared resume folders, outside DVC's outputs
 
@@ -48,6 +48,20 @@ def work_dir(stage: str, *configs, inputs: tuple[Path, ...] = ()) -> Path:
     key = [configs, [fingerprint(p) for p in inputs]]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     return WORK_ROOT / f"{stage}-{digest[:12]}"
+
+
+def make_run(stage: str, spec: dict, data: PreparedData, optim_cfg: dict, *,
+             modules: dict[str, nn.Module], optims: list[Optim], loss, device: torch.device,
+             log_path: Path, key: tuple = (), inputs: tuple[Path, ...] = ()) -> Run:
+    """The training run of one stage on the train split, as every training stage sets it up.
+
+    `key` (the stage's settings) and the contents of `inputs` name the resume folder.
+    """
+    batches = EpochBatches(data.split("train"), optim_cfg["batch_size"], spec["seed"],
+                           answer_balance=optim_cfg["answer_balance"])
+    return Run(modules=modules, optims=optims, loss=loss, batches=batches, optim_cfg=optim_cfg,
+               work_dir=work_dir(stage, spec["seed"], *key, inputs=inputs), log_path=log_path,
+               desc=stage, seed=spec["seed"], device=device, autocast=device.type == "cuda")
 
 
 def teacher_config(spec: dict, data: PreparedData, max_positions: int) -> VLMConfig:

@@ -8,8 +8,8 @@ from evlm_cli.data.loader import PreparedData
 from evlm_cli.io import atomic_path, atomic_write_json
 from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.student import student_from_teacher
-from evlm_cli.recipe.common import Objective, evaluate_task, setup, work_dir
-from evlm_cli.train import EpochBatches, Optim, Run, adamw, empty_log, finish, fit
+from evlm_cli.recipe.common import Objective, evaluate_task, make_run, setup
+from evlm_cli.train import Optim, adamw, empty_log, finish, fit
 
 
 def run_distill(spec: dict, prepared: Path, teacher_dir: Path, out: Path, log_path: Path) -> dict:
@@ -27,13 +27,10 @@ def run_distill(spec: dict, prepared: Path, teacher_dir: Path, out: Path, log_pa
     if d["enabled"]:
         objective = Objective(student, spec["task"], d["weights"], d["temperature"], teacher, layer_maps)
         params = list(student.parameters()) + objective.parameters()
-        run = Run(modules={"student": student, **objective.modules},
-                  optims=[Optim(adamw(params, d["train"]))], loss=objective,
-                  batches=EpochBatches(data.split("train"), d["train"]["batch_size"], spec["seed"]),
-                  optim_cfg=d["train"],
-                  work_dir=work_dir("distill", spec["seed"], s, d, inputs=(teacher_dir, prepared)),
-                  log_path=log_path, desc="distill", seed=spec["seed"], device=device,
-                  autocast=device.type == "cuda")
+        run = make_run("distill", spec, data, d["train"],
+                       modules={"student": student, **objective.modules},
+                       optims=[Optim(adamw(params, d["train"]))], loss=objective, device=device,
+                       log_path=log_path, key=(s, d), inputs=(teacher_dir, prepared))
         summary["last_step"] = fit(run)
     summary["val_metric"] = evaluate_task(student, data, "val", spec["task"],
                                           d["train"]["batch_size"], device)

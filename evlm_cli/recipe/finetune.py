@@ -8,8 +8,8 @@ from pathlib import Path
 from evlm_cli.data.loader import PreparedData
 from evlm_cli.io import atomic_path
 from evlm_cli.models.checkpoint import load_model, save_model
-from evlm_cli.recipe.common import Objective, evaluate_task, setup, work_dir
-from evlm_cli.train import EpochBatches, Optim, Run, adamw, finish, fit
+from evlm_cli.recipe.common import Objective, evaluate_task, make_run, setup
+from evlm_cli.train import Optim, adamw, finish, fit
 
 
 def run_finetune(spec: dict, prepared: Path, pruned_dir: Path, teacher_dir: Path, out: Path,
@@ -21,14 +21,12 @@ def run_finetune(spec: dict, prepared: Path, pruned_dir: Path, teacher_dir: Path
     teacher = load_model(teacher_dir).to(device).eval()
     layer_maps = json.loads((Path(pruned_dir) / "layer_map.json").read_text())
     objective = Objective(student, spec["task"], f["weights"], f["temperature"], teacher, layer_maps)
-    run = Run(modules={"student": student, **objective.modules},
-              optims=[Optim(adamw(list(student.parameters()) + objective.parameters(), f["train"]))],
-              loss=objective,
-              batches=EpochBatches(data.split("train"), f["train"]["batch_size"], spec["seed"]),
-              optim_cfg=f["train"],
-              work_dir=work_dir("finetune", spec["seed"], f, inputs=(pruned_dir, teacher_dir, prepared)),
-              log_path=log_path, desc="finetune", seed=spec["seed"], device=device,
-              autocast=device.type == "cuda")
+    run = make_run("finetune", spec, data, f["train"],
+                   modules={"student": student, **objective.modules},
+                   optims=[Optim(adamw(list(student.parameters()) + objective.parameters(),
+                                       f["train"]))],
+                   loss=objective, device=device, log_path=log_path, key=(f,),
+                   inputs=(pruned_dir, teacher_dir, prepared))
     last = fit(run)
     summary = {"last_step": last, "val_metric": evaluate_task(student, data, "val", spec["task"],
                                                               f["train"]["batch_size"], device)}

@@ -14,8 +14,8 @@ from evlm_cli.errors import TrainingError
 from evlm_cli.io import atomic_path, atomic_write_json
 from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.vlm import param_breakdown
-from evlm_cli.recipe.common import Objective, evaluate_task, setup, work_dir
-from evlm_cli.train import EpochBatches, Optim, Run, adamw, empty_log, finish, fit
+from evlm_cli.recipe.common import Objective, evaluate_task, make_run, setup
+from evlm_cli.train import Optim, adamw, empty_log, finish, fit
 
 
 def run_prune(spec: dict, prepared: Path, student_dir: Path, teacher_dir: Path, out: Path,
@@ -38,15 +38,11 @@ def run_prune(spec: dict, prepared: Path, student_dir: Path, teacher_dir: Path, 
                   Optim(torch.optim.AdamW(gates.parameters(), lr=p["gate_lr"], weight_decay=0.0),
                         after_step=gates.clamp_),
                   Optim(constraint.ascent_optimizer(p["lagrangian_lr"]))]
-        run = Run(modules={"student": student, "gates": gates, "constraint": constraint,
-                           **objective.modules},
-                  optims=optims, loss=objective,
-                  batches=EpochBatches(data.split("train"), p["train"]["batch_size"], spec["seed"]),
-                  optim_cfg=p["train"],
-                  work_dir=work_dir("prune", spec["seed"], p,
-                                    inputs=(student_dir, teacher_dir, prepared)),
-                  log_path=log_path, desc="prune", seed=spec["seed"], device=device,
-                  autocast=device.type == "cuda")
+        run = make_run("prune", spec, data, p["train"],
+                       modules={"student": student, "gates": gates, "constraint": constraint,
+                                **objective.modules},
+                       optims=optims, loss=objective, device=device, log_path=log_path, key=(p,),
+                       inputs=(student_dir, teacher_dir, prepared))
         fit(run)
     gates.eval()
     values = gates.deterministic_values() if constraint.uses_gates else {}

@@ -7,8 +7,8 @@ from pathlib import Path
 from evlm_cli.data.loader import PreparedData
 from evlm_cli.io import atomic_path
 from evlm_cli.models.checkpoint import save_model
-from evlm_cli.recipe.common import Objective, build_teacher, evaluate_task, setup, work_dir
-from evlm_cli.train import EpochBatches, Optim, Run, adamw, empty_log, finish, fit
+from evlm_cli.recipe.common import Objective, build_teacher, evaluate_task, make_run, setup
+from evlm_cli.train import Optim, adamw, empty_log, finish, fit
 
 NO_KD = {"task": 1.0, "logits": 0.0, "hidden": 0.0, "attention": 0.0}
 
@@ -38,13 +38,11 @@ def run_teacher(spec: dict, prepared: Path, out: Path, log_path: Path) -> dict:
         optim_cfg = t["train"]
         model.to(device)
         objective = Objective(model, spec["task"], NO_KD, 1.0)
-        run = Run(modules={"model": model},
-                  optims=[Optim(param_groups(model, pretrained, optim_cfg, t["init"]["lr_scale"]))],
-                  loss=objective, batches=EpochBatches(data.split("train"), optim_cfg["batch_size"],
-                                                       spec["seed"]),
-                  optim_cfg=optim_cfg, work_dir=work_dir("teacher", spec["seed"], t, inputs=(prepared,)),
-                  log_path=log_path, desc="teacher", seed=spec["seed"], device=device,
-                  autocast=device.type == "cuda")
+        run = make_run("teacher", spec, data, optim_cfg, modules={"model": model},
+                       optims=[Optim(param_groups(model, pretrained, optim_cfg,
+                                                  t["init"]["lr_scale"]))],
+                       loss=objective, device=device, log_path=log_path, key=(t,),
+                       inputs=(prepared,))
         summary["last_step"] = fit(run)
     summary["val_metric"] = evaluate_task(model, data, "val", spec["task"],
                                           t["train"]["batch_size"], device)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evlm_cli.data.loader import PreparedData, PreparedSplit, batches
+from evlm_cli.data.loader import PreparedData, PreparedSplit
 from evlm_cli.data.prepare import prepare
 from evlm_cli.errors import DataError
 
@@ -71,8 +71,28 @@ def test_shards_are_equal_and_cover_all(prepared):
         split.shard_indices(False, rank=2, world_size=2)
 
 
-def test_module_shortcut_and_missing_split(prepared, tmp_path):
-    assert sum(len(b["question_id"]) for b in batches(prepared, "val", batch_size=10)) == COUNT
+def test_answer_balance_weights_and_weighted_order(prepared):
+    split = PreparedSplit(prepared, "test")
+    top = split.targets.float().argmax(1)
+    counts = torch.bincount(top).double()
+    assert torch.equal(split.answer_weights(0.0), torch.ones(COUNT, dtype=torch.float64))
+    balanced = split.answer_weights(1.0)
+    # fully balanced: every answer present carries the same total weight
+    per_answer = torch.zeros_like(counts).index_add_(0, top, balanced)[counts > 0]
+    assert torch.allclose(per_answer, torch.ones_like(per_answer))
+    order = split.shard_indices(True, seed=0, epoch=0, weights=balanced)
+    assert len(order) == COUNT and torch.equal(order, split.shard_indices(True, 0, 0, weights=balanced))
+    assert not torch.equal(order, split.shard_indices(True, 0, 1, weights=balanced))
+    only = torch.zeros(COUNT, dtype=torch.float64)
+    only[5] = 1.0
+    assert set(split.shard_indices(True, 0, 0, weights=only).tolist()) == {5}
+    with pytest.raises(ValueError, match="not all zero"):
+        split.shard_indices(True, 0, 0, weights=torch.zeros(COUNT))
+    with pytest.raises(ValueError, match="answer balance"):
+        split.answer_weights(1.5)
+
+
+def test_missing_split(prepared, tmp_path):
     with pytest.raises(DataError, match="no split 'dev'"):
         PreparedData(prepared).split("dev")
     with pytest.raises(DataError, match="meta.json: missing"):
