@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from evlm_cli.io import atomic_write_text
+from evlm_cli.spec import MINILM
 
 RUNS = Path("runs")
 SHARED = RUNS / "shared"
@@ -94,8 +95,8 @@ def subset(spec: dict, keys: list[str]) -> dict:
 def user_files(spec: dict, keys: list[tuple[str, ...]]) -> list[Path]:
     """Files and folders the spec names inside the project: DVC deps, so editing them reruns.
 
-    Absolute paths (such as the packaged MiniLM in site-packages) are left out: they are
-    installed, not edited, and would tie dvc.yaml to one machine.
+    Absolute paths and `minilm` (the packaged MiniLM) are left out: they are installed, not
+    edited, and would tie dvc.yaml to one machine.
     """
     out = []
     for key in keys:
@@ -103,7 +104,7 @@ def user_files(spec: dict, keys: list[tuple[str, ...]]) -> list[Path]:
         for k in key:
             node = node[k]
         for value in node if isinstance(node, list) else [node]:
-            if value is not None and not Path(value).is_absolute():
+            if value is not None and value != MINILM and not Path(value).is_absolute():
                 out.append(Path(value))
     return out
 

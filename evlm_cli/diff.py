@@ -83,10 +83,15 @@ def summary_table(run: dict) -> str:
 
 
 def diff_rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: every result, then every param that differs between the runs."""
+    """Header and rows: every result, then every param that differs between the runs.
+
+    Results line up by label, so runs measured at different latency batch sizes show "-" where
+    one has no figure.
+    """
     header = ["", *(r["name"] for r in runs)]
-    results = [result_rows(r["metrics"]) for r in runs]
-    rows = [[label, *(_fmt(res[i][1]) for res in results)] for i, (label, _) in enumerate(results[0])]
+    results = [dict(result_rows(r["metrics"])) for r in runs]
+    labels = list(dict.fromkeys(label for res in results for label in res))
+    rows = [[label, *(_fmt(res.get(label)) for res in results)] for label in labels]
     flat = [_flatten(r["params"]) for r in runs]
     keys = sorted(set().union(*flat) - {"name"})
     rows += [[k, *(_fmt(f.get(k)) for f in flat)] for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1]

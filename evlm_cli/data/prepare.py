@@ -26,6 +26,7 @@ from evlm_cli.data.tokenizer import load_tokenizer, save_tokenizer, train_wordpi
 from evlm_cli.data.xvlm_json import read_answer_list, read_vqa
 from evlm_cli.errors import DataError
 from evlm_cli.io import atomic_path, atomic_save_safetensors, atomic_write_json
+from evlm_cli.spec import local_path
 from evlm_cli.tasks.vqa import answer_scores
 
 SPLITS = ("train", "val", "test")
@@ -183,10 +184,10 @@ def target_scores(records: list[VqaRecord], answer_index: dict[str, int]) -> tor
 def _prepare_tokenizer(spec: dict, train: list[VqaRecord], out: Path) -> BertTokenizerFast:
     """Write the tokenizer to `out` and return it (the teacher's vocabulary when it has one)."""
     data = spec["data"]
-    text_init = spec["teacher"]["init"]["text"]
+    text_init = local_path(spec["teacher"]["init"]["text"])
     if text_init is not None and not Path(text_init).is_dir():
         raise DataError(f"teacher.init.text {text_init}: not a directory, so it has no vocabulary")
-    source = data["tokenizer"] or text_init
+    source = local_path(data["tokenizer"]) or text_init
     with atomic_path(out) as temp:
         if source is not None:
             tokenizer = load_tokenizer(source)

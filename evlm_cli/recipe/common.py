@@ -16,6 +16,7 @@ from evlm_cli.models.checkpoint import check_state, load_model, read_weights
 from evlm_cli.models.config import ENCODERS, VLMConfig, make_config
 from evlm_cli.models.importers import import_hf_bert, import_timm_vit, import_xvlm, load_hf_bert_dir
 from evlm_cli.models.vlm import VLM
+from evlm_cli.spec import local_path
 from evlm_cli.tasks import TASKS
 from evlm_cli.train import EpochBatches, Optim, Run, trim_text
 
@@ -88,7 +89,8 @@ def build_teacher(spec: dict, data: PreparedData) -> tuple[VLM, set[str]]:
     if t["checkpoint"] and t["checkpoint_format"] == "evlm":
         return load_model(t["checkpoint"]), set()
     torch.manual_seed(spec["seed"])
-    hf_text = load_hf_bert_dir(t["init"]["text"]) if t["init"]["text"] else None
+    text_dir = local_path(t["init"]["text"])
+    hf_text = load_hf_bert_dir(text_dir) if text_dir else None
     # Pretrained position embeddings keep their length; otherwise the prepared text length.
     positions = hf_text[1]["max_position_embeddings"] if hf_text else data.meta["max_text_len"]
     model = VLM(teacher_config(spec, data, positions))
@@ -116,8 +118,8 @@ def build_teacher(spec: dict, data: PreparedData) -> tuple[VLM, set[str]]:
             first = n_text if n_text + n_fusion <= n_bert else max(0, n_bert - n_fusion)
             fusion_ids = list(range(first, first + n_fusion))
         state, _ = import_hf_bert(bert, hf, text_layers=n_text, fusion_layers=fusion_ids,
-                                  source=str(t["init"]["text"]))
-        _load_partial(model, state, str(t["init"]["text"]))
+                                  source=text_dir)
+        _load_partial(model, state, text_dir)
         loaded |= set(state)
     if t["init"]["vision"]:
         state, _ = import_timm_vit(read_weights(t["init"]["vision"]), t["vision"]["heads"],

@@ -1,0 +1,26 @@
+"""`evlm diff` tables line results up by what they measure, not by position."""
+
+from evlm_cli.diff import diff_rows, render
+
+
+def _run(name: str, batch_sizes: list[int], lr: float) -> dict:
+    metrics = {
+        "metric": "vqa_accuracy", "value": 0.9, "teacher_value": 0.95, "retention": 0.947,
+        "params": 1_000_000, "teacher_params": 3_000_000, "gflops_per_example": 0.02,
+        "teacher_gflops_per_example": 0.08,
+        "latency_ms": {f"batch_{b}": {"student": float(b), "teacher": 2.0 * b} for b in batch_sizes},
+        "speedup": {f"batch_{b}": 2.0 for b in batch_sizes},
+        "sparsity": {"overall": 0.5, "vision": 0.6, "text": 0.4, "fusion": 0.3},
+    }
+    return {"name": name, "metrics": metrics, "params": {"name": name, "finetune": {"lr": lr}}}
+
+
+def test_rows_align_by_label_when_runs_measured_different_batch_sizes():
+    header, rows = diff_rows([_run("a", [1, 32], 1e-4), _run("b", [32], 3e-4)])
+    by_label = {row[0]: row[1:] for row in rows}
+    assert header == ["", "a", "b"]
+    assert by_label["latency batch 32 (ms)"] == ["32", "32"]
+    assert by_label["latency batch 1 (ms)"] == ["1", "-"]
+    assert by_label["finetune.lr"] == ["0.0001", "0.0003"]
+    assert "name" not in by_label  # only differing params, and never the name
+    assert render(header, rows, "markdown").splitlines()[1] == "|---|---|---|"
