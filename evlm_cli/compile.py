@@ -32,6 +32,16 @@ PARAM_KEYS = {
     "evaluate": ["task", "device", "resources", "evaluate"],
 }
 
+# How a stage runs, not what it computes: in its params.yaml, but neither a DVC param nor part
+# of a shared stage's hash, so changing the thread count retrains nothing.
+UNTRACKED = ("resources",)
+
+
+def tracked(kind: str) -> list[str]:
+    """The params keys of a stage whose change must rerun it."""
+    return [k for k in PARAM_KEYS[kind] if k not in UNTRACKED]
+
+
 # The code each stage runs: editing pruning code reruns prune and what follows, not the teacher.
 _MODEL = ["evlm_cli/models", "evlm_cli/compress/groups.py"]
 _TRAIN = [*_MODEL, "evlm_cli/train.py", "evlm_cli/tasks", "evlm_cli/data/loader.py",
@@ -68,7 +78,7 @@ class Stage:
         entry = {
             "cmd": shlex.join(cmd),
             "deps": [script, *CODE[self.kind], *map(str, self.inputs)],
-            "params": [{str(self.params_file): PARAM_KEYS[self.kind]}],
+            "params": [{str(self.params_file): tracked(self.kind)}],
         }
         if self.outs:
             entry["outs"] = list(map(str, self.outs))
@@ -126,7 +136,7 @@ def plan(spec: dict) -> list[Stage]:
 
     def shared(kind: str, upstream: list[Stage]) -> tuple[str, Path, dict]:
         params = subset(spec, PARAM_KEYS[kind])
-        h = _digest(kind, params, [s.name for s in upstream])
+        h = _digest(kind, subset(spec, tracked(kind)), [s.name for s in upstream])
         folder = SHARED / f"{kind}-{h}"
         return f"shared-{kind}-{h}", folder, params
 

@@ -33,7 +33,8 @@ def test_stage_names_params_and_deps(tmp_path):
                    for name in stages)
     assert kinds == sorted(PARAM_KEYS)
     prune = stages["tiny_vqa-prune"]
-    assert prune["params"] == [{"runs/tiny_vqa/params.yaml": PARAM_KEYS["prune"]}]
+    assert prune["params"] == [{"runs/tiny_vqa/params.yaml": ["seed", "task", "device", "prune"]}]
+    assert set(PARAM_KEYS["prune"]) == {"seed", "task", "device", "resources", "prune"}
     assert "evlm_cli/compress/l0.py" in prune["deps"] and "stages/prune.py" in prune["deps"]
     teacher = next(v for k, v in stages.items() if k.startswith("shared-teacher-"))
     assert "evlm_cli/compress/l0.py" not in teacher["deps"]  # pruning code never reruns the teacher
@@ -55,6 +56,10 @@ def test_specs_differing_downstream_share_upstream_stages(tmp_path):
     assert [s.name for s in c[:3]] == [s.name for s in a[:3]] and c[3].name != a[3].name
     d = plan(tiny("d", **{"teacher.train.lr": 0.01}))
     assert d[0].name == a[0].name and d[1].name != a[1].name and d[3].name != a[3].name
+    # the thread count changes how fast a stage runs, not what it computes: nothing reruns
+    e = plan(tiny("e", **{"resources.threads": 7}))
+    assert [s.name for s in e[:4]] == [s.name for s in a[:4]]
+    assert e[1].params["resources"]["threads"] == 7  # the stage still reads it
 
 
 def test_compiling_keeps_other_specs_and_prunes_stale_stages(tmp_path):
