@@ -495,7 +495,7 @@ def init_text_problems(spec: dict) -> Iterator[tuple[Where, str]]:
     text_init = spec["teacher"]["init"]["text"]
     if text_init is None:
         return
-    directory = minilm_dir() if text_init == MINILM else Path(text_init)
+    directory = Path(local_path(text_init))
     config_file = directory / "config.json"
     if not config_file.is_file():
         if directory.exists():
