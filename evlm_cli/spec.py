@@ -376,8 +376,25 @@ def semantic_problems(spec: dict) -> list[tuple[Where, str]]:
         *metric_problems(spec),
         *path_problems(spec),
         *init_text_problems(spec),
+        *norm_problems(spec),
         *scope_problems(spec),
     ]
+
+
+def norm_problems(spec: dict) -> Iterator[tuple[Where, str]]:
+    """BERT and X-VLM weights are post-norm: an encoder that imports them must be post-norm too."""
+    t = spec["teacher"]
+    xvlm = t["checkpoint"] is not None and t["checkpoint_format"] == "xvlm"
+    imports = {
+        "text": "teacher.init.text" if t["init"]["text"] else "teacher.checkpoint" if xvlm else None,
+        "fusion": ("teacher.checkpoint" if xvlm else "teacher.init.fusion_from_text"
+                   if t["init"]["text"] and t["init"]["fusion_from_text"] else None),
+    }
+    for encoder, source in imports.items():
+        if source and t[encoder]["norm"] == "pre":
+            yield (("teacher", encoder, "norm"),
+                   f"teacher.{encoder}.norm: pre cannot load the post-norm BERT weights of "
+                   f"{source}; use post")
 
 
 def scope_problems(spec: dict) -> Iterator[tuple[Where, str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 ENCODERS = ("vision", "text", "fusion")
+POOLS = ("cls", "max")
 
 
 @dataclass
@@ -88,6 +89,11 @@ class VLMConfig:
     heads: list[str] = field(default_factory=lambda: ["itm", "itc"])
     num_answers: int = 0  # size of the VQA answer list, when the "vqa" head is present
     embed_dim: int = 256  # ITC projection width
+    pool: str = "cls"  # what the task heads read: "cls" (the first fused token) or "max" (over tokens)
+
+    def __post_init__(self):
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, not {self.pool!r}")
 
     def encoder(self, name: str) -> EncoderConfig:
         return {"vision": self.vision.encoder, "text": self.text.encoder, "fusion": self.fusion}[name]
@@ -121,14 +127,19 @@ class VLMConfig:
 def make_config(*, vision: dict, text: dict, fusion: dict, image_size: int, patch_size: int,
                 vocab_size: int, max_positions: int = 512, stem: str = "patch",
                 heads: list[str] | None = None, num_answers: int = 0,
-                embed_dim: int = 256) -> VLMConfig:
-    """A uniform config from per-encoder {layers, width, heads, ffn} (the spec's teacher shape)."""
+                embed_dim: int = 256, pool: str = "cls") -> VLMConfig:
+    """A uniform config from per-encoder {layers, width, heads, ffn[, norm]} (the spec's teacher).
+
+    The vision encoder is always pre-norm (ViT); text and fusion default to post-norm (BERT).
+    """
     venc = EncoderConfig.uniform(vision["width"], vision["layers"], vision["heads"], vision["ffn"],
                                  norm="pre", eps=1e-6)
-    tenc = EncoderConfig.uniform(text["width"], text["layers"], text["heads"], text["ffn"])
+    tenc = EncoderConfig.uniform(text["width"], text["layers"], text["heads"], text["ffn"],
+                                 norm=text.get("norm", "post"))
     fenc = EncoderConfig.uniform(fusion["width"], fusion["layers"], fusion["heads"], fusion["ffn"],
-                                 cross=True, kv_width=vision["width"])
+                                 cross=True, kv_width=vision["width"],
+                                 norm=fusion.get("norm", "post"))
     return VLMConfig(vision=VisionConfig(venc, image_size=image_size, patch_size=patch_size, stem=stem),
                      text=TextConfig(tenc, vocab_size=vocab_size, max_positions=max_positions),
                      fusion=fenc, heads=heads or ["itm", "itc"], num_answers=num_answers,
-                     embed_dim=embed_dim)
+                     embed_dim=embed_dim, pool=pool)

@@ -134,6 +134,7 @@ class VLMOutput:
     vision: EncoderOutput
     text: EncoderOutput
     fusion: EncoderOutput
+    text_mask: Tensor | None = None  # [B, L] 1 = a real token; the fusion tokens share it
 
     def encoder(self, name: str) -> EncoderOutput:
         return getattr(self, name)
@@ -165,12 +166,28 @@ class VLM(nn.Module):
         text = self.text(self.embeddings(input_ids), mask=attention_mask, **opts)
         fusion = self.fusion(self.text_to_fusion(text.last), mask=attention_mask, kv=vision.last,
                              **opts)
-        return VLMOutput(vision, text, fusion)
+        return VLMOutput(vision, text, fusion, attention_mask)
+
+    def pooled(self, out: VLMOutput) -> Tensor:
+        """What the task heads read: the fused CLS token, or the maximum over real tokens.
+
+        Max pooling lets a comparison that forms at one word ("is there a red shape?" at
+        "red") reach the head without first being routed into CLS, which a model trained
+        from scratch learns slowly: on easy-VQA the CLS teacher kept answering yes/no from
+        the wording for 5 epochs, the max-pooled one matched colours within 3.
+        """
+        tokens = out.fusion.last
+        if self.config.pool == "cls":
+            return tokens[:, 0]
+        if out.text_mask is not None:
+            pad = ~out.text_mask.bool()[..., None]
+            tokens = tokens.masked_fill(pad, torch.finfo(tokens.dtype).min)
+        return tokens.amax(1)
 
     def logits(self, task: str, out: VLMOutput) -> Tensor:
-        """Task logits from the fused CLS token (VQA answer scores, ITM match scores)."""
+        """Task logits from the pooled fusion output (VQA answer scores, ITM match scores)."""
         if task in ("vqa", "itm"):
-            return self.heads[task](out.fusion.last[:, 0])
+            return self.heads[task](self.pooled(out))
         raise ValueError(f"no classification head for task {task!r}")
 
     def prunable_groups(self, units=("heads", "ffn")) -> list[PrunableGroup]:

@@ -72,7 +72,7 @@ def teacher_config(spec: dict, data: PreparedData, max_positions: int) -> VLMCon
                        image_size=data.meta["image_size"], patch_size=t["vision"]["patch_size"],
                        stem=t["vision"]["stem"], vocab_size=len(tokenizer),
                        max_positions=max_positions,
-                       heads=[spec["task"]], num_answers=data.num_answers)
+                       heads=[spec["task"]], num_answers=data.num_answers, pool=t["pool"])
 
 
 def _load_partial(model: VLM, state: dict[str, Tensor], source: str) -> None:
