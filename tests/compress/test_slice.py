@@ -9,13 +9,13 @@ from evlm_cli.models.config import make_config
 from evlm_cli.models.vlm import VLM, param_breakdown, prunable_groups
 
 
-def model_and_inputs():
+def model_and_inputs(norm="post", pool="cls"):
     torch.manual_seed(0)
     cfg = make_config(vision=dict(layers=3, width=32, heads=4, ffn=64),
-                      text=dict(layers=2, width=24, heads=3, ffn=48),
-                      fusion=dict(layers=2, width=24, heads=3, ffn=48), image_size=16, patch_size=8,
-                      vocab_size=40, max_positions=16, heads=["vqa", "itm", "itc"], num_answers=5,
-                      embed_dim=8)
+                      text=dict(layers=2, width=24, heads=3, ffn=48, norm=norm),
+                      fusion=dict(layers=2, width=24, heads=3, ffn=48, norm=norm), image_size=16,
+                      patch_size=8, vocab_size=40, max_positions=16, heads=["vqa", "itm", "itc"],
+                      num_answers=5, embed_dim=8, pool=pool)
     model = VLM(cfg).eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.3)
@@ -63,9 +63,10 @@ def predicted_params(model: VLM, gates) -> int:
     return param_breakdown(model)["total"] - removed
 
 
-@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.8])
-def test_sliced_model_equals_gated_model(sparsity, tmp_path):
-    model, x = model_and_inputs()
+@pytest.mark.parametrize("sparsity,norm,pool", [(0.3, "post", "cls"), (0.5, "post", "cls"),
+                                               (0.8, "post", "cls"), (0.5, "pre", "max")])
+def test_sliced_model_equals_gated_model(sparsity, norm, pool, tmp_path):
+    model, x = model_and_inputs(norm, pool)
     gates = random_gates(model, sparsity, seed=int(sparsity * 10))
     sliced = slice_model(model, gates)
     ref, ref_vqa, ref_itm = outputs(model, x, gates)
@@ -76,6 +77,7 @@ def test_sliced_model_equals_gated_model(sparsity, tmp_path):
     # ungated output differs, so the comparison above is not vacuous
     assert (outputs(model, x)[1] - ref_vqa).abs().max() > 1e-3
     assert sliced.config.vision.encoder.heads[1] == 0 and sliced.config.text.encoder.ffn[0] == 0
+    assert sliced.config.pool == pool and sliced.config.fusion.norm == norm
     # exact parameter count, and it survives a save/load with no manual step
     assert param_breakdown(sliced)["total"] == predicted_params(model, gates)
     save_model(sliced, tmp_path / "s")

@@ -184,3 +184,34 @@ def test_flops_count_a_model_with_fully_pruned_sublayers():
 
     full, uneven = VLM(tiny_config()).eval(), VLM(uneven_config()).eval()
     assert 0 < count_flops(uneven, *inputs()) < count_flops(full, *inputs())
+
+
+def test_max_pool_reads_the_real_tokens_only():
+    torch.manual_seed(0)
+    model = VLM(tiny_config(pool="max")).eval()
+    images, ids, mask = inputs()
+    with torch.no_grad():
+        out = model(images, ids, mask)
+        logits = model.logits("vqa", out)
+        # example 0 has two padding tokens: its answer equals the unpadded question's
+        alone = model.logits("vqa", model(images[:1], ids[:1, :-2], mask[:1, :-2]))
+        # pooling differs from CLS, so the comparison is not vacuous
+        cls = model.heads["vqa"](out.fusion.last[:, 0])
+    assert torch.allclose(logits[:1], alone, atol=1e-5)
+    assert torch.equal(model.pooled(out)[1], out.fusion.last[1].amax(0))
+    assert (logits - cls).abs().max() > 1e-3
+    # the padded tokens would have changed the maximum had they been read
+    assert (out.fusion.last[0].amax(0) - model.pooled(out)[0]).abs().max() > 1e-3
+
+
+def test_norm_and_pool_are_part_of_the_saved_config(tmp_path):
+    cfg = tiny_config(text=dict(layers=2, width=24, heads=3, ffn=48, norm="pre"), pool="max")
+    assert cfg.text.encoder.norm == "pre" and cfg.fusion.norm == "post"
+    model = VLM(cfg)
+    assert all(block.pre_norm for block in model.text.layers)
+    assert not any(block.pre_norm for block in model.fusion.layers)
+    save_model(model, tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    assert again.config.pool == "max" and again.config.text.encoder.norm == "pre"
+    with pytest.raises(ValueError, match="pool"):
+        tiny_config(pool="mean")
