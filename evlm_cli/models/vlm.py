@@ -173,8 +173,9 @@ class VLM(nn.Module):
 
         Max pooling lets a comparison that forms at one word ("is there a red shape?" at
         "red") reach the head without first being routed into CLS, which a model trained
-        from scratch learns slowly: on easy-VQA the CLS teacher kept answering yes/no from
-        the wording for 5 epochs, the max-pooled one matched colours within 3.
+        from scratch learns slowly. On easy-VQA, with the same recipe and 3 epochs, the CLS
+        teacher still answered every yes/no question from its wording (86% test); the
+        max-pooled one compared colours and shapes (96%).
         """
         tokens = out.fusion.last
         if self.config.pool == "cls":
