@@ -18,13 +18,19 @@ from evlm_cli.models.importers import import_hf_bert, import_timm_vit, import_xv
 from evlm_cli.models.vlm import VLM
 from evlm_cli.spec import local_path
 from evlm_cli.tasks import TASKS
-from evlm_cli.train import EpochBatches, Optim, Run, trim_text
+from evlm_cli.train import EpochBatches, Optim, Run, seed_everything, trim_text
 
 WORK_ROOT = Path(".evlm") / "work"  # undeclared resume folders, outside DVC's outputs
 
 
 def setup(spec: dict) -> torch.device:
-    """Threads and device from the spec: `auto` is CUDA when there is one."""
+    """Seed, threads and device from the spec: `auto` is CUDA when there is one.
+
+    Seeding here, before a stage builds anything, makes what it creates before training
+    (the L0 gates' tie-breaking noise, KD projections) the same on every run: the process
+    starts from an entropy-seeded generator.
+    """
+    seed_everything(spec["seed"])
     if spec["resources"]["threads"]:
         torch.set_num_threads(spec["resources"]["threads"])
     if spec["device"] == "cuda" or (spec["device"] == "auto" and torch.cuda.is_available()):

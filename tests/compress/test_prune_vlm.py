@@ -8,7 +8,7 @@ from evlm_cli.compress.l0 import L0Gates, SparsityConstraint
 from evlm_cli.compress.slice import slice_model
 from evlm_cli.models.config import make_config
 from evlm_cli.models.vlm import VLM, param_breakdown
-from evlm_cli.recipe.common import Objective
+from evlm_cli.recipe.common import Objective, setup
 from evlm_cli.train import Optim, Run, adamw, fit
 
 NUM_ANSWERS, VOCAB, TEXT_LEN, BATCH = 4, 30, 6, 8
@@ -104,3 +104,21 @@ def test_deterministic_masks_slice_exactly(pruned):
     removed = gates.total_params() - gates.kept_params_from_masks(gates.deterministic_masks())
     assert removed > 0
     assert param_breakdown(sliced)["total"] == param_breakdown(model)["total"] - removed
+
+
+def test_stage_setup_makes_the_gates_initial_noise_reproducible():
+    spec = {"seed": 3, "resources": {"threads": None}, "device": "cpu"}
+    groups = tiny_vlm().prunable_groups()
+
+    def initial_log_alpha(seed_first: bool) -> torch.Tensor:
+        torch.seed()  # a stage process starts from an entropy-seeded generator
+        if seed_first:
+            setup(spec)
+        return torch.cat([p.detach() for p in L0Gates(groups).log_alpha.values()])
+
+    state = torch.get_rng_state()
+    try:
+        assert torch.equal(initial_log_alpha(True), initial_log_alpha(True))
+        assert not torch.equal(initial_log_alpha(False), initial_log_alpha(False))
+    finally:
+        torch.set_rng_state(state)  # leave the other tests' generator as it was
