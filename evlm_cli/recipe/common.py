@@ -30,7 +30,7 @@ def setup(spec: dict) -> torch.device:
     (the L0 gates' tie-breaking noise, KD projections) the same on every run: the process
     starts from an entropy-seeded generator.
     """
-    seed_everything(spec["seed"])
+    seed_everything(spec.get("seed", 0))  # evaluation stages draw nothing and do not read it
     if spec["resources"]["threads"]:
         torch.set_num_threads(spec["resources"]["threads"])
     if spec["device"] == "cuda" or (spec["device"] == "auto" and torch.cuda.is_available()):
