@@ -8,9 +8,12 @@ from pathlib import Path
 import click
 
 from evlm_cli.compile import compile_specs as compile_specs_to_dvc
-from evlm_cli.diff import diff_json, diff_rows, load_run, plot, render, summary_table
+from evlm_cli.compile import plan
+from evlm_cli.diff import diff_json, diff_rows, load_run, plot, render, show_text, summary_table
 from evlm_cli.errors import EvlmError
-from evlm_cli.runner import StageFailed, ensure_dvc_repo, repro
+from evlm_cli.layout import RUNS
+from evlm_cli.pipeline import FINAL_KIND, KINDS
+from evlm_cli.runner import StageFailed, ensure_dvc_project, repro, stage_status
 from evlm_cli.spec import load_spec
 
 # click's own usage errors already exit with 2; ours match them.
@@ -89,13 +92,15 @@ def run(specs: tuple[str, ...], force: bool) -> None:
     Stages whose inputs did not change are not rerun; stages shared by several specs
     (same data, teacher and distillation settings) run once.
     """
-    resolved = load_specs(specs)
-    ensure_dvc_repo(Path("."))  # before anything is written
+    resolved = load_specs(specs)  # before anything is written
+    initialised = ensure_dvc_project(Path("."))
+    if initialised:
+        click.echo(f"evlm run: {initialised}")
     compile_specs_to_dvc(resolved)
     names = [s["name"] for s in resolved]
-    log = Path("runs") / (names[0] if len(names) == 1 else "_multi") / "run.log"
+    log = RUNS / (names[0] if len(names) == 1 else "_multi") / "run.log"
     try:
-        repro([f"{n}-evaluate" for n in names], log, force=force)
+        repro([f"{n}-{FINAL_KIND}" for n in names], log, force=force)
     except StageFailed as failed:
         click.echo(f"evlm run: {failed}", err=True)
         click.get_current_context().exit(1)
@@ -145,12 +150,30 @@ def diff(runs: tuple[str, ...], fmt: str, plot_path: str | None) -> None:
 @main.command()
 @click.argument("target", metavar="SPEC_OR_RUN")
 def show(target: str) -> None:
-    """Show one run: its resolved spec, stage status and metrics.
+    """Show one run: its resolved spec's key settings, stage status and metrics.
 
-    SPEC_OR_RUN is a spec file or a run name (a folder under runs/).
+    SPEC_OR_RUN is a spec file or a run name (a folder under runs/). The status says which
+    stages are up to date and which `evlm run` would rerun, and why.
     """
     name = load_specs((target,))[0]["name"] if is_spec_file(target) else target
-    click.echo(summary_table(load_run(name)))
+    run = load_run(name, require_metrics=False)
+    stages = [s.name for s in plan(run["params"])]
+    click.echo(show_text(run, stage_status(stages)))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})
+@click.argument("kind", type=click.Choice(list(KINDS)))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def stage(kind: str, args: tuple[str, ...]) -> None:
+    """Run one DVC stage of KIND (what dvc.yaml's commands call).
+
+    The arguments are `--params FILE` and one `--NAME PATH` per input and output of the
+    kind, as evlm_cli/pipeline.py declares them; `evlm stage KIND --help` lists them.
+    """
+    from evlm_cli.stage import run_stage  # the stage's own imports load torch, --help does not
+
+    click.get_current_context().exit(run_stage(kind, list(args)))
 
 
 def is_spec_file(argument: str) -> bool:

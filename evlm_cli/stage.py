@@ -1,39 +1,62 @@
-"""What every stage script shares: arguments, the params file, one-line errors, a summary."""
+"""The entry of every DVC stage: `evlm stage KIND --params FILE --<input> PATH ... --<output> PATH`.
+
+It reads the kind's declaration, builds the typed params of the sections it reads, calls its
+run function and turns errors into one line and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
+from evlm_cli.config import ConfigError, params_from_dict
 from evlm_cli.errors import EvlmError
+from evlm_cli.pipeline import KINDS
 
 
-def stage_main(name: str, paths: list[str], body: Callable[[dict, argparse.Namespace], dict]) -> None:
-    """Parse `--params` and the named path arguments, run `body`, report errors in one line."""
-    parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=f"evlm stage: {name}")
+def parse(kind_name: str, argv: list[str]) -> argparse.Namespace:
+    kind = KINDS[kind_name]
+    parser = argparse.ArgumentParser(prog=f"evlm stage {kind.name}",
+                                     description=f"evlm stage {kind.name}: {kind.doc}")
     parser.add_argument("--params", required=True, type=Path, help="resolved params YAML")
-    for p in paths:
-        parser.add_argument(f"--{p}", required=True, type=Path)
+    for arg in kind.arguments:
+        parser.add_argument(f"--{arg}", required=True, type=Path)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def run_stage(kind_name: str, argv: list[str]) -> int:
+    """Run one stage of kind `kind_name`; return the process's exit status."""
+    kind = KINDS[kind_name]
+    args = parse(kind_name, argv)
     start = time.perf_counter()
     try:
-        spec = yaml.safe_load(args.params.read_text())
-        summary = body(spec, args)
+        raw = yaml.safe_load(args.params.read_text())
+        if not isinstance(raw, dict):
+            raise EvlmError(f"{args.params}: not a params mapping")
+        try:
+            params = params_from_dict(raw, kind.sections)
+        except ConfigError as error:
+            raise EvlmError(f"{args.params}: {error}") from error
+        module, function = kind.run.split(":")
+        run = getattr(importlib.import_module(module), function)
+        summary = run(params, **{arg: getattr(args, arg) for arg in kind.arguments})
     except (EvlmError, OSError, yaml.YAMLError) as e:
         if args.debug:
             traceback.print_exc()
-        print(f"error: stage {name}: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"error: stage {kind.name}: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"stage {name}: interrupted; rerun to resume from the last checkpoint", file=sys.stderr)
-        sys.exit(130)
-    brief = {k: v for k, v in (summary or {}).items() if isinstance(v, (int, float, str))}
-    print(f"stage {name} done in {time.perf_counter() - start:.0f}s {json.dumps(brief)}")
+        print(f"stage {kind.name}: interrupted; rerun to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    brief = {k: v for k, v in (summary or {}).items() if isinstance(v, int | float | str)}
+    print(f"stage {kind.name} done in {time.perf_counter() - start:.0f}s {json.dumps(brief)}")
+    return 0

@@ -1,4 +1,4 @@
-"""The one training loop: progress, AdamW schedule, clipping, NaN guard, log.csv, resume.
+"""The one training loop: run setup, progress, AdamW schedule, clipping, NaN guard, log.csv, resume.
 
 Stages hand it the modules to checkpoint, their optimisers, a loss function and batches.
 Distillation and pruning are loss terms and extra optimisers, not loops of their own.
@@ -7,6 +7,8 @@ Distillation and pruning are loss terms and extra optimisers, not loops of their
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
 import random
 import shutil
@@ -21,8 +23,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from evlm_cli.config import OptimConfig
 from evlm_cli.errors import TrainingError
 from evlm_cli.io import atomic_path
+from evlm_cli.layout import WORK_ROOT
 
 CHECKPOINT = "resume.pt"
 
@@ -49,7 +53,7 @@ class Run:
     optims: list[Optim]
     loss: Callable[[dict[str, Tensor], int, int], tuple[Tensor, dict[str, float]]]
     batches: Batches
-    optim_cfg: dict  # the spec's <optim> block
+    optim_cfg: OptimConfig
     work_dir: Path  # undeclared resume folder
     log_path: Path | None = None
     desc: str = "train"
@@ -58,10 +62,10 @@ class Run:
     autocast: bool = False  # bf16 autocast (GPU)
 
 
-def total_steps(optim_cfg: dict, steps_per_epoch: int) -> int:
-    if optim_cfg.get("max_steps"):
-        return int(optim_cfg["max_steps"])
-    return max(1, math.ceil(optim_cfg["epochs"] * steps_per_epoch)) if optim_cfg["epochs"] > 0 else 0
+def total_steps(optim_cfg: OptimConfig, steps_per_epoch: int) -> int:
+    if optim_cfg.max_steps is not None:
+        return optim_cfg.max_steps
+    return max(1, math.ceil(optim_cfg.epochs * steps_per_epoch)) if optim_cfg.epochs > 0 else 0
 
 
 def warmup_linear(warmup_steps: int, total: int) -> Callable[[int], float]:
@@ -72,14 +76,14 @@ def warmup_linear(warmup_steps: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def adamw(params, optim_cfg: dict, lr: float | None = None) -> torch.optim.AdamW:
+def adamw(params, optim_cfg: OptimConfig, lr: float | None = None) -> torch.optim.AdamW:
     """AdamW with no weight decay on biases, norms and embeddings-like 1-D tensors."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": optim_cfg["weight_decay"]},
+    return torch.optim.AdamW([{"params": decay, "weight_decay": optim_cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr or optim_cfg["lr"])
+                             lr=optim_cfg.lr if lr is None else lr)
 
 
 def seed_everything(seed: int) -> None:
@@ -88,6 +92,53 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def setup(seed: int, threads: int | None, device: str) -> torch.device:
+    """Seed, threads and device of a stage process: `auto` is CUDA when there is one.
+
+    The one seeding site before a stage builds anything, so what it creates before training
+    (the L0 gates' tie-breaking noise, KD projections) is the same on every run: the process
+    starts from an entropy-seeded generator. `fit` reseeds for the loop itself.
+    """
+    seed_everything(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def fingerprint(path: Path) -> str:
+    """A hash of a file's or a directory's contents (a path alone may hold other results)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def work_dir(stage: str, *configs, inputs: tuple[Path, ...] = ()) -> Path:
+    """A resume folder keyed by the stage's settings and the contents of its inputs."""
+    key = [repr(configs), [fingerprint(p) for p in inputs]]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return WORK_ROOT / f"{stage}-{digest[:12]}"
+
+
+def make_run(stage: str, split, optim_cfg: OptimConfig, seed: int, *,
+             modules: dict[str, nn.Module], optims: list[Optim], loss, device: torch.device,
+             log_path: Path, key: tuple = (), inputs: tuple[Path, ...] = ()) -> Run:
+    """The training run of one stage over `split`, as every training stage sets it up.
+
+    `key` (the stage's typed settings) and the contents of `inputs` name the resume folder.
+    """
+    batches = EpochBatches(split, optim_cfg.batch_size, seed,
+                           answer_balance=optim_cfg.answer_balance)
+    return Run(modules=modules, optims=optims, loss=loss, batches=batches, optim_cfg=optim_cfg,
+               work_dir=work_dir(stage, seed, *key, inputs=inputs), log_path=log_path,
+               desc=stage, seed=seed, device=device, autocast=device.type == "cuda")
 
 
 class _Log:
@@ -129,7 +180,7 @@ def fit(run: Run) -> dict[str, float]:
     steps_per_epoch = len(run.batches)
     total = total_steps(run.optim_cfg, steps_per_epoch)
     main = run.optims[0].optimizer
-    warmup = int(run.optim_cfg["warmup_ratio"] * total)
+    warmup = int(run.optim_cfg.warmup_ratio * total)
     schedule = torch.optim.lr_scheduler.LambdaLR(main, warmup_linear(max(1, warmup), max(1, total)))
     run.work_dir.mkdir(parents=True, exist_ok=True)
     if total == 0:
@@ -154,9 +205,9 @@ def fit(run: Run) -> dict[str, float]:
     log = _Log(run.work_dir / "log.csv" if run.log_path else None, step)
     for m in run.modules.values():
         m.train()
-    clip = run.optim_cfg.get("grad_clip")
+    clip = run.optim_cfg.grad_clip
     clip_params = [p for g in main.param_groups for p in g["params"]]
-    every = run.optim_cfg["checkpoint_every"]
+    every = run.optim_cfg.checkpoint_every
     last = {}
     bar = tqdm(total=total, initial=step, desc=run.desc, unit="step", dynamic_ncols=True)
     try:

@@ -1,8 +1,14 @@
-"""DVC stage: initialise the student from teacher layers and distil the teacher into it."""
+"""Stage kind `distill`: a shallower student from the teacher's layers, trained to match it.
 
-from evlm_cli.recipe.distill import run_distill
-from evlm_cli.stage import stage_main
+Reads params: seed, task, device, resources, student, distill. Takes: prepared
+(prepare.data), teacher (teacher.model). Writes: model (model), log (log.csv, plots). Runs
+evlm_cli.recipe.distill.run_distill(). Declared in evlm_cli/pipeline.py; DVC runs it as
+`evlm stage distill --params FILE ...`, and this file takes the same arguments.
+"""
+
+import sys
+
+from evlm_cli.stage import run_stage
 
 if __name__ == "__main__":
-    stage_main("distill", ["prepared", "teacher", "out", "log"],
-               lambda spec, a: run_distill(spec, a.prepared, a.teacher, a.out, a.log))
+    sys.exit(run_stage("distill", sys.argv[1:]))

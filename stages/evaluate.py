@@ -1,15 +1,15 @@
-"""DVC stage: the student's metric, retention, size, FLOPs, speedup and sparsity per encoder."""
+"""Stage kind `evaluate`: the student's metric, retention, size, FLOPs, speedup and sparsity.
 
-from evlm_cli.io import atomic_write_json
-from evlm_cli.recipe.evaluate import run_evaluate
-from evlm_cli.stage import stage_main
+Reads params: task, device, resources, evaluate. Takes: prepared (prepare.data), student
+(finetune.model), teacher (teacher.model), teacher_metrics (teacher_eval.metrics), masks
+(prune.masks). Writes: metrics (metrics.json, metrics). Runs
+evlm_cli.recipe.evaluate.run_evaluate(). Declared in evlm_cli/pipeline.py; DVC runs it as
+`evlm stage evaluate --params FILE ...`, and this file takes the same arguments.
+"""
 
+import sys
 
-def body(spec, a):
-    metrics = run_evaluate(spec, a.prepared, a.student, a.teacher, a.teacher_metrics, a.masks)
-    atomic_write_json(a.metrics, metrics)
-    return metrics
-
+from evlm_cli.stage import run_stage
 
 if __name__ == "__main__":
-    stage_main("evaluate", ["prepared", "student", "teacher", "teacher_metrics", "masks", "metrics"], body)
+    sys.exit(run_stage("evaluate", sys.argv[1:]))

@@ -1,8 +1,14 @@
-"""DVC stage: fine-tune the sliced student with KD from the teacher."""
+"""Stage kind `finetune`: the sliced student recovers with the task loss and KD from the teacher.
 
-from evlm_cli.recipe.finetune import run_finetune
-from evlm_cli.stage import stage_main
+Reads params: seed, task, device, resources, finetune. Takes: prepared (prepare.data),
+student (prune.model), teacher (teacher.model). Writes: model (model), log (log.csv, plots).
+Runs evlm_cli.recipe.finetune.run_finetune(). Declared in evlm_cli/pipeline.py; DVC runs it
+as `evlm stage finetune --params FILE ...`, and this file takes the same arguments.
+"""
+
+import sys
+
+from evlm_cli.stage import run_stage
 
 if __name__ == "__main__":
-    stage_main("finetune", ["prepared", "student", "teacher", "out", "log"],
-               lambda spec, a: run_finetune(spec, a.prepared, a.student, a.teacher, a.out, a.log))
+    sys.exit(run_stage("finetune", sys.argv[1:]))

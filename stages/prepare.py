@@ -1,14 +1,13 @@
-"""DVC stage: read the dataset once and write tensors that later stages read fast."""
+"""Stage kind `prepare`: read the task dataset once; write tensors, answers and the tokenizer.
 
-from evlm_cli.data.prepare import prepare
-from evlm_cli.io import atomic_path
-from evlm_cli.stage import stage_main
+Reads params: seed, task, data. Takes: the files the spec names. Writes: data (data). Runs
+evlm_cli.recipe.prepare.run_prepare(). Declared in evlm_cli/pipeline.py; DVC runs it as
+`evlm stage prepare --params FILE ...`, and this file takes the same arguments.
+"""
 
+import sys
 
-def body(spec, a):
-    with atomic_path(a.out) as tmp:  # the folder appears whole or not at all
-        return prepare(spec, tmp)
-
+from evlm_cli.stage import run_stage
 
 if __name__ == "__main__":
-    stage_main("prepare", ["out"], body)
+    sys.exit(run_stage("prepare", sys.argv[1:]))

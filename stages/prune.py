@@ -1,8 +1,15 @@
-"""DVC stage: L0 pruning under the sparsity budget, then physical slicing; writes masks.json."""
+"""Stage kind `prune`: L0 gates under the sparsity budget, then the gated units sliced out.
 
-from evlm_cli.recipe.prune import run_prune
-from evlm_cli.stage import stage_main
+Reads params: seed, task, device, resources, prune. Takes: prepared (prepare.data), student
+(distill.model), teacher (teacher.model). Writes: model (model), masks (masks.json,
+metrics), log (log.csv, plots). Runs evlm_cli.recipe.prune.run_prune(). Declared in
+evlm_cli/pipeline.py; DVC runs it as `evlm stage prune --params FILE ...`, and this file
+takes the same arguments.
+"""
+
+import sys
+
+from evlm_cli.stage import run_stage
 
 if __name__ == "__main__":
-    stage_main("prune", ["prepared", "student", "teacher", "out", "masks", "log"],
-               lambda spec, a: run_prune(spec, a.prepared, a.student, a.teacher, a.out, a.masks, a.log))
+    sys.exit(run_stage("prune", sys.argv[1:]))

@@ -1,15 +1,14 @@
-"""DVC stage: the teacher's metric, size, FLOPs and latency."""
+"""Stage kind `teacher_eval`: the teacher's metric on the test split, size, FLOPs and latency.
 
-from evlm_cli.io import atomic_write_json
-from evlm_cli.recipe.evaluate import run_teacher_eval
-from evlm_cli.stage import stage_main
+Reads params: task, device, resources, evaluate. Takes: prepared (prepare.data), teacher
+(teacher.model). Writes: metrics (metrics.json, metrics). Runs
+evlm_cli.recipe.evaluate.run_teacher_eval(). Declared in evlm_cli/pipeline.py; DVC runs it
+as `evlm stage teacher_eval --params FILE ...`, and this file takes the same arguments.
+"""
 
+import sys
 
-def body(spec, a):
-    metrics = run_teacher_eval(spec, a.prepared, a.teacher)
-    atomic_write_json(a.metrics, metrics)
-    return metrics
-
+from evlm_cli.stage import run_stage
 
 if __name__ == "__main__":
-    stage_main("teacher_eval", ["prepared", "teacher", "metrics"], body)
+    sys.exit(run_stage("teacher_eval", sys.argv[1:]))

@@ -82,12 +82,11 @@ def test_reports_on_a_missing_run_name_it(args, in_tmp_dir):
     assert result.stderr.strip() == "runs/nosuchrun/params.yaml: no such run (compile or run its spec first)"
 
 
-def test_run_outside_a_dvc_project_says_so_and_exits_2(in_tmp_dir):
-    shutil.copy(TINY_SPEC, in_tmp_dir / "tiny.yaml")
-    result = invoke("run", "tiny.yaml")
-    assert result.exit_code == 2
-    assert "not a DVC project (no .dvc/)" in result.stderr
-    assert sorted(p.name for p in in_tmp_dir.iterdir()) == ["tiny.yaml"]  # nothing written
+def test_run_of_a_bad_spec_writes_nothing_not_even_a_dvc_project(in_tmp_dir):
+    shutil.copy(ROOT / "tests/specs/bad/above_maximum.yaml", in_tmp_dir / "bad.yaml")
+    result = invoke("run", "bad.yaml")
+    assert result.exit_code == 2 and "greater than the maximum" in result.stderr
+    assert sorted(p.name for p in in_tmp_dir.iterdir()) == ["bad.yaml"]  # nothing written
 
 
 def test_compile_writes_params_and_stages(in_tmp_dir):

@@ -1,10 +1,12 @@
 """The compiler: stage names, params keys, code deps, sharing between specs, stale stages."""
 
 import copy
+import json
 
 import yaml
 
-from evlm_cli.compile import PARAM_KEYS, compile_specs, plan
+from evlm_cli.compile import compile_specs, plan
+from evlm_cli.pipeline import KINDS
 from evlm_cli.spec import load_spec
 
 TINY = "tests/specs/tiny_vqa.yaml"
@@ -31,13 +33,19 @@ def test_stage_names_params_and_deps(tmp_path):
     stages = stages_of(tmp_path)
     kinds = sorted(name.split("-")[1] if name.startswith("shared-") else name.split("-")[-1]
                    for name in stages)
-    assert kinds == sorted(PARAM_KEYS)
+    assert kinds == sorted(KINDS)
     prune = stages["tiny_vqa-prune"]
     assert prune["params"] == [{"runs/tiny_vqa/params.yaml": ["seed", "task", "device", "prune"]}]
-    assert set(PARAM_KEYS["prune"]) == {"seed", "task", "device", "resources", "prune"}
-    assert "evlm_cli/compress/l0.py" in prune["deps"] and "stages/prune.py" in prune["deps"]
+    assert set(KINDS["prune"].sections) == {"seed", "task", "device", "resources", "prune"}
+    # each stage depends on its kind's code fingerprint, not on paths into a checkout
+    assert prune["deps"][0] == ".evlm/code/prune.json"
+    assert not any(d.startswith(("evlm_cli", "stages")) for v in stages.values() for d in v["deps"])
     teacher = next(v for k, v in stages.items() if k.startswith("shared-teacher-"))
-    assert "evlm_cli/compress/l0.py" not in teacher["deps"]  # pruning code never reruns the teacher
+    code = {k: json.loads((tmp_path / ".evlm/code" / f"{k}.json").read_text())["modules"]
+            for k in ("prune", "teacher")}
+    assert "evlm_cli.compress.l0" in code["prune"]
+    assert "evlm_cli.compress.l0" not in code["teacher"]  # pruning code never reruns the teacher
+    assert teacher["deps"][0] == ".evlm/code/teacher.json"
     assert prune["metrics"] == [{"runs/tiny_vqa/prune/masks.json": {"cache": False}}]
     assert stages["tiny_vqa-evaluate"]["metrics"] == [
         {"runs/tiny_vqa/evaluate/metrics.json": {"cache": False}}]
@@ -84,7 +92,7 @@ def test_compiling_keeps_other_specs_and_prunes_stale_stages(tmp_path):
 def test_commands_quote_paths_and_never_interpolate_into_a_shell(tmp_path):
     compile_specs([tiny()], tmp_path)
     cmd = stages_of(tmp_path)["tiny_vqa-prune"]["cmd"]
-    assert cmd.startswith("python stages/prune.py --params runs/tiny_vqa/params.yaml ")
+    assert cmd.startswith("evlm stage prune --params runs/tiny_vqa/params.yaml ")
     assert ";" not in cmd and "$" not in cmd
 
 
@@ -92,7 +100,7 @@ def test_files_the_spec_names_are_deps_of_the_stages_that_read_them(tmp_path):
     spec = tiny()
     spec["teacher"]["checkpoint"] = "models/teacher"
     spec["data"]["tokenizer"] = "/opt/site-packages/minilm"  # installed, not edited: no dep
-    stages = {s.kind: s.to_dvc() for s in plan(spec)}
+    stages = {s.kind.name: s.to_dvc() for s in plan(spec)}
     assert "models/teacher" in stages["teacher"]["deps"]
     assert "models/teacher" not in stages["prepare"]["deps"]
     assert not any(d.startswith("/") for s in stages.values() for d in s["deps"])

@@ -1,4 +1,4 @@
-"""End to end: `evlm run` on a tiny spec inside a temporary git + DVC repository."""
+"""End to end: `evlm run` on a tiny spec in a folder outside the repository that holds only the spec."""
 
 import json
 import os
@@ -34,15 +34,11 @@ def ran(output: str) -> set[str]:
 
 @pytest.fixture
 def project(tmp_path):
-    """A fresh git + DVC project holding the stage scripts and code, and the tiny spec."""
-    for folder in ("evlm_cli", "stages", "schemas"):
-        shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / ".dvcignore", tmp_path / ".dvcignore")
-    (tmp_path / "specs").mkdir()
-    shutil.copy(REPO / "tests/specs/tiny_vqa.yaml", tmp_path / "specs/tiny_vqa.yaml")
-    sh(["git", "init", "-q"], tmp_path)
-    sh([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
-    return tmp_path
+    """A user's folder: the tiny spec and nothing else (evlm makes it a DVC project)."""
+    folder = tmp_path / "work"
+    (folder / "specs").mkdir(parents=True)
+    shutil.copy(REPO / "tests/specs/tiny_vqa.yaml", folder / "specs/tiny_vqa.yaml")
+    return folder
 
 
 def edit_spec(path: Path, name: str | None = None, **changes) -> Path:

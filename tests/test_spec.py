@@ -1,21 +1,23 @@
 """Tests of the spec loader: schema, defaults, semantic rules and the exact error lines."""
 
 import json
+import os
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
 
+from evlm_cli.data.sources import source_problems
 from evlm_cli.errors import SpecError
+from evlm_cli.packaged import local_path, minilm_dir
 from evlm_cli.spec import (
     SCHEMA_PATH,
     InvalidSpecError,
     load_schema,
     load_spec,
-    local_path,
+    looks_like_checkpoint,
     looks_like_hub_id,
-    minilm_dir,
     resolve_ref,
     validate_spec_text,
 )
@@ -35,6 +37,12 @@ def expected_line(spec_file: Path) -> str:
 def problems_of(path: str) -> list[str]:
     with pytest.raises(InvalidSpecError) as caught:
         load_spec(path)
+    return caught.value.problems
+
+
+def problems_of_text(text: str) -> list[str]:
+    with pytest.raises(InvalidSpecError) as caught:
+        validate_spec_text(text, "x.yaml")
     return caught.value.problems
 
 
@@ -81,6 +89,25 @@ def test_spec_error_joins_problems_one_per_line():
         validate_spec_text("name: a/b\ntask: nope\n", "x.yaml")
     assert str(caught.value).splitlines() == caught.value.problems
     assert len(caught.value.problems) == 2
+
+
+@pytest.mark.parametrize("written, shown", [(".nan", ".nan"), (".NaN", ".nan"), (".inf", ".inf"),
+                                             ("+.inf", ".inf"), ("-.inf", "-.inf")])
+def test_non_finite_numbers_are_refused_alone(written, shown):
+    # -.inf also breaks lr's minimum 0: the one message says what is wrong with the value
+    problems = problems_of_text(f"name: bad\ntask: vqa\ndistill:\n  train:\n    lr: {written}\n")
+    assert problems == [f"x.yaml:5: distill.train.lr: {shown} is not a finite number"]
+
+
+def test_non_finite_number_of_the_wrong_type_or_key_gets_the_schema_message():
+    problems = problems_of_text("name: .nan\ntask: vqa\nprune:\n  colour: .inf\nevaluate:\n"
+                                "  latency:\n    batch_sizes: [1, .inf]\n")
+    assert problems == [
+        "x.yaml:1: name: expected a string, got the number .nan",
+        "x.yaml:4: prune: unknown key 'colour' (expected one of: "
+        + ", ".join(load_schema()["properties"]["prune"]["properties"]) + ")",
+        "x.yaml:7: evaluate.latency.batch_sizes[1]: expected an integer, got the number .inf",
+    ]
 
 
 def test_unreadable_spec_names_the_file(tmp_path):
@@ -207,6 +234,14 @@ def test_schema_is_valid_json_schema():
     jsonschema.Draft202012Validator.check_schema(json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))
 
 
+def test_schema_ships_in_the_package_and_the_top_level_link_shows_it():
+    assert SCHEMA_PATH == ROOT / "evlm_cli" / "schemas" / "spec.schema.json"
+    link = ROOT / "schemas" / "spec.schema.json"
+    assert link.is_symlink()
+    assert os.readlink(link) == "../evlm_cli/schemas/spec.schema.json"
+    assert link.read_bytes() == SCHEMA_PATH.read_bytes()
+
+
 # ---------------------------------------------------------------- paths
 
 
@@ -251,3 +286,78 @@ def test_explicit_tokenizer_is_kept_when_text_init_is_set():
     text = "name: mini\ntask: vqa\ndata:\n  tokenizer: minilm\nteacher:\n  init:\n    text: minilm\n"
     spec = validate_spec_text(text, "mini.yaml")
     assert spec["data"]["tokenizer"] == "minilm"
+
+
+# ---------------------------------------------------------------- teacher checkpoints
+
+
+def safetensors_bytes() -> bytes:
+    header = b'{"__metadata__":{"format":"pt"}}'
+    return len(header).to_bytes(8, "little") + header
+
+
+@pytest.mark.parametrize("content, expected", [
+    (safetensors_bytes(), True),
+    (b"PK\x03\x04" + bytes(60), True),  # torch.save since 1.6: a zip archive
+    (b"\x80\x02" + bytes(60), True),  # legacy torch.save: a pickle
+    (b"[]\n", False),
+    (b"", False),
+    ((1000).to_bytes(8, "little") + b"{}", False),  # header longer than the file
+    ((2).to_bytes(8, "little") + b"[]", False),
+])
+def test_checkpoint_sniffing(content, expected):
+    assert looks_like_checkpoint(content[:9], len(content)) is expected
+
+
+def test_xvlm_checkpoint_files_are_accepted(in_tmp_dir):
+    (in_tmp_dir / "a.safetensors").write_bytes(safetensors_bytes())
+    (in_tmp_dir / "b.pth").write_bytes(b"PK\x03\x04" + bytes(60))
+    (in_tmp_dir / "c.th").write_bytes(b"\x80\x02" + bytes(60))
+    for name in ("a.safetensors", "b.pth", "c.th"):
+        text = f"name: x\ntask: vqa\nteacher:\n  checkpoint_format: xvlm\n  checkpoint: {name}\n"
+        assert validate_spec_text(text, "x.yaml")["teacher"]["checkpoint"] == name
+
+
+def test_xvlm_checkpoint_directory_is_refused(in_tmp_dir):
+    (in_tmp_dir / "model").mkdir()
+    problems = problems_of_text("name: x\ntask: vqa\nteacher:\n  checkpoint_format: xvlm\n"
+                                "  checkpoint: model\n")
+    assert problems == ["x.yaml:5: teacher.checkpoint: 'model' is a directory (expected a "
+                        "safetensors file or a torch .pth/.bin; an evlm directory needs "
+                        "teacher.checkpoint_format: evlm)"]
+
+
+def test_evlm_checkpoint_directory_is_accepted_and_a_file_refused(in_tmp_dir):
+    (in_tmp_dir / "model").mkdir()
+    (in_tmp_dir / "model" / "config.json").write_text("{}", encoding="utf-8")
+    (in_tmp_dir / "model" / "model.safetensors").write_bytes(safetensors_bytes())
+    (in_tmp_dir / "x.pth").write_bytes(b"PK\x03\x04" + bytes(60))
+    spec = validate_spec_text("name: x\ntask: vqa\nteacher:\n  checkpoint: model\n", "x.yaml")
+    assert spec["teacher"]["checkpoint"] == "model"
+    problems = problems_of_text("name: x\ntask: vqa\nteacher:\n  checkpoint: x.pth\n")
+    assert problems == ["x.yaml:4: teacher.checkpoint: 'x.pth' is not a directory (expected an "
+                        "evlm checkpoint: a directory with config.json and model.safetensors; an "
+                        "X-VLM file needs teacher.checkpoint_format: xvlm)"]
+
+
+# ---------------------------------------------------------------- data sources
+
+
+@pytest.mark.parametrize("train", [None, "", [], ()])
+def test_absent_train_in_any_form_is_reported(train):
+    assert source_problems("xvlm-json", "vqa", train, ["t.json"], "images", "answers.json") == [
+        ("train", "required when the source is xvlm-json")]
+
+
+def test_source_problems_name_fields_not_spec_keys():
+    assert source_problems("easy-vqa", "vqa", None, None, None, None) == []
+    assert source_problems("easy-vqa", "nlvr2", None, None, None, None) == [
+        ("source", "easy-vqa only has VQA data; task nlvr2 needs xvlm-json")]
+    assert source_problems("xvlm-json", "vqa", ("a.json",), "t.json", None, None) == [
+        ("image_root", "required when the source is xvlm-json"),
+        ("answer_list", "required for VQA from xvlm-json"),
+    ]
+    # only VQA needs an answer list
+    assert source_problems("xvlm-json", "retrieval", "a.json", ["t.json"], "images", None) == []
+    assert all("data." not in message
+               for _, message in source_problems("xvlm-json", "vqa", None, None, None, None))

@@ -28,29 +28,6 @@ def logits_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float
     return kl * temperature**2
 
 
-def uniform_layer_map(n_student: int, n_teacher: int) -> list[int]:
-    """Student layer i -> the LAST teacher layer of the i-th of n_student equal blocks.
-
-    3 of 6 -> [1, 3, 5]: each student layer imitates the output of the block of teacher layers
-    it replaces, and the last student layer always matches the teacher's last layer.
-    """
-    if not 0 <= n_student <= n_teacher:
-        raise ValueError(f"cannot map {n_student} student layers onto {n_teacher} teacher layers")
-    return [(i + 1) * n_teacher // n_student - 1 for i in range(n_student)]
-
-
-def resolve_layer_map(layer_map: Sequence[int] | None, n_student: int, n_teacher: int
-                      ) -> list[int]:
-    """An explicit map checked against the layer counts, or the uniform one when None."""
-    if layer_map is None:
-        return uniform_layer_map(n_student, n_teacher)
-    layer_map = [int(i) for i in layer_map]
-    if len(layer_map) != n_student or not all(0 <= i < n_teacher for i in layer_map):
-        raise ValueError(f"layer map must list {n_student} teacher layers in [0, {n_teacher}), "
-                         f"got {layer_map}")
-    return layer_map
-
-
 def _embedding_offset(student_hidden: Sequence[Tensor], n_student_layers: int) -> int:
     """1 when the lists start with the input embeddings (as EncoderOutput.hidden_states do)."""
     offset = len(student_hidden) - n_student_layers

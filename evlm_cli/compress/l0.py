@@ -18,8 +18,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from evlm_cli.compress.groups import PrunableGroup
-from evlm_cli.errors import SpecError
+from evlm_cli.models.groups import PrunableGroup
 
 BETA = 2.0 / 3.0  # temperature of the concrete distribution
 LIMIT_LOW, LIMIT_HIGH = -0.1, 1.1  # stretch interval, so that 0 and 1 get probability mass
@@ -269,9 +268,9 @@ class SparsityConstraint(nn.Module):
     def __init__(self, gates: L0Gates, mode: str, target: float, warmup_fraction: float = 0.0):
         super().__init__()
         if mode not in MODES:
-            raise SpecError(f"prune.mode: expected one of {', '.join(MODES)}, got {mode!r}")
+            raise ValueError(f"pruning mode: expected one of {', '.join(MODES)}, got {mode!r}")
         if not 0.0 <= target < 1.0:
-            raise SpecError(f"prune.target_sparsity: expected a number in [0, 1), got {target}")
+            raise ValueError(f"target sparsity: expected a number in [0, 1), got {target}")
         # Bypass Module registration: the gates' parameters must stay out of this module's
         # parameters() so that the ascent optimiser sees the lambdas only.
         object.__setattr__(self, "gates", gates)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from evlm_cli.models.blocks import Attention, Block
+from evlm_cli.models.blocks import Attention, Block, Gates
 from evlm_cli.models.config import ENCODERS, EncoderConfig
-from evlm_cli.models.vlm import VLM
-
-Gates = dict[str, Tensor]
+from evlm_cli.models.vlm import LAYER_PREFIX, VLM
 
 
 def _kept(gates: Gates, key: str, size: int, layer_gate: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -70,16 +68,15 @@ def slice_model(model: VLM, gates: Gates) -> VLM:
     """A new, smaller VLM equal to `model` run with these (deterministic) gates."""
     cfg = model.config
     encoders = {"vision": model.vision.encoder, "text": model.text, "fusion": model.fusion}
-    prefixes = {"vision": "vision.encoder.layers", "text": "text.layers", "fusion": "fusion.layers"}
     state = {k: v for k, v in model.state_dict().items()
-             if not any(k.startswith(p + ".") for p in prefixes.values())}
+             if not any(k.startswith(p + ".") for p in LAYER_PREFIX.values())}
     new_encoders = []
     for enc in ENCODERS:
         old: EncoderConfig = cfg.encoder(enc)
         heads, ffn, cross = [], [], [] if old.has_cross else None
         for i, block in enumerate(encoders[enc].layers):
             block_state, shape = _slice_block(block, gates, f"{enc}.{i}")
-            state.update({f"{prefixes[enc]}.{i}.{k}": v.clone() for k, v in block_state.items()})
+            state.update({f"{LAYER_PREFIX[enc]}.{i}.{k}": v.clone() for k, v in block_state.items()})
             heads.append(shape["heads"])
             ffn.append(shape["ffn"])
             if cross is not None:

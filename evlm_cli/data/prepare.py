@@ -10,9 +10,7 @@ Layout of the output directory:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,13 +18,14 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import BertTokenizerFast
 
+from evlm_cli.config import DataConfig
 from evlm_cli.data.easy_vqa import easy_vqa_answers, read_easy_vqa
 from evlm_cli.data.records import VqaRecord, split_off_by_image
+from evlm_cli.data.sources import source_problems
 from evlm_cli.data.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
 from evlm_cli.data.xvlm_json import read_answer_list, read_vqa
 from evlm_cli.errors import DataError
 from evlm_cli.io import atomic_path, atomic_save_safetensors, atomic_write_json
-from evlm_cli.spec import local_path
 from evlm_cli.tasks.vqa import answer_scores
 
 SPLITS = ("train", "val", "test")
@@ -35,29 +34,28 @@ PIXEL_MEAN = (0.5, 0.5, 0.5)
 PIXEL_STD = (0.5, 0.5, 0.5)
 
 
-def prepare(spec: dict, out_dir: Path) -> dict:
-    """Read the dataset the resolved `spec` names and write the prepared files into `out_dir`.
+def prepare(data: DataConfig, task: str, seed: int, out_dir: Path) -> dict:
+    """Read the dataset `data` names and write the prepared files into `out_dir`.
 
     Returns a summary: examples per split, number of images, answers and vocabulary size.
     """
-    data = spec["data"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    full_splits, answers = read_vqa_splits(spec)
-    tokenizer = _prepare_tokenizer(spec, full_splits["train"], out / "tokenizer")
+    full_splits, answers = read_vqa_splits(data, task, seed)
+    tokenizer = _prepare_tokenizer(data, full_splits["train"], out / "tokenizer")
     splits = {
-        name: limit_examples(records, data["limit"], spec["seed"], SPLITS.index(name))
+        name: limit_examples(records, data.limit, seed, SPLITS.index(name))
         for name, records in full_splits.items()
     }
     image_paths = unique_images(splits)
     image_row = {path: row for row, path in enumerate(image_paths)}
     atomic_save_safetensors(
-        out / "images.safetensors", {"images": decode_images(image_paths, data["image_size"])}
+        out / "images.safetensors", {"images": decode_images(image_paths, data.image_size)}
     )
     answer_index = {answer: index for index, answer in enumerate(answers)}
     split_meta = {}
     for name, records in splits.items():
-        tensors = encode_split(records, image_row, answer_index, tokenizer, data["max_text_len"])
+        tensors = encode_split(records, image_row, answer_index, tokenizer, data.max_text_len)
         atomic_save_safetensors(out / f"{name}.safetensors", tensors)
         split_meta[name] = {
             "examples": len(records),
@@ -66,13 +64,13 @@ def prepare(spec: dict, out_dir: Path) -> dict:
         }
     atomic_write_json(out / "answers.json", answers)
     meta = {
-        "source": data["source"],
-        "task": spec["task"],
+        "source": data.source,
+        "task": task,
         "splits": split_meta,
         "num_images": len(image_paths),
         "num_answers": len(answers),
-        "image_size": data["image_size"],
-        "max_text_len": data["max_text_len"],
+        "image_size": data.image_size,
+        "max_text_len": data.max_text_len,
         "vocab_size": len(tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
         "pixel_mean": list(PIXEL_MEAN),
@@ -87,32 +85,29 @@ def prepare(spec: dict, out_dir: Path) -> dict:
     }
 
 
-def read_vqa_splits(spec: dict) -> tuple[dict[str, list[VqaRecord]], list[str]]:
+def read_vqa_splits(data: DataConfig, task: str, seed: int
+                    ) -> tuple[dict[str, list[VqaRecord]], list[str]]:
     """Records per split (train, val and, when present, test) and the answer list.
 
     easy-VQA carves val from train by image. So does xvlm-json when no val file is given.
     """
-    data = spec["data"]
-    if spec["task"] != "vqa":
-        raise DataError(f"data: prepare reads only VQA data so far, not task {spec['task']!r}")
-    if data["source"] == "easy-vqa":
-        return read_easy_vqa(data["val_fraction"], spec["seed"]), easy_vqa_answers()
-    if data["source"] != "xvlm-json":
-        raise DataError(f"data.source: unknown source {data['source']!r}")
-    if data["image_root"] is None:
-        raise DataError("data.image_root: required for source xvlm-json")
-    if data["answer_list"] is None:
-        raise DataError("data.answer_list: required for VQA with source xvlm-json")
-    if not _as_list(data["train"]):
-        raise DataError("data.train: required for source xvlm-json")
-    splits = {"train": read_vqa(_as_list(data["train"]), data["image_root"], require_answers=True)}
-    if _as_list(data["val"]):
-        splits["val"] = read_vqa(_as_list(data["val"]), data["image_root"], require_answers=True)
+    problems = source_problems(data.source, task, data.train, data.test, data.image_root,
+                               data.answer_list)
+    if problems:
+        field, message = problems[0]
+        raise DataError(f"data {field}: {message}")
+    if task != "vqa":
+        raise DataError(f"prepare reads only VQA data so far, not task {task!r}")
+    if data.source == "easy-vqa":
+        return read_easy_vqa(data.val_fraction, seed), easy_vqa_answers()
+    splits = {"train": read_vqa(list(data.train), data.image_root, require_answers=True)}
+    if data.val:
+        splits["val"] = read_vqa(list(data.val), data.image_root, require_answers=True)
     else:
-        splits["train"], splits["val"] = _carve_val(splits["train"], data["val_fraction"], spec)
-    if _as_list(data["test"]):
-        splits["test"] = read_vqa(_as_list(data["test"]), data["image_root"], require_answers=False)
-    return splits, read_answer_list(data["answer_list"])
+        splits["train"], splits["val"] = _carve_val(splits["train"], data.val_fraction, seed)
+    if data.test:
+        splits["test"] = read_vqa(list(data.test), data.image_root, require_answers=False)
+    return splits, read_answer_list(data.answer_list)
 
 
 def limit_examples(records: list, limit: int | None, seed: int, stream: int) -> list:
@@ -181,35 +176,24 @@ def target_scores(records: list[VqaRecord], answer_index: dict[str, int]) -> tor
     return torch.from_numpy(targets).to(torch.float16)
 
 
-def _prepare_tokenizer(spec: dict, train: list[VqaRecord], out: Path) -> BertTokenizerFast:
+def _prepare_tokenizer(data: DataConfig, train: list[VqaRecord], out: Path) -> BertTokenizerFast:
     """Write the tokenizer to `out` and return it (the teacher's vocabulary when it has one)."""
-    data = spec["data"]
-    text_init = local_path(spec["teacher"]["init"]["text"])
-    if text_init is not None and not Path(text_init).is_dir():
-        raise DataError(f"teacher.init.text {text_init}: not a directory, so it has no vocabulary")
-    source = local_path(data["tokenizer"]) or text_init
     with atomic_path(out) as temp:
-        if source is not None:
-            tokenizer = load_tokenizer(source)
+        if data.tokenizer is not None:
+            tokenizer = load_tokenizer(data.tokenizer)
             save_tokenizer(tokenizer, temp)
         else:
             # The vocabulary comes from every train question, not only those kept by `limit`,
             # so a smoke run tokenises like the full run.
             questions = [record["question"] for record in train]
-            tokenizer = train_wordpiece(questions, data["vocab_size"], temp)
+            tokenizer = train_wordpiece(questions, data.vocab_size, temp)
     return tokenizer
 
 
 def _carve_val(
-    records: list[VqaRecord], fraction: float, spec: dict
+    records: list[VqaRecord], fraction: float, seed: int
 ) -> tuple[list[VqaRecord], list[VqaRecord]]:
     try:
-        return split_off_by_image(records, fraction, spec["seed"])
+        return split_off_by_image(records, fraction, seed)
     except ValueError as error:
-        raise DataError(f"data.train: cannot carve a val split ({error})") from error
-
-
-def _as_list(value: Any) -> list[str | os.PathLike]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list | tuple) else [value]
+        raise DataError(f"data train: cannot carve a val split ({error})") from error

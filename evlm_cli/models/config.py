@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-ENCODERS = ("vision", "text", "fusion")
+from evlm_cli.config import ENCODERS  # noqa: F401  (re-exported: models speak of encoders too)
+
 POOLS = ("cls", "max")
 
 

@@ -8,9 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from evlm_cli.compress.groups import PrunableGroup
 from evlm_cli.models.blocks import Encoder, EncoderOutput, Gates
 from evlm_cli.models.config import ENCODERS, EncoderConfig, VisionConfig, VLMConfig
+from evlm_cli.models.groups import PrunableGroup
+
+# Where each encoder's layers live in the state dict: "<prefix>.<layer>.<tensor>".
+LAYER_PREFIX = {"vision": "vision.encoder.layers", "text": "text.layers", "fusion": "fusion.layers"}
 
 
 class ConvStem(nn.Module):
@@ -193,6 +196,11 @@ class VLM(nn.Module):
 
     def prunable_groups(self, units=("heads", "ffn")) -> list[PrunableGroup]:
         return prunable_groups(self.config, units)
+
+
+def model_inputs(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The positional inputs of `VLM.forward` from a batch of the data loader."""
+    return batch["images"], batch["input_ids"], batch["attention_mask"]
 
 
 def _head_params(width: int, head_dim: int, kv_width: int) -> int:

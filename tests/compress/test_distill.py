@@ -4,13 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evlm_cli.compress.distill import (
-    HiddenDistiller,
-    attention_kd,
-    logits_kd,
-    resolve_layer_map,
-    uniform_layer_map,
-)
+from evlm_cli.compress.distill import HiddenDistiller, attention_kd, logits_kd
+from evlm_cli.models.student import resolve_layer_map, uniform_layer_map
 
 
 def test_logits_kd_zero_for_equal_logits_positive_otherwise():

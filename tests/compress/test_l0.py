@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from evlm_cli.compress.groups import PrunableGroup
+from evlm_cli.models.groups import PrunableGroup
 from evlm_cli.compress.l0 import (
     LOG_ALPHA_RANGE,
     L0Gates,
@@ -14,7 +14,6 @@ from evlm_cli.compress.l0 import (
     sample_hard_concrete,
     target_at,
 )
-from evlm_cli.errors import SpecError
 
 
 def tiny_groups():
@@ -135,7 +134,7 @@ def test_none_mode_and_bad_mode():
     constraint = SparsityConstraint(L0Gates(tiny_groups()), "none", 0.5)
     assert not constraint.uses_gates and constraint.loss(3, 10).item() == 0.0
     assert constraint.ascent_optimizer(0.1) is None
-    with pytest.raises(SpecError, match="prune.mode"):
+    with pytest.raises(ValueError, match="pruning mode"):
         SparsityConstraint(L0Gates(tiny_groups()), "global", 0.5)
 
 

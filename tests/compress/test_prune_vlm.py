@@ -8,17 +8,17 @@ from evlm_cli.compress.l0 import L0Gates, SparsityConstraint
 from evlm_cli.compress.slice import slice_model
 from evlm_cli.models.config import make_config
 from evlm_cli.models.vlm import VLM, param_breakdown
-from evlm_cli.recipe.common import Objective, setup
-from evlm_cli.train import Optim, Run, adamw, fit
+from evlm_cli.compress.objective import TASK_ONLY, Objective
+from evlm_cli.config import OptimConfig
+from evlm_cli.train import Optim, Run, adamw, fit, setup
 
 NUM_ANSWERS, VOCAB, TEXT_LEN, BATCH = 4, 30, 6, 8
 STEPS = 300
-OPTIM = {"epochs": 1, "max_steps": STEPS, "batch_size": BATCH, "lr": 1e-3, "weight_decay": 0.01,
-         "warmup_ratio": 0.1, "grad_clip": 1.0, "checkpoint_every": 10 * STEPS}
+OPTIM = OptimConfig(epochs=1, max_steps=STEPS, batch_size=BATCH, lr=1e-3, weight_decay=0.01,
+                    warmup_ratio=0.1, grad_clip=1.0, checkpoint_every=10 * STEPS)
 # Half the steps ramp the target up and half hold it, so the multipliers have time to settle.
 WARMUP_FRACTION = 0.5
 GATE_LR, LAGRANGIAN_LR = 0.1, 0.3
-TASK_ONLY = {"task": 1.0, "logits": 0.0, "hidden": 0.0, "attention": 0.0}
 
 
 def tiny_vlm() -> VLM:
@@ -107,13 +107,12 @@ def test_deterministic_masks_slice_exactly(pruned):
 
 
 def test_stage_setup_makes_the_gates_initial_noise_reproducible():
-    spec = {"seed": 3, "resources": {"threads": None}, "device": "cpu"}
     groups = tiny_vlm().prunable_groups()
 
     def initial_log_alpha(seed_first: bool) -> torch.Tensor:
         torch.seed()  # a stage process starts from an entropy-seeded generator
         if seed_first:
-            setup(spec)
+            setup(3, None, "cpu")
         return torch.cat([p.detach() for p in L0Gates(groups).log_alpha.values()])
 
     state = torch.get_rng_state()

@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from evlm_cli.config import DataConfig, build
 from evlm_cli.data.loader import PreparedData, PreparedSplit
 from evlm_cli.data.prepare import prepare
 from evlm_cli.errors import DataError
@@ -19,8 +20,7 @@ def prepared(tmp_path_factory):
         "answer_list": None, "image_size": SIZE, "max_text_len": 12, "limit": COUNT,
         "val_fraction": 0.1, "tokenizer": None, "vocab_size": 100,
     }
-    spec = {"name": "t", "task": "vqa", "seed": 3, "data": data, "teacher": {"init": {"text": None}}}
-    prepare(spec, out)
+    prepare(build(DataConfig, data), "vqa", 3, out)
     return out
 
 

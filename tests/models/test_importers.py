@@ -141,12 +141,14 @@ def test_build_teacher_from_an_xvlm_checkpoint_keeps_its_weights(tmp_path):
 
     from evlm_cli.data.loader import PreparedData
     from evlm_cli.data.prepare import prepare
-    from evlm_cli.recipe.common import build_teacher
+    from evlm_cli.config import TeacherConfig, build, params_from_dict
+    from evlm_cli.models.build import build_teacher
     from evlm_cli.spec import load_spec
 
     spec = copy.deepcopy(load_spec(str(Path(__file__).parents[1] / "specs/tiny_vqa.yaml")))
     spec["data"]["limit"] = 16
-    prepare(spec, tmp_path / "data")
+    params = params_from_dict(spec)
+    prepare(params.data, params.task, params.seed, tmp_path / "data")
     data = PreparedData(tmp_path / "data")
     vocab = len(data.tokenizer())
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=64,
@@ -158,7 +160,10 @@ def test_build_teacher_from_an_xvlm_checkpoint_keeps_its_weights(tmp_path):
     state.update({"itm_head.weight": torch.randn(2, 32), "itm_head.bias": torch.randn(2)})
     torch.save({"model": state}, tmp_path / "xvlm.pth")
     spec["teacher"].update(checkpoint=str(tmp_path / "xvlm.pth"), checkpoint_format="xvlm")
-    model, pretrained = build_teacher(spec, data)
+    teacher = build(TeacherConfig, spec["teacher"])
+    model, pretrained = build_teacher(teacher, task="vqa", seed=0, image_size=data.meta["image_size"],
+                                      vocab_size=vocab, max_text_len=data.meta["max_text_len"],
+                                      num_answers=data.num_answers)
     key = "text_encoder.bert.encoder.layer.2.crossattention.self.value.weight"
     assert torch.equal(model.fusion.layers[0].cross.v.weight, state[key])
     # positions resampled from the checkpoint's 8x8 grid to the data's 4x4 grid

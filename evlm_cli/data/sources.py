@@ -1,0 +1,33 @@
+"""What each data source needs from the data config; the spec loader and prepare share it."""
+
+from __future__ import annotations
+
+SOURCES = ("easy-vqa", "xvlm-json")
+
+
+def source_problems(source: str, task: str, train, test, image_root,
+                    answer_list) -> list[tuple[str, str]]:
+    """(data-config field, message) for each thing `source` needs for `task` and lacks.
+
+    `train` and `test` may be None, one path or a list/tuple of paths; empty means absent.
+    Messages name no spec keys: the caller prefixes the field as it calls it.
+    """
+    if source == "easy-vqa":
+        if task != "vqa":
+            return [("source", f"easy-vqa only has VQA data; task {task} needs xvlm-json")]
+        return []
+    if source != "xvlm-json":
+        return [("source", f"unknown source {source!r} (expected one of: {', '.join(SOURCES)})")]
+    problems = [(field, "required when the source is xvlm-json")
+                for field, value in (("train", train), ("test", test), ("image_root", image_root))
+                if absent(value)]
+    if task == "vqa" and absent(answer_list):
+        problems.append(("answer_list", "required for VQA from xvlm-json"))
+    return problems
+
+
+def absent(value) -> bool:
+    """None, an empty string or an empty list/tuple: nothing given."""
+    if isinstance(value, list | tuple):
+        return not value
+    return value is None or value == ""

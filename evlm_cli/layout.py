@@ -1,0 +1,15 @@
+"""Where evlm keeps things in a project folder: run outputs, shared stages, resume state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Each spec's outputs, under its name; `runs/shared/` holds the stages specs share.
+RUNS = Path("runs")
+SHARED = RUNS / "shared"
+# Undeclared state outside DVC's outputs: resume checkpoints and the code fingerprints.
+STATE = Path(".evlm")
+WORK_ROOT = STATE / "work"
+CODE_DIR = STATE / "code"
+# The name a spec may not take: it would collide with runs/shared/.
+RESERVED_NAMES = ("shared",)

@@ -1,0 +1,108 @@
+"""The stage registry: every kind of DVC stage, declared once.
+
+A declaration says which params sections a kind reads, which artifacts of other kinds it
+takes, what it writes (outputs, metrics, plots) and which function runs it. The compiler
+(`evlm_cli.compile`), the DVC command (`evlm stage KIND ...`) and the stage entry
+(`evlm_cli.stage`) are all derived from these declarations, and so are the code dependencies
+(`evlm_cli.codedeps`). Adding a kind means adding a declaration here and the library code.
+
+This module imports neither torch nor the library: the run functions are named, not imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Output:
+    """One thing a stage writes, under the stage's folder."""
+
+    name: str  # the run function's keyword argument and the --option of the DVC command
+    path: str  # relative to the stage's folder
+    role: str = "out"  # "out": cached by DVC; "metrics" and "plots": small, git-tracked
+
+
+@dataclass(frozen=True)
+class StageKind:
+    name: str
+    doc: str
+    run: str  # "module:function"; called as function(params, **inputs, **outputs)
+    sections: tuple[str, ...]  # the params sections it reads (typed as `config.Params`)
+    inputs: dict[str, str] = field(default_factory=dict)  # argument -> "kind.output"
+    outputs: tuple[Output, ...] = ()
+    # Shared kinds are named by a hash of their params and upstream stages, so specs that
+    # agree on them share one stage; the others belong to one spec.
+    shared: bool = False
+    # Spec keys naming files in the project, which become DVC deps (editing them reruns).
+    user_files: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def module(self) -> str:
+        return self.run.split(":")[0]
+
+    @property
+    def arguments(self) -> tuple[str, ...]:
+        return (*self.inputs, *(o.name for o in self.outputs))
+
+
+# How a stage runs, not what it computes: read by the stage, but neither a DVC param nor part
+# of a shared stage's hash, so changing the thread count retrains nothing.
+UNTRACKED_SECTIONS = ("resources",)
+
+_DATA_FILES = tuple(("data", k) for k in ("train", "val", "test", "image_root", "answer_list",
+                                          "tokenizer"))
+_TEACHER_FILES = (("teacher", "checkpoint"), ("teacher", "init", "text"),
+                  ("teacher", "init", "vision"))
+_TRAINING = ("seed", "task", "device", "resources")
+
+KINDS: dict[str, StageKind] = {k.name: k for k in [
+    StageKind(
+        "prepare", "read the task dataset once; write tensors, answers and the tokenizer",
+        "evlm_cli.recipe.prepare:run_prepare", ("seed", "task", "data"),
+        outputs=(Output("data", "data"),), shared=True, user_files=_DATA_FILES),
+    StageKind(
+        "teacher", "import the teacher, or train it on the task",
+        "evlm_cli.recipe.teacher:run_teacher", (*_TRAINING, "teacher"),
+        inputs={"prepared": "prepare.data"},
+        outputs=(Output("model", "model"), Output("log", "log.csv", "plots")),
+        shared=True, user_files=_TEACHER_FILES),
+    StageKind(
+        "teacher_eval", "the teacher's metric on the test split, size, FLOPs and latency",
+        "evlm_cli.recipe.evaluate:run_teacher_eval", ("task", "device", "resources", "evaluate"),
+        inputs={"prepared": "prepare.data", "teacher": "teacher.model"},
+        outputs=(Output("metrics", "metrics.json", "metrics"),), shared=True),
+    StageKind(
+        "distill", "a shallower student from the teacher's layers, trained to match it",
+        "evlm_cli.recipe.distill:run_distill", (*_TRAINING, "student", "distill"),
+        inputs={"prepared": "prepare.data", "teacher": "teacher.model"},
+        outputs=(Output("model", "model"), Output("log", "log.csv", "plots")), shared=True),
+    StageKind(
+        "prune", "L0 gates under the sparsity budget, then the gated units sliced out",
+        "evlm_cli.recipe.prune:run_prune", (*_TRAINING, "prune"),
+        inputs={"prepared": "prepare.data", "student": "distill.model",
+                "teacher": "teacher.model"},
+        outputs=(Output("model", "model"), Output("masks", "masks.json", "metrics"),
+                 Output("log", "log.csv", "plots"))),
+    StageKind(
+        "finetune", "the sliced student recovers with the task loss and KD from the teacher",
+        "evlm_cli.recipe.finetune:run_finetune", (*_TRAINING, "finetune"),
+        inputs={"prepared": "prepare.data", "student": "prune.model",
+                "teacher": "teacher.model"},
+        outputs=(Output("model", "model"), Output("log", "log.csv", "plots"))),
+    StageKind(
+        "evaluate", "the student's metric, retention, size, FLOPs, speedup and sparsity",
+        "evlm_cli.recipe.evaluate:run_evaluate", ("task", "device", "resources", "evaluate"),
+        inputs={"prepared": "prepare.data", "student": "finetune.model",
+                "teacher": "teacher.model", "teacher_metrics": "teacher_eval.metrics",
+                "masks": "prune.masks"},
+        outputs=(Output("metrics", "metrics.json", "metrics"),)),
+]}
+
+# The kind whose finished stage means a spec's run is complete.
+FINAL_KIND = "evaluate"
+
+
+def tracked_sections(kind: StageKind) -> list[str]:
+    """The params sections of a kind whose change must rerun it."""
+    return [s for s in kind.sections if s not in UNTRACKED_SECTIONS]
