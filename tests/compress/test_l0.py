@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from evlm_cli.models.groups import PrunableGroup
 from evlm_cli.compress.l0 import (
     LOG_ALPHA_RANGE,
     L0Gates,
@@ -14,6 +13,7 @@ from evlm_cli.compress.l0 import (
     sample_hard_concrete,
     target_at,
 )
+from evlm_cli.models.groups import PrunableGroup
 
 
 def tiny_groups():

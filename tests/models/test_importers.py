@@ -139,9 +139,9 @@ def test_build_teacher_from_an_xvlm_checkpoint_keeps_its_weights(tmp_path):
     """The teacher stage's path for `checkpoint_format: xvlm`, on a checkpoint in X-VLM's layout."""
     import copy
 
+    from evlm_cli.config import TeacherConfig, build, params_from_dict
     from evlm_cli.data.loader import PreparedData
     from evlm_cli.data.prepare import prepare
-    from evlm_cli.config import TeacherConfig, build, params_from_dict
     from evlm_cli.models.build import build_teacher
     from evlm_cli.spec import load_spec
 
