@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from evlm_cli.compile import compile_specs as compile_specs_to_dvc
-from evlm_cli.compile import plan
+from evlm_cli.compile import plan, write_code_fingerprints
 from evlm_cli.diff import diff_json, diff_rows, load_run, plot, render, show_text, summary_table
 from evlm_cli.errors import EvlmError
 from evlm_cli.layout import RUNS
@@ -157,6 +157,7 @@ def show(target: str) -> None:
     """
     name = load_specs((target,))[0]["name"] if is_spec_file(target) else target
     run = load_run(name, require_metrics=False)
+    write_code_fingerprints()  # so the status sees code edited since the last compile
     stages = [s.name for s in plan(run["params"])]
     click.echo(show_text(run, stage_status(stages)))
 

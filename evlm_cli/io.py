@@ -9,9 +9,10 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the command line writes files too, and must not load torch to do it
+    import torch
 
 
 def _current_umask() -> int:

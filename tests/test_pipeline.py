@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 EVLM = [sys.executable, "-m", "evlm_cli"]
 
 
-def sh(cmd, cwd, check=True, **kw):
-    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+def sh(cmd, cwd, check=True, env_extra=None, **kw):
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", **(env_extra or {}))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
     if check and res.returncode:
@@ -59,6 +59,7 @@ def edit_spec(path: Path, name: str | None = None, **changes) -> Path:
 def test_run_rerun_partial_reruns_and_sharing(project):
     spec = project / "specs/tiny_vqa.yaml"
     first = sh([*EVLM, "run", str(spec)], project)
+    assert "made" in first.stdout and "a DVC project (without git)" in first.stdout
     assert ran(first.stdout) == {"prepare", "teacher", "teacher_eval", "distill", "prune",
                                  "finetune", "evaluate"}
     assert "retention" in first.stdout and "speedup" in first.stdout  # the summary table
@@ -88,6 +89,38 @@ def test_run_rerun_partial_reruns_and_sharing(project):
     diff = sh([*EVLM, "diff", "tiny_vqa", "tiny_sweep", "--plot", "diff.png"], project).stdout
     assert re.search(r"prune\.target_sparsity\s+0\.3\s+0\.6", diff)
     assert (project / "diff.png").read_bytes()[:4] == b"\x89PNG"
+
+    shown = sh([*EVLM, "show", "tiny_vqa"], project).stdout
+    assert re.search(r"tiny_vqa-prune\s+up to date", shown) and "modal-adaptive to 30%" in shown
+    assert "retention" in shown
+
+
+def changed_stages(project: Path, package: Path) -> set[str]:
+    """The kinds `dvc status` lists after compiling with the evlm package at `package`."""
+    sh([*EVLM, "compile", "specs/tiny_vqa.yaml"], project, env_extra={"PYTHONPATH": str(package)})
+    status = json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], project).stdout)
+    return ran("".join(f"Running stage '{name}'" for name in status))
+
+
+def test_code_dependencies_are_exact(project, tmp_path):
+    """Editing a module reruns the stages whose run functions reach it through imports."""
+    sh([*EVLM, "run", "specs/tiny_vqa.yaml"], project)
+    copy = tmp_path / "package"  # a throwaway copy of evlm, imported instead of the installed one
+    shutil.copytree(REPO / "evlm_cli", copy / "evlm_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    assert changed_stages(project, copy) == set()
+
+    with open(copy / "evlm_cli/compress/l0.py", "a") as f:  # only pruning imports the L0 gates
+        f.write("\n# an edit\n")
+    # DVC lists prune alone: finetune and evaluate follow once prune's outputs change
+    assert changed_stages(project, copy) == {"prune"}
+
+    with open(copy / "evlm_cli/errors.py", "a") as f:  # every stage imports the errors
+        f.write("\n# an edit\n")
+    assert changed_stages(project, copy) == {"prepare", "teacher", "teacher_eval", "distill",
+                                              "prune", "finetune", "evaluate"}
+    shown = sh([*EVLM, "show", "tiny_vqa"], project, env_extra={"PYTHONPATH": str(copy)}).stdout
+    assert re.search(r"tiny_vqa-prune\s+would rerun: changed deps: \.evlm/code/prune\.json", shown)
+    assert changed_stages(project, REPO) == set()  # the installed code again: all up to date
 
 
 def test_killed_prune_stage_resumes_from_its_checkpoint(project):
