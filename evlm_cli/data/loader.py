@@ -46,7 +46,8 @@ class PreparedData:
     def split(self, name: str) -> PreparedSplit:
         if name not in self.meta["splits"]:
             raise DataError(f"{self.directory}: no split {name!r} (has {', '.join(self.split_names)})")
-        return PreparedSplit(self.directory, name, images=self.images)
+        return PreparedSplit(self.directory, name, images=self.images,
+                             pixel_mean=self.meta["pixel_mean"], pixel_std=self.meta["pixel_std"])
 
     def tokenizer(self) -> BertTokenizerFast:
         return load_tokenizer(self.directory / "tokenizer")
@@ -56,11 +57,20 @@ class PreparedSplit(Dataset):
     """One split of a prepared directory; `batches` is the fast path, indexing the slow one."""
 
     def __init__(
-        self, prepared_dir: str | os.PathLike, split: str, images: torch.Tensor | None = None
+        self, prepared_dir: str | os.PathLike, split: str, images: torch.Tensor | None = None,
+        pixel_mean: list[float] | None = None, pixel_std: list[float] | None = None,
     ) -> None:
         directory = Path(prepared_dir)
         self.name = split
-        self.images = images if images is not None else PreparedData(directory).images
+        if images is None or pixel_mean is None or pixel_std is None:
+            data = PreparedData(directory)
+            images, pixel_mean, pixel_std = (data.images, data.meta["pixel_mean"],
+                                             data.meta["pixel_std"])
+        self.images = images
+        # (x / 255 - mean) / std per channel, as prepare recorded it, folded into one multiply-add
+        std = torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1)
+        self._scale = 1.0 / (255.0 * std)
+        self._shift = torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1) / std
         tensors = _load_tensors(directory / f"{split}.safetensors")
         self.image_index = tensors["image_index"]
         self.input_ids = tensors["input_ids"]
@@ -76,11 +86,10 @@ class PreparedSplit(Dataset):
         return {key: value[0] for key, value in batch.items()}
 
     def gather(self, indices: torch.Tensor) -> Batch:
-        """The examples at `indices` as one batch, images normalised to mean 0.5, std 0.5."""
+        """The examples at `indices` as one batch, images normalised as prepare recorded."""
         pixels = self.images[self.image_index[indices]]
         return {
-            # (x / 255 - 0.5) / 0.5, folded into one multiply-add
-            "images": pixels.float().mul_(2.0 / 255.0).sub_(1.0),
+            "images": pixels.float().mul_(self._scale).sub_(self._shift),
             "input_ids": self.input_ids[indices].long(),
             "attention_mask": self.attention_mask[indices].long(),
             "targets": self.targets[indices].float(),

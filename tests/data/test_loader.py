@@ -97,3 +97,19 @@ def test_missing_split(prepared, tmp_path):
         PreparedData(prepared).split("dev")
     with pytest.raises(DataError, match="meta.json: missing"):
         PreparedData(tmp_path)
+
+
+def test_images_are_normalised_with_the_mean_and_std_prepare_recorded(prepared, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    meta.update(pixel_mean=[0.4, 0.5, 0.6], pixel_std=[0.2, 0.25, 0.3])
+    (copy / "meta.json").write_text(json.dumps(meta))
+    split = PreparedData(copy).split("train")
+    raw = load_file(copy / "train.safetensors")
+    pixels = load_file(copy / "images.safetensors")["images"][raw["image_index"][:4]].float() / 255
+    mean, std = torch.tensor([0.4, 0.5, 0.6]).view(3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1)
+    assert torch.allclose(split.gather(torch.arange(4))["images"], (pixels - mean) / std, atol=1e-5)

@@ -1,0 +1,100 @@
+"""Typed configs: every schema key has a typed field and back, built once from a resolved spec."""
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+
+import pytest
+
+from evlm_cli.config import (
+    ConfigError,
+    DataConfig,
+    OptimConfig,
+    Params,
+    build,
+    params_from_dict,
+    to_dict,
+)
+from evlm_cli.packaged import minilm_dir
+from evlm_cli.spec import load_schema, load_spec, resolve_ref
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = sorted((ROOT / "specs").glob("*.yaml")) + [ROOT / "tests/specs/tiny_vqa.yaml"]
+
+
+def schema_keys(node: dict, root: dict, prefix: str = "") -> set[str]:
+    node = resolve_ref(node, root)
+    keys = set()
+    for key, prop in node.get("properties", {}).items():
+        keys.add(prefix + key)
+        keys |= schema_keys(prop, root, f"{prefix}{key}.")
+    return keys
+
+
+def config_keys(cls: type, prefix: str = "") -> set[str]:
+    keys = set()
+    for f in dataclasses.fields(cls):
+        keys.add(prefix + f.name)
+        hint = typing.get_type_hints(cls)[f.name]
+        inner = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)] or [hint]
+        if dataclasses.is_dataclass(inner[0]):
+            keys |= config_keys(inner[0], f"{prefix}{f.name}.")
+    return keys
+
+
+def test_every_schema_key_has_a_typed_field_and_back():
+    schema = load_schema()
+    # patch_size and stem are vision-only in the schema, one EncoderShape serves all three
+    vision_only = {f"teacher.{e}.{k}" for e in ("text", "fusion") for k in ("patch_size", "stem")}
+    norm_free = {"teacher.vision.norm"}  # the vision encoder is always pre-norm (a ViT)
+    assert config_keys(Params) - vision_only - norm_free == schema_keys(schema, schema)
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+def test_every_example_spec_builds_into_typed_params(path):
+    spec = load_spec(path)
+    params = params_from_dict(spec)
+    assert params.prune.target_sparsity == spec["prune"]["target_sparsity"]
+    assert isinstance(params.teacher.train, OptimConfig)
+    assert params.evaluate.latency.batch_sizes == tuple(spec["evaluate"]["latency"]["batch_sizes"])
+    # back to plain data, the typed config says what the spec said (floats for numbers)
+    assert json.loads(json.dumps(to_dict(params.prune))) == json.loads(json.dumps(
+        {**spec["prune"], "train": {k: float(v) if k in ("epochs",) else v
+                                    for k, v in spec["prune"]["train"].items()}}))
+
+
+def test_a_stage_sees_only_the_sections_it_declares():
+    spec = load_spec(ROOT / "tests/specs/tiny_vqa.yaml")
+    params = params_from_dict(spec, ("seed", "task", "prune"))
+    assert params.prune is not None and params.teacher is None and params.distill is None
+
+
+def test_minilm_becomes_this_machines_directory_only_when_typed():
+    data = build(DataConfig, {"tokenizer": "minilm"})
+    assert data.tokenizer == str(minilm_dir())
+    assert build(DataConfig, {"tokenizer": "my/tok"}).tokenizer == "my/tok"
+
+
+def test_one_file_or_several_become_a_tuple():
+    assert build(DataConfig, {"train": "a.json"}).train == ("a.json",)
+    assert build(DataConfig, {"train": ["a.json", "b.json"]}).train == ("a.json", "b.json")
+    assert build(DataConfig, {"train": None}).train == ()
+
+
+def test_unknown_and_missing_keys_name_their_path():
+    with pytest.raises(ConfigError, match=r"^teacher\.train: unknown key 'lrr'"):
+        shape = {"layers": 1, "width": 8, "heads": 2, "ffn": 16}
+        params_from_dict({"teacher": {"vision": shape, "text": shape, "fusion": shape,
+                                      "train": {"lrr": 1}}})
+    with pytest.raises(ConfigError, match=r"teacher\.vision\.layers: missing"):
+        params_from_dict({"teacher": {"vision": {}, "text": {}, "fusion": {}, "train": {}}})
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        build(OptimConfig, [1, 2])
+
+
+def test_configs_are_frozen():
+    config = build(OptimConfig, {"lr": 0.0})
+    assert config.lr == 0.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0

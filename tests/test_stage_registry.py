@@ -1,0 +1,74 @@
+"""The stage registry: declarations agree with the run functions, the graph and stages/."""
+
+import dataclasses
+import importlib
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evlm_cli.codedeps import closure
+from evlm_cli.config import Params
+from evlm_cli.pipeline import KINDS, UNTRACKED_SECTIONS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("kind", list(KINDS.values()), ids=list(KINDS))
+def test_run_function_takes_params_and_the_declared_paths(kind):
+    module, function = kind.run.split(":")
+    run = getattr(importlib.import_module(module), function)
+    names = list(inspect.signature(run).parameters)
+    assert names == ["params", *kind.arguments]
+
+
+def test_inputs_name_outputs_of_kinds_declared_before():
+    seen: dict[str, set[str]] = {}
+    for kind in KINDS.values():
+        for ref in kind.inputs.values():
+            source, output = ref.split(".")
+            assert output in seen.get(source, set()), f"{kind.name} reads {ref}"
+            if kind.shared:  # a shared stage cannot hang off one spec's stage
+                assert KINDS[source].shared, f"shared {kind.name} reads per-spec {source}"
+        seen[kind.name] = {o.name for o in kind.outputs}
+    fields = {f.name for f in dataclasses.fields(Params)}
+    for kind in KINDS.values():
+        assert set(kind.sections) <= fields, kind.name
+    assert set(UNTRACKED_SECTIONS) <= fields
+
+
+def test_stages_folder_is_the_index_one_file_per_kind():
+    files = {p.stem: p.read_text() for p in (ROOT / "stages").glob("*.py")}
+    assert set(files) == set(KINDS)
+    for name, text in files.items():
+        assert f'run_stage("{name}", sys.argv[1:])' in text and KINDS[name].doc in text
+
+
+def test_a_stage_file_runs_like_the_entry_point():
+    out = subprocess.run([sys.executable, str(ROOT / "stages/prune.py"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "evlm stage prune" in out and "--student" in out and "--masks" in out
+
+
+def test_bad_params_file_is_one_line_and_exit_2(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("prune: {train: {}, colour: red}\n")
+    args = ["--params", str(params)] + [x for a in KINDS["prune"].arguments
+                                        for x in (f"--{a}", str(tmp_path / a))]
+    res = subprocess.run([sys.executable, "-m", "evlm_cli", "stage", "prune", *args],
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"error: stage prune: {params}: prune: unknown key 'colour'"]
+
+
+def test_code_closure_follows_imports_and_stays_inside_each_kind():
+    prune = closure(["evlm_cli.stage", KINDS["prune"].module])
+    teacher = closure(["evlm_cli.stage", KINDS["teacher"].module])
+    assert {"evlm_cli.compress.l0", "evlm_cli.compress.slice", "evlm_cli.train",
+            "evlm_cli.models.blocks", "evlm_cli.errors"} <= set(prune)
+    assert "evlm_cli.compress.l0" not in teacher and "evlm_cli.compress.measure" not in teacher
+    assert "evlm_cli.pipeline" not in prune  # declarations: their effect is in dvc.yaml
+    assert "evlm_cli.cli" not in prune and "evlm_cli.spec" not in prune
