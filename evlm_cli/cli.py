@@ -40,8 +40,8 @@ class EvlmGroup(click.Group):
 def main(debug: bool) -> None:
     """Compress vision-language models with the EfficientVLM recipe.
 
-    A YAML spec (see specs/vqa_50pct.yaml and schemas/spec.schema.json) says what to
-    compress and how; it compiles into a DVC pipeline: prepare, teacher, distil,
+    A YAML spec (the JSON Schema evlm_cli/schemas/spec.schema.json says every key) says
+    what to compress and how; it compiles into a DVC pipeline: prepare, teacher, distil,
     modal-adaptive L0 pruning, physical slicing, fine-tuning and evaluation.
     """
 
@@ -155,26 +155,36 @@ def show(target: str) -> None:
     SPEC_OR_RUN is a spec file or a run name (a folder under runs/). The status says which
     stages are up to date and which `evlm run` would rerun, and why.
     """
-    name = load_specs((target,))[0]["name"] if is_spec_file(target) else target
-    run = load_run(name, require_metrics=False)
+    spec = load_specs((target,))[0] if is_spec_file(target) else None
+    run = load_run(spec["name"] if spec else target, require_metrics=False)
     write_code_fingerprints()  # so the status sees code edited since the last compile
     stages = [s.name for s in plan(run["params"])]
     click.echo(show_text(run, stage_status(stages)))
+    if spec is not None and spec != run["params"]:
+        click.echo(f"\n{target} differs from the compiled {RUNS / run['name'] / 'params.yaml'}: "
+                   "the status above is the compiled one's; `evlm run` it to recompile")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                 "help_option_names": []})
-@click.argument("kind", type=click.Choice(list(KINDS)))
+@click.argument("kind", required=False, metavar="KIND")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def stage(kind: str, args: tuple[str, ...]) -> None:
+def stage(kind: str | None, args: tuple[str, ...]) -> None:
     """Run one DVC stage of KIND (what dvc.yaml's commands call).
 
     The arguments are `--params FILE` and one `--NAME PATH` per input and output of the
     kind, as evlm_cli/pipeline.py declares them; `evlm stage KIND --help` lists them.
     """
+    ctx = click.get_current_context()
+    if kind in (None, "-h", "--help"):
+        click.echo(ctx.get_help())
+        click.echo("\nKinds:\n" + "\n".join(f"  {k.name:<14}{k.doc}" for k in KINDS.values()))
+        ctx.exit(0 if kind else EXIT_USER_ERROR)
+    if kind not in KINDS:
+        raise EvlmError(f"evlm stage: unknown kind {kind!r} (expected one of: {', '.join(KINDS)})")
     from evlm_cli.stage import run_stage  # the stage's own imports load torch, --help does not
 
-    click.get_current_context().exit(run_stage(kind, list(args)))
+    ctx.exit(run_stage(kind, list(args)))
 
 
 def is_spec_file(argument: str) -> bool:

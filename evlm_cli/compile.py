@@ -16,8 +16,9 @@ from pathlib import Path
 import yaml
 
 from evlm_cli.codedeps import fingerprint_text
+from evlm_cli.config import PATH_KEYS
 from evlm_cli.io import atomic_write_text
-from evlm_cli.layout import CODE_DIR, RUNS, SHARED
+from evlm_cli.layout import CODE_DIR, RUNS, SHARED, STATE, WORK_ROOT
 from evlm_cli.packaged import MINILM
 from evlm_cli.pipeline import KINDS, StageKind, tracked_sections
 
@@ -40,9 +41,6 @@ class Stage:
     def paths(self, role: str) -> list[Path]:
         return [self.outputs[o.name] for o in self.kind.outputs if o.role == role]
 
-    @property
-    def code_file(self) -> Path:
-        return CODE_DIR / f"{self.kind.name}.json"
 
     def to_dvc(self) -> dict:
         cmd = [*ENTRY_COMMAND, self.kind.name, "--params", str(self.params_file)]
@@ -50,7 +48,7 @@ class Stage:
             cmd += [f"--{arg}", str(path)]
         entry = {
             "cmd": shlex.join(cmd),
-            "deps": list(dict.fromkeys([str(self.code_file), *map(str, self.inputs.values()),
+            "deps": list(dict.fromkeys([str(code_file(self.kind.name)), *map(str, self.inputs.values()),
                                         *map(str, self.user_files)])),
             "params": [{str(self.params_file): tracked_sections(self.kind)}],
         }
@@ -68,21 +66,28 @@ def subset(spec: dict, keys: list[str] | tuple[str, ...]) -> dict:
     return {k: spec[k] for k in keys if k in spec}
 
 
-def user_files(spec: dict, keys: tuple[tuple[str, ...], ...]) -> list[Path]:
-    """Files and folders the spec names inside the project: DVC deps, so editing them reruns.
+def user_files(spec: dict, kind: StageKind) -> list[Path]:
+    """Files and folders the spec names in the sections a kind reads: DVC deps of its stages.
 
     Absolute paths and `minilm` (the packaged MiniLM) are left out: they are installed, not
     edited, and would tie dvc.yaml to one machine.
     """
     out = []
-    for key in keys:
+    for path_key in PATH_KEYS:
+        if path_key.key[0] not in tracked_sections(kind):
+            continue
         node = spec
-        for k in key:
+        for k in path_key.key:
             node = node[k]
         for value in node if isinstance(node, list) else [node]:
             if value is not None and value != MINILM and not Path(value).is_absolute():
                 out.append(Path(value))
     return out
+
+
+def code_file(kind_name: str) -> Path:
+    """The fingerprint of the code a kind's stages run (see `evlm_cli.codedeps`)."""
+    return CODE_DIR / f"{kind_name}.json"
 
 
 def _digest(*parts) -> str:
@@ -107,7 +112,7 @@ def plan(spec: dict) -> list[Stage]:
             name, params_file, params = f"{spec['name']}-{kind.name}", own / "params.yaml", spec
         stages[kind.name] = Stage(kind, name, params_file, params, inputs,
                                   {o.name: folder / o.path for o in kind.outputs},
-                                  user_files(spec, kind.user_files))
+                                  user_files(spec, kind))
     return list(stages.values())
 
 
@@ -138,8 +143,11 @@ def merge(existing: dict, specs: list[dict], plans: list[list[Stage]]) -> dict:
 
 def write_code_fingerprints(root: Path = Path(".")) -> None:
     """One file per kind listing the modules its stages run and their hashes."""
+    ignore = root / STATE / ".gitignore"  # resume checkpoints are large and never versioned
+    if not ignore.exists():
+        atomic_write_text(ignore, f"{WORK_ROOT.relative_to(STATE)}/\n")
     for kind in KINDS.values():
-        path = root / CODE_DIR / f"{kind.name}.json"
+        path = root / code_file(kind.name)
         text = fingerprint_text(kind.module)
         if not path.exists() or path.read_text() != text:
             atomic_write_text(path, text)

@@ -1,22 +1,49 @@
 """The resolved spec as frozen dataclasses: built once where a stage loads its params.
 
 The library takes these typed configs, never the spec's dictionary. Field names follow the
-spec's keys, so `schemas/spec.schema.json` documents every one of them. This module imports
+spec's keys, so the schema (`evlm_cli/schemas/spec.schema.json`) documents every one of them.
+They have no defaults: the schema holds those, and a stage's params are always resolved, so
+a missing key is an error rather than a second, silently different default. This module imports
 neither torch nor anything below it: the command line and the compiler read it too.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from evlm_cli.packaged import local_path
 
 # The three encoders of the X-VLM layout, in the order reports list them.
 ENCODERS = ("vision", "text", "fusion")
+
+
+@dataclass(frozen=True)
+class PathKey:
+    """A spec key that names a file or folder: validated by the spec loader, a DVC dependency
+    of the stages whose sections hold it, and resolved when it names a packaged model."""
+
+    key: tuple[str, ...]
+    names: str  # what it names: "file", "directory", "file or directory"
+    may_be_hub_id: bool = False  # a bare name that looks like a hub id gets its own hint
+    may_be_packaged: bool = False  # `minilm` names the packaged all-MiniLM-L6-v2
+
+
+PATH_KEYS = (
+    PathKey(("data", "train"), "file"),
+    PathKey(("data", "val"), "file"),
+    PathKey(("data", "test"), "file"),
+    PathKey(("data", "image_root"), "directory"),
+    PathKey(("data", "answer_list"), "file"),
+    PathKey(("data", "tokenizer"), "directory", True, True),
+    PathKey(("teacher", "checkpoint"), "file or directory", True),
+    PathKey(("teacher", "init", "text"), "directory", True, True),
+    PathKey(("teacher", "init", "vision"), "file", True),
+)
 
 
 class ConfigError(ValueError):
@@ -27,48 +54,48 @@ class ConfigError(ValueError):
 class OptimConfig:
     """One training run's optimiser and schedule (the spec's `<stage>.train` block)."""
 
-    epochs: float = 1.0
-    batch_size: int = 64
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    grad_clip: float | None = 1.0
-    checkpoint_every: int = 200
-    max_steps: int | None = None
-    answer_balance: float = 0.0
+    epochs: float
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+    grad_clip: float | None
+    checkpoint_every: int
+    max_steps: int | None
+    answer_balance: float
 
 
 @dataclass(frozen=True)
 class LossWeights:
     """Weights of the task loss and the three distillation terms."""
 
-    task: float = 1.0
-    logits: float = 1.0
-    hidden: float = 1.0
-    attention: float = 1.0
+    task: float
+    logits: float
+    hidden: float
+    attention: float
 
 
 @dataclass(frozen=True)
 class Resources:
-    processes: int = 1
-    nodes: int = 1
-    threads: int | None = None
+    processes: int
+    nodes: int
+    threads: int | None
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "easy-vqa"
-    train: tuple[str, ...] = ()
-    val: tuple[str, ...] = ()
-    test: tuple[str, ...] = ()
-    image_root: str | None = None
-    answer_list: str | None = None
-    image_size: int = 64
-    max_text_len: int = 32
-    limit: int | None = None
-    val_fraction: float = 0.1
-    tokenizer: str | None = None  # a local directory (`minilm` already resolved)
-    vocab_size: int = 2000
+    source: str
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+    image_root: str | None
+    answer_list: str | None
+    image_size: int
+    max_text_len: int
+    limit: int | None
+    val_fraction: float
+    tokenizer: str | None  # a local directory (`minilm` already resolved)
+    vocab_size: int
 
 
 @dataclass(frozen=True)
@@ -77,17 +104,17 @@ class EncoderShape:
     width: int
     heads: int
     ffn: int
-    norm: str = "post"
+    norm: str | None = None  # text and fusion; the vision encoder is always pre-norm (a ViT)
     patch_size: int | None = None  # vision only
     stem: str | None = None  # vision only
 
 
 @dataclass(frozen=True)
 class TeacherInit:
-    text: str | None = None  # a local HF BERT directory (`minilm` already resolved)
-    vision: str | None = None
-    fusion_from_text: bool = False
-    lr_scale: float = 0.1
+    text: str | None  # a local HF BERT directory (`minilm` already resolved)
+    vision: str | None
+    fusion_from_text: bool
+    lr_scale: float
 
 
 @dataclass(frozen=True)
@@ -96,10 +123,10 @@ class TeacherConfig:
     text: EncoderShape
     fusion: EncoderShape
     train: OptimConfig
-    init: TeacherInit = field(default_factory=TeacherInit)
-    checkpoint: str | None = None
-    checkpoint_format: str = "evlm"
-    pool: str = "cls"
+    init: TeacherInit
+    checkpoint: str | None
+    checkpoint_format: str
+    pool: str
 
     @property
     def imports_finished_model(self) -> bool:
@@ -109,9 +136,9 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class LayerMap:
-    vision: tuple[int, ...] | None = None
-    text: tuple[int, ...] | None = None
-    fusion: tuple[int, ...] | None = None
+    vision: tuple[int, ...] | None
+    text: tuple[int, ...] | None
+    fusion: tuple[int, ...] | None
 
 
 @dataclass(frozen=True)
@@ -119,7 +146,7 @@ class StudentConfig:
     vision_layers: int
     text_layers: int
     fusion_layers: int
-    layer_map: LayerMap = field(default_factory=LayerMap)
+    layer_map: LayerMap
 
     def layers(self) -> dict[str, int]:
         return {e: getattr(self, f"{e}_layers") for e in ENCODERS}
@@ -128,45 +155,45 @@ class StudentConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     train: OptimConfig
-    enabled: bool = True
-    temperature: float = 2.0
-    weights: LossWeights = field(default_factory=LossWeights)
+    enabled: bool
+    temperature: float
+    weights: LossWeights
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     train: OptimConfig
-    mode: str = "modal-adaptive"
-    target_sparsity: float = 0.5
-    units: tuple[str, ...] = ("heads", "ffn")
-    warmup_fraction: float = 0.5
-    droprate_init: float = 0.5
-    gate_lr: float = 0.1
-    lagrangian_lr: float = 0.1
-    temperature: float = 2.0
-    weights: LossWeights = field(default_factory=LossWeights)
+    mode: str
+    target_sparsity: float
+    units: tuple[str, ...]
+    warmup_fraction: float
+    droprate_init: float
+    gate_lr: float
+    lagrangian_lr: float
+    temperature: float
+    weights: LossWeights
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     train: OptimConfig
-    temperature: float = 2.0
-    weights: LossWeights = field(default_factory=LossWeights)
+    temperature: float
+    weights: LossWeights
 
 
 @dataclass(frozen=True)
 class LatencyConfig:
-    batch_sizes: tuple[int, ...] = (1, 32)
-    repeats: int = 20
-    warmup: int = 3
-    threads: int = 2
+    batch_sizes: tuple[int, ...]
+    repeats: int
+    warmup: int
+    threads: int
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     metric: str
-    batch_size: int = 64
-    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    batch_size: int
+    latency: LatencyConfig
 
 
 @dataclass(frozen=True)
@@ -192,9 +219,6 @@ class Params:
     evaluate: EvaluateConfig | None = None
 
 
-# Values that name packaged files: resolved to this machine's paths when typed, while
-# params.yaml keeps the name, so shared-stage hashes agree between machines.
-_LOCAL_PATH_FIELDS = {(DataConfig, "tokenizer"), (TeacherInit, "text")}
 
 
 def build(cls: type, value: Any, where: str = "") -> Any:
@@ -212,16 +236,24 @@ def build(cls: type, value: Any, where: str = "") -> Any:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{_join(where, f.name)}: missing")
             continue
-        item = _convert(hints[f.name], value[f.name], _join(where, f.name))
-        if (cls, f.name) in _LOCAL_PATH_FIELDS:
-            item = local_path(item)
-        kwargs[f.name] = item
+        kwargs[f.name] = _convert(hints[f.name], value[f.name], _join(where, f.name))
     return cls(**kwargs)
 
 
 def params_from_dict(spec: dict, sections: tuple[str, ...] | None = None) -> Params:
-    """Typed `Params` from a resolved spec (or a stage's subset of it)."""
-    chosen = spec if sections is None else {k: spec[k] for k in sections if k in spec}
+    """Typed `Params` from a resolved spec (or a stage's subset of it).
+
+    Names of packaged models become this machine's paths here, while params.yaml keeps the
+    name, so shared-stage hashes agree between machines.
+    """
+    chosen = copy.deepcopy(spec if sections is None else {k: spec[k] for k in sections if k in spec})
+    for path_key in PATH_KEYS:
+        *parents, last = path_key.key
+        node = chosen
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if path_key.may_be_packaged and isinstance(node, dict) and last in node:
+            node[last] = local_path(node[last])
     return build(Params, chosen)
 
 

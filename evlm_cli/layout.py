@@ -13,3 +13,6 @@ WORK_ROOT = STATE / "work"
 CODE_DIR = STATE / "code"
 # The name a spec may not take: it would collide with runs/shared/.
 RESERVED_NAMES = ("shared",)
+# What a model directory holds: its config (the per-layer shape) and its weights.
+MODEL_CONFIG, MODEL_WEIGHTS = "config.json", "model.safetensors"
+MODEL_FILES = (MODEL_CONFIG, MODEL_WEIGHTS)

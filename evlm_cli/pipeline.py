@@ -4,7 +4,9 @@ A declaration says which params sections a kind reads, which artifacts of other 
 takes, what it writes (outputs, metrics, plots) and which function runs it. The compiler
 (`evlm_cli.compile`), the DVC command (`evlm stage KIND ...`) and the stage entry
 (`evlm_cli.stage`) are all derived from these declarations, and so are the code dependencies
-(`evlm_cli.codedeps`). Adding a kind means adding a declaration here and the library code.
+(`evlm_cli.codedeps`), and the files a stage depends on: those the spec names in the
+sections it reads (`config.PATH_KEYS`). Adding a kind means adding a declaration here and
+the library code.
 
 This module imports neither torch nor the library: the run functions are named, not imported.
 """
@@ -34,8 +36,6 @@ class StageKind:
     # Shared kinds are named by a hash of their params and upstream stages, so specs that
     # agree on them share one stage; the others belong to one spec.
     shared: bool = False
-    # Spec keys naming files in the project, which become DVC deps (editing them reruns).
-    user_files: tuple[tuple[str, ...], ...] = ()
 
     @property
     def module(self) -> str:
@@ -50,23 +50,19 @@ class StageKind:
 # of a shared stage's hash, so changing the thread count retrains nothing.
 UNTRACKED_SECTIONS = ("resources",)
 
-_DATA_FILES = tuple(("data", k) for k in ("train", "val", "test", "image_root", "answer_list",
-                                          "tokenizer"))
-_TEACHER_FILES = (("teacher", "checkpoint"), ("teacher", "init", "text"),
-                  ("teacher", "init", "vision"))
 _TRAINING = ("seed", "task", "device", "resources")
 
 KINDS: dict[str, StageKind] = {k.name: k for k in [
     StageKind(
         "prepare", "read the task dataset once; write tensors, answers and the tokenizer",
         "evlm_cli.recipe.prepare:run_prepare", ("seed", "task", "data"),
-        outputs=(Output("data", "data"),), shared=True, user_files=_DATA_FILES),
+        outputs=(Output("data", "data"),), shared=True),
     StageKind(
         "teacher", "import the teacher, or train it on the task",
         "evlm_cli.recipe.teacher:run_teacher", (*_TRAINING, "teacher"),
         inputs={"prepared": "prepare.data"},
         outputs=(Output("model", "model"), Output("log", "log.csv", "plots")),
-        shared=True, user_files=_TEACHER_FILES),
+        shared=True),
     StageKind(
         "teacher_eval", "the teacher's metric on the test split, size, FLOPs and latency",
         "evlm_cli.recipe.evaluate:run_teacher_eval", ("task", "device", "resources", "evaluate"),

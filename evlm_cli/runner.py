@@ -21,7 +21,7 @@ class StageFailed(Exception):
 
 
 def dvc_env() -> dict[str, str]:
-    """No analytics; this interpreter's folder first on PATH so stage `python` is ours."""
+    """No analytics; this interpreter's folder first on PATH, so stages run this evlm."""
     env = dict(os.environ, DVC_NO_ANALYTICS="1")
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
@@ -36,31 +36,43 @@ def ensure_dvc_project(root: Path) -> str | None:
     """Make `root` a DVC project if it is none yet; say what was done, or None.
 
     Inside a git repository DVC versions with git (a subfolder of one gets `--subdir`);
-    elsewhere it runs without one, so a folder holding only a spec is enough.
+    elsewhere it runs without one, so a folder holding only a spec is enough. A subfolder of a
+    DVC project is refused: its stages belong in that project's dvc.yaml.
     """
-    if (root / ".dvc").is_dir():
+    here = root.resolve()
+    if (here / ".dvc").is_dir():
         return None
-    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root,
-                         capture_output=True, text=True)
-    if top.returncode != 0:
+    parent = next((p for p in here.parents if (p / ".dvc").is_dir()), None)
+    if parent is not None:
+        raise EvlmError(f"{here}: inside the DVC project {parent}; run evlm there")
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root,
+                             capture_output=True, text=True)
+        git_top = Path(top.stdout.strip()).resolve() if top.returncode == 0 else None
+    except FileNotFoundError:  # no git installed: a project without one
+        git_top = None
+    if git_top is None:
         args, how = ["init", "--no-scm"], "without git"
-    elif Path(top.stdout.strip()).resolve() == root.resolve():
+    elif git_top == here:
         args, how = ["init"], "with git"
     else:
         args, how = ["init", "--subdir"], "as a subfolder of a git repository"
     done = _dvc([*args, "--quiet"], root)
     if done.returncode:
-        raise EvlmError(f"{root.resolve()}: dvc init failed: "
-                        f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}")
-    return f"made {root.resolve()} a DVC project ({how})"
+        raise EvlmError(f"{here}: dvc init failed: {_last_line(done)}")
+    return f"made {here} a DVC project ({how})"
+
+
+def _last_line(done: subprocess.CompletedProcess) -> str:
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    return lines[-1] if lines else f"exit status {done.returncode}"
 
 
 def stage_status(stages: list[str], root: Path = Path(".")) -> dict[str, list[str]]:
     """For each stage, why DVC would rerun it ([] when it is up to date)."""
     done = _dvc(["status", "--json", *stages], root)
     if done.returncode:
-        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise EvlmError(f"dvc status failed: {last[0]}")
+        raise EvlmError(f"dvc status failed: {_last_line(done)}")
     changed = json.loads(done.stdout or "{}")
     out = {}
     for name in stages:

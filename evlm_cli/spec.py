@@ -15,10 +15,10 @@ from typing import Any
 import jsonschema
 import yaml
 
-from evlm_cli.config import ENCODERS
+from evlm_cli.config import ENCODERS, PATH_KEYS, ConfigError, params_from_dict
 from evlm_cli.data.sources import source_problems
 from evlm_cli.errors import SpecError
-from evlm_cli.layout import RESERVED_NAMES
+from evlm_cli.layout import MODEL_FILES, RESERVED_NAMES
 from evlm_cli.packaged import MINILM, local_path
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "spec.schema.json"
@@ -33,24 +33,9 @@ METRICS_BY_TASK = {
 # Human wording for the schema's regular expressions.
 PATTERN_HINTS = {"^[a-z0-9][a-z0-9_-]*$": "lowercase letters, digits, '_' and '-'"}
 
-# Path fields: (key path, what the value names, may it be a model-hub id, may it be 'minilm').
-PATH_FIELDS = (
-    (("data", "train"), "file", False, False),
-    (("data", "val"), "file", False, False),
-    (("data", "test"), "file", False, False),
-    (("data", "image_root"), "directory", False, False),
-    (("data", "answer_list"), "file", False, False),
-    (("data", "tokenizer"), "directory", True, True),
-    (("teacher", "checkpoint"), "file or directory", True, False),
-    (("teacher", "init", "text"), "directory", True, True),
-    (("teacher", "init", "vision"), "file", True, False),
-)
-
 # Hub ids have no file suffix; a missing 'weights.pth' is a missing file, not a hub id.
 FILE_SUFFIXES = (".json", ".txt", ".pt", ".pth", ".th", ".bin", ".safetensors", ".ckpt", ".npz")
 
-# What an evlm checkpoint directory holds (evlm_cli.models.checkpoint writes them).
-CHECKPOINT_FILES = ("config.json", "model.safetensors")
 
 JsonPath = tuple
 # Where a problem is: one key path, or candidates of which the first written in the file wins.
@@ -97,7 +82,12 @@ def validate_spec_text(text: str, source: str) -> dict:
     found = sorted({(line_of(lines, where), message) for where, message in semantic_problems(spec)})
     if found:
         raise InvalidSpecError([f"{source}:{line}: {message}" for line, message in found])
-    return resolve(spec)
+    spec = resolve(spec)
+    try:  # what every stage will build from its params: a mismatch is found now, not mid-run
+        params_from_dict(spec)
+    except ConfigError as error:
+        raise InvalidSpecError([f"{source}: {error} (the schema and evlm_cli/config.py disagree)"]) from error
+    return spec
 
 
 # ---------------------------------------------------------------- YAML with lines
@@ -498,7 +488,9 @@ def metric_problems(spec: dict) -> Iterator[tuple[Where, str]]:
 
 
 def path_problems(spec: dict) -> Iterator[tuple[Where, str]]:
-    for where, kind, may_be_hub_id, may_be_minilm in PATH_FIELDS:
+    for path_key in PATH_KEYS:
+        where, kind = path_key.key, path_key.names
+        may_be_hub_id, may_be_minilm = path_key.may_be_hub_id, path_key.may_be_packaged
         value = lookup(spec, where)
         values = value if isinstance(value, list) else [value]
         for index, item in enumerate(values):
@@ -538,7 +530,7 @@ def checkpoint_problems(spec: dict) -> Iterator[tuple[Where, str]]:
             yield where, (f"teacher.checkpoint: {quote(value)} is not a directory ({expected}; "
                           "an X-VLM file needs teacher.checkpoint_format: xvlm)")
             return
-        missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+        missing = [name for name in MODEL_FILES if not (path / name).is_file()]
         if missing:
             yield where, (f"teacher.checkpoint: {quote(value)} has no {' or '.join(missing)} "
                           f"({expected})")

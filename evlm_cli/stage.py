@@ -48,7 +48,8 @@ def run_stage(kind_name: str, argv: list[str]) -> int:
         module, function = kind.run.split(":")
         run = getattr(importlib.import_module(module), function)
         summary = run(params, **{arg: getattr(args, arg) for arg in kind.arguments})
-    except (EvlmError, OSError, yaml.YAMLError) as e:
+    except (EvlmError, OSError, ValueError, yaml.YAMLError) as e:
+        # The library raises ValueError for inputs it cannot use (a pruning mode, a layer map)
         if args.debug:
             traceback.print_exc()
         print(f"error: stage {kind.name}: {e}", file=sys.stderr)

@@ -290,7 +290,7 @@ class EpochBatches:
         self.count = split.num_batches(batch_size, world_size, drop_last=True)
         if self.count < 1:
             raise TrainingError(f"split {split.name!r} has {len(split)} examples, fewer than one "
-                                f"batch of {batch_size}: lower batch_size or raise data.limit")
+                                f"batch of {batch_size}: lower the batch size or use more examples")
 
     def __len__(self) -> int:
         return self.count

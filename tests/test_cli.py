@@ -58,7 +58,7 @@ def test_validate_checks_every_spec_before_failing(bad_spec):
     assert errors[-1] == "missing.yaml: cannot read the spec: No such file or directory"
 
 
-@pytest.mark.parametrize("command", ["run", "compile", "diff", "show", "validate"])
+@pytest.mark.parametrize("command", ["run", "compile", "diff", "show", "validate", "stage"])
 def test_every_command_has_help(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0
@@ -121,3 +121,22 @@ def test_real_process_with_debug_shows_the_traceback(bad_spec):
     assert finished.stderr.splitlines()[-1] == (
         "bad.yaml:5: prune.target_sparsity: 1.5 is greater than the maximum 0.95"
     )
+
+
+def test_stage_help_lists_the_kinds_and_an_unknown_kind_is_refused():
+    result = invoke("stage", "--help")
+    assert result.exit_code == 0 and "prune" in result.output and "teacher_eval" in result.output
+    result = invoke("stage", "pruning", "--params", "p.yaml")
+    assert result.exit_code == 2 and "unknown kind 'pruning'" in result.stderr
+
+
+def test_a_folder_inside_a_dvc_project_is_refused(in_tmp_dir):
+    from evlm_cli.errors import EvlmError
+    from evlm_cli.runner import ensure_dvc_project
+
+    (in_tmp_dir / ".dvc").mkdir()
+    (in_tmp_dir / "sub").mkdir()
+    assert ensure_dvc_project(in_tmp_dir) is None  # already one
+    with pytest.raises(EvlmError, match="inside the DVC project"):
+        ensure_dvc_project(in_tmp_dir / "sub")
+    assert not (in_tmp_dir / "sub" / ".dvc").exists()

@@ -70,16 +70,25 @@ def test_a_stage_sees_only_the_sections_it_declares():
     assert params.prune is not None and params.teacher is None and params.distill is None
 
 
+def tiny_spec() -> dict:
+    return load_spec(ROOT / "tests/specs/tiny_vqa.yaml")
+
+
 def test_minilm_becomes_this_machines_directory_only_when_typed():
-    data = build(DataConfig, {"tokenizer": "minilm"})
-    assert data.tokenizer == str(minilm_dir())
-    assert build(DataConfig, {"tokenizer": "my/tok"}).tokenizer == "my/tok"
+    spec = tiny_spec()
+    spec["data"]["tokenizer"] = spec["teacher"]["init"]["text"] = "minilm"
+    params = params_from_dict(spec)
+    assert params.data.tokenizer == params.teacher.init.text == str(minilm_dir())
+    assert spec["data"]["tokenizer"] == "minilm"  # the dictionary (params.yaml) keeps the name
+    spec["data"]["tokenizer"] = "my/tok"
+    assert params_from_dict(spec, ("data",)).data.tokenizer == "my/tok"
 
 
 def test_one_file_or_several_become_a_tuple():
-    assert build(DataConfig, {"train": "a.json"}).train == ("a.json",)
-    assert build(DataConfig, {"train": ["a.json", "b.json"]}).train == ("a.json", "b.json")
-    assert build(DataConfig, {"train": None}).train == ()
+    data = tiny_spec()["data"]
+    assert build(DataConfig, {**data, "train": "a.json"}).train == ("a.json",)
+    assert build(DataConfig, {**data, "train": ["a.json", "b.json"]}).train == ("a.json", "b.json")
+    assert build(DataConfig, {**data, "train": None}).train == ()
 
 
 def test_unknown_and_missing_keys_name_their_path():
@@ -93,8 +102,35 @@ def test_unknown_and_missing_keys_name_their_path():
         build(OptimConfig, [1, 2])
 
 
-def test_configs_are_frozen():
-    config = build(OptimConfig, {"lr": 0.0})
+def test_configs_are_frozen_and_have_no_defaults_of_their_own():
+    optim = tiny_spec()["prune"]["train"]
+    config = build(OptimConfig, {**optim, "lr": 0.0})
     assert config.lr == 0.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.lr = 1.0
+    del optim["answer_balance"]  # the schema holds the defaults; a config never fills one in
+    with pytest.raises(ConfigError, match="answer_balance: missing"):
+        build(OptimConfig, optim)
+
+
+def test_the_librarys_choices_are_the_schemas_enums():
+    from evlm_cli.compress.l0 import MODES
+    from evlm_cli.data.sources import SOURCES
+    from evlm_cli.models.config import POOLS
+    from evlm_cli.spec import METRICS_BY_TASK
+
+    schema = load_schema()
+    props = schema["properties"]
+    assert set(SOURCES) == set(props["data"]["properties"]["source"]["enum"])
+    assert set(MODES) == set(props["prune"]["properties"]["mode"]["enum"])
+    assert set(POOLS) == set(props["teacher"]["properties"]["pool"]["enum"])
+    assert set(METRICS_BY_TASK) == set(props["task"]["enum"])
+    metrics = {m for ms in METRICS_BY_TASK.values() for m in ms}
+    assert metrics == set(props["evaluate"]["properties"]["metric"]["enum"]) - {None}
+
+
+def test_path_keys_name_real_keys_of_the_schema():
+    from evlm_cli.config import PATH_KEYS
+
+    keys = schema_keys(load_schema(), load_schema())
+    assert {".".join(p.key) for p in PATH_KEYS} <= keys

@@ -79,6 +79,14 @@ def test_every_part_of_the_package_has_a_rule():
     assert parts == set(ALLOWED)
 
 
+def test_no_relative_imports():
+    """The code fingerprints (evlm_cli.codedeps) follow absolute imports only."""
+    relative = [name for name, source in package_modules().items()
+                for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.ImportFrom) and node.level]
+    assert relative == []
+
+
 def test_no_import_runs_up_or_sideways():
     bad = [v for name, source in package_modules().items() for v in violations(name, source)]
     assert bad == []

@@ -44,6 +44,14 @@ def test_stages_folder_is_the_index_one_file_per_kind():
     assert set(files) == set(KINDS)
     for name, text in files.items():
         assert f'run_stage("{name}", sys.argv[1:])' in text and KINDS[name].doc in text
+        said = " ".join(text.split())  # the docstring says what the declaration says
+        kind = KINDS[name]
+        assert f"Reads params: {', '.join(kind.sections)}." in said, name
+        for arg, ref in kind.inputs.items():
+            assert f"{arg} ({ref})" in said, name
+        for out in kind.outputs:
+            assert f"{out.name} ({out.path}" in said, name
+        assert kind.run.replace(":", ".") + "()" in said, name
 
 
 def test_a_stage_file_runs_like_the_entry_point():

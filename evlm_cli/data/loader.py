@@ -64,8 +64,9 @@ class PreparedSplit(Dataset):
         self.name = split
         if images is None or pixel_mean is None or pixel_std is None:
             data = PreparedData(directory)
-            images, pixel_mean, pixel_std = (data.images, data.meta["pixel_mean"],
-                                             data.meta["pixel_std"])
+            images = data.images if images is None else images
+            pixel_mean = data.meta["pixel_mean"] if pixel_mean is None else pixel_mean
+            pixel_std = data.meta["pixel_std"] if pixel_std is None else pixel_std
         self.images = images
         # (x / 255 - mean) / std per channel, as prepare recorded it, folded into one multiply-add
         std = torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1)

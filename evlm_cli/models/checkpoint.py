@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from evlm_cli.errors import CheckpointError
 from evlm_cli.io import atomic_path, atomic_write_json
+from evlm_cli.layout import MODEL_CONFIG as CONFIG
+from evlm_cli.layout import MODEL_WEIGHTS as WEIGHTS
 from evlm_cli.models.config import VLMConfig
 from evlm_cli.models.vlm import VLM
-
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
 def save_model(model: VLM, directory: str | Path) -> None:

@@ -1,1 +1,2 @@
-"""The EfficientVLM recipe, one module per stage; `stages/*.py` are thin wrappers around these."""
+"""The EfficientVLM recipe: one module per stage kind, holding the run function that
+`evlm_cli/pipeline.py` names for it."""

@@ -35,7 +35,8 @@ def batch(pad_token: int):
 
 def test_padding_changes_no_distillation_term():
     teacher, student, maps = models()
-    objective = Objective(student, "vqa", LossWeights(), 2.0, teacher, maps)
+    objective = Objective(student, "vqa", LossWeights(task=1.0, logits=1.0, hidden=1.0, attention=1.0),
+                          2.0, teacher, maps)
     with torch.no_grad():
         _, clean = objective(batch(pad_token=0), 0, 1)
         _, noisy = objective(batch(pad_token=17), 0, 1)  # other ids under the padding

@@ -15,7 +15,8 @@ from evlm_cli.train import Optim, Run, adamw, fit, setup
 NUM_ANSWERS, VOCAB, TEXT_LEN, BATCH = 4, 30, 6, 8
 STEPS = 300
 OPTIM = OptimConfig(epochs=1, max_steps=STEPS, batch_size=BATCH, lr=1e-3, weight_decay=0.01,
-                    warmup_ratio=0.1, grad_clip=1.0, checkpoint_every=10 * STEPS)
+                    warmup_ratio=0.1, grad_clip=1.0, checkpoint_every=10 * STEPS,
+                    answer_balance=0.0)
 # Half the steps ramp the target up and half hold it, so the multipliers have time to settle.
 WARMUP_FRACTION = 0.5
 GATE_LR, LAGRANGIAN_LR = 0.1, 0.3
