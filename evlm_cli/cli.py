@@ -165,6 +165,37 @@ def show(target: str) -> None:
                    "the status above is the compiled one's; `evlm run` it to recompile")
 
 
+@main.command("export")
+@click.argument("run_name", metavar="RUN")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder to write model.onnx (and model.int8.onnx) and export.json into.")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(14, 20),
+              help="ONNX opset of the exported graph.")
+@click.option("--int8/--no-int8", default=True, show_default=True,
+              help="Also write the dynamically quantised int8 variant.")
+def export_run(run_name: str, out_dir: str, opset: int, int8: bool) -> None:
+    """Export a finished run's fine-tuned student to ONNX, checked against PyTorch.
+
+    RUN is a run name (a folder under runs/) or a spec file. The graph takes images, token
+    ids and the attention mask, with batch size and text length free, and returns the task
+    logits. Needs the optional packages: pip install 'evlm[export]'.
+    """
+    name = load_specs((run_name,))[0]["name"] if is_spec_file(run_name) else run_name
+    run = load_run(name, require_metrics=False)
+    stages = {s.kind.name: s for s in plan(run["params"])}
+    student, prepared = stages["finetune"].outputs["model"], stages["prepare"].outputs["data"]
+    for path in (student, prepared):
+        if not path.exists():
+            raise EvlmError(f"{path}: missing; the run has not finished (evlm run its spec)")
+    from evlm_cli.recipe.export import export_student  # loads torch; --help does not
+
+    summary = export_student(student, prepared, run["params"]["task"], opset, int8, Path(out_dir))
+    for variant, file in summary["files"].items():
+        click.echo(f"wrote {Path(out_dir) / file} ({variant}, "
+                   f"{summary['size_bytes'][variant] / 1e6:.2f} MB)")
+    click.echo(f"fp32 ONNX vs PyTorch: max abs difference {summary['parity_max_abs_diff']:.1e}")
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                 "help_option_names": []})
 @click.argument("kind", required=False, metavar="KIND")

@@ -99,8 +99,14 @@ def plan(spec: dict) -> list[Stage]:
     own = RUNS / spec["name"]
     stages: dict[str, Stage] = {}
     for kind in KINDS.values():
+        if not kind.enabled(spec):
+            continue
         refs = [ref.split(".") for ref in kind.inputs.values()]
         inputs = {arg: stages[k].outputs[o] for arg, (k, o) in zip(kind.inputs, refs, strict=True)}
+        for arg, ref in kind.optional_inputs.items():
+            k, o = ref.split(".")
+            if k in stages:
+                inputs[arg] = stages[k].outputs[o]
         if kind.shared:
             upstream = sorted({stages[k].name for k, _ in refs})
             h = _digest(kind.name, subset(spec, tracked_sections(kind)), upstream)

@@ -197,6 +197,12 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    opset: int
+    int8: bool
+
+
+@dataclass(frozen=True)
 class Params:
     """The sections of the resolved spec that one stage reads; the others stay None.
 
@@ -217,6 +223,7 @@ class Params:
     prune: PruneConfig | None = None
     finetune: FinetuneConfig | None = None
     evaluate: EvaluateConfig | None = None
+    export: ExportConfig | None = None
 
 
 

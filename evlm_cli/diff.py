@@ -116,7 +116,27 @@ def summary_table(run: dict) -> str:
     sp = m["sparsity"]
     lines.append(f"  {'sparsity (prunable)':<24}{'':>12}{sp['overall']:>12.3f}   "
                  + ", ".join(f"{e} {sp[e]:.3f}" for e in ENCODERS if e in sp))
+    if "size_bytes" in m:
+        lines.append(f"  {'file size (MB)':<24}{m['teacher_size_bytes'] / 1e6:>12.2f}"
+                     f"{m['size_bytes'] / 1e6:>12.2f}")
+    lines += exported_rows(m)
     return "\n".join(lines)
+
+
+def exported_rows(m: dict) -> list[str]:
+    """The exported student, one row per file: the int8 row never replaces the fp32 one."""
+    if not m.get("exported"):
+        return []
+    batches = list(m["latency_ms"])
+    head = "".join(f"{'ms ' + bs.replace('batch_', 'b'):>10}{'speedup':>9}" for bs in batches)
+    lines = ["", f"  {'student in ONNX Runtime':<24}{m['metric'][:10]:>10}{'retention':>11}"
+             f"{head}{'MB':>8}"]
+    for name, e in m["exported"].items():
+        cells = "".join(f"{m['latency_ms'][bs][name]:>10.2f}{e['speedup'][bs]:>8.2f}x"
+                        for bs in batches)
+        lines.append(f"  {name.replace('onnx_', ''):<24}{e['value']:>10.4f}{e['retention']:>10.1%} "
+                     f"{cells}{e['size_bytes'] / 1e6:>8.2f}")
+    return lines
 
 
 def diff_rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:

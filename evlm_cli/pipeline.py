@@ -33,6 +33,11 @@ class StageKind:
     sections: tuple[str, ...]  # the params sections it reads (typed as `config.Params`)
     inputs: dict[str, str] = field(default_factory=dict)  # argument -> "kind.output"
     outputs: tuple[Output, ...] = ()
+    # Inputs from kinds a spec may leave out: given when that kind is in the spec's plan,
+    # None otherwise.
+    optional_inputs: dict[str, str] = field(default_factory=dict)
+    # A params section that switches the kind on: absent or null leaves it out of the plan.
+    enabled_by: str | None = None
     # Shared kinds are named by a hash of their params and upstream stages, so specs that
     # agree on them share one stage; the others belong to one spec.
     shared: bool = False
@@ -43,7 +48,10 @@ class StageKind:
 
     @property
     def arguments(self) -> tuple[str, ...]:
-        return (*self.inputs, *(o.name for o in self.outputs))
+        return (*self.inputs, *self.optional_inputs, *(o.name for o in self.outputs))
+
+    def enabled(self, spec: dict) -> bool:
+        return self.enabled_by is None or spec.get(self.enabled_by) is not None
 
 
 # How a stage runs, not what it computes: read by the stage, but neither a DVC param nor part
@@ -87,11 +95,17 @@ KINDS: dict[str, StageKind] = {k.name: k for k in [
                 "teacher": "teacher.model"},
         outputs=(Output("model", "model"), Output("log", "log.csv", "plots"))),
     StageKind(
+        "export", "the fine-tuned student as ONNX (fp32, and int8 when asked), checked for parity",
+        "evlm_cli.recipe.export:run_export", ("task", "resources", "export"),
+        inputs={"prepared": "prepare.data", "student": "finetune.model"},
+        outputs=(Output("onnx", "onnx"),), enabled_by="export"),
+    StageKind(
         "evaluate", "the student's metric, retention, size, FLOPs, speedup and sparsity",
         "evlm_cli.recipe.evaluate:run_evaluate", ("task", "device", "resources", "evaluate"),
         inputs={"prepared": "prepare.data", "student": "finetune.model",
                 "teacher": "teacher.model", "teacher_metrics": "teacher_eval.metrics",
                 "masks": "prune.masks"},
+        optional_inputs={"onnx": "export.onnx"},
         outputs=(Output("metrics", "metrics.json", "metrics"),)),
 ]}
 

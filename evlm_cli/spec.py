@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -385,6 +386,7 @@ def semantic_problems(spec: dict) -> list[tuple[Where, str]]:
         *init_text_problems(spec),
         *norm_problems(spec),
         *scope_problems(spec),
+        *export_problems(spec),
     ]
 
 
@@ -402,6 +404,20 @@ def norm_problems(spec: dict) -> Iterator[tuple[Where, str]]:
             yield (("teacher", encoder, "norm"),
                    f"teacher.{encoder}.norm: pre cannot load the post-norm BERT weights of "
                    f"{source}; use post")
+
+
+# What the export section needs installed: the `export` extra of evlm.
+EXPORT_PACKAGES = ("onnx", "onnxruntime")
+
+
+def export_problems(spec: dict) -> Iterator[tuple[Where, str]]:
+    """An export needs its optional packages: refuse now, not after hours of training."""
+    if spec.get("export") is None:
+        return
+    missing = [name for name in EXPORT_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        yield (("export",), f"export: needs the package{'s' if len(missing) > 1 else ''} "
+                            f"{' and '.join(missing)}: pip install 'evlm[export]'")
 
 
 def scope_problems(spec: dict) -> Iterator[tuple[Where, str]]:

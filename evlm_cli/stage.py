@@ -27,7 +27,7 @@ def parse(kind_name: str, argv: list[str]) -> argparse.Namespace:
                                      description=f"evlm stage {kind.name}: {kind.doc}")
     parser.add_argument("--params", required=True, type=Path, help="resolved params YAML")
     for arg in kind.arguments:
-        parser.add_argument(f"--{arg}", required=True, type=Path)
+        parser.add_argument(f"--{arg}", required=arg not in kind.optional_inputs, type=Path)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser.parse_args(argv)
 

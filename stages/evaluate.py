@@ -2,9 +2,10 @@
 
 Reads params: task, device, resources, evaluate. Takes: prepared (prepare.data), student
 (finetune.model), teacher (teacher.model), teacher_metrics (teacher_eval.metrics), masks
-(prune.masks). Writes: metrics (metrics.json, metrics). Runs
-evlm_cli.recipe.evaluate.run_evaluate(). Declared in evlm_cli/pipeline.py; DVC runs it as
-`evlm stage evaluate --params FILE ...`, and this file takes the same arguments.
+(prune.masks). Takes, when the spec has that stage: onnx (export.onnx). Writes: metrics
+(metrics.json, metrics). Runs evlm_cli.recipe.evaluate.run_evaluate(). Declared in
+evlm_cli/pipeline.py; DVC runs it as `evlm stage evaluate --params FILE ...`, and this file
+takes the same arguments.
 """
 
 import sys

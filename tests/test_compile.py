@@ -81,7 +81,8 @@ def test_compiling_keeps_other_specs_and_prunes_stale_stages(tmp_path):
     # b changes its distillation: a new distill stage; a's stays because a still uses it
     compile_specs([tiny("b", **{"distill.temperature": 4.0})], tmp_path)
     second = stages_of(tmp_path)
-    assert {k for k in second if k.startswith("a-")} == {"a-prune", "a-finetune", "a-evaluate"}
+    assert {k for k in second if k.startswith("a-")} == {"a-prune", "a-finetune", "a-export",
+                                                         "a-evaluate"}
     assert sum(k.startswith("shared-distill-") for k in second) == 2
     # a changes too: the old distill stage is now used by nobody and is pruned, from the lock too
     compile_specs([tiny("a", **{"distill.temperature": 4.0})], tmp_path)
@@ -108,3 +109,13 @@ def test_files_the_spec_names_are_deps_of_the_stages_that_read_them(tmp_path):
     assert not any(d.startswith("/") for s in stages.values() for d in s["deps"])
     spec["teacher"]["init"]["text"] = spec["data"]["tokenizer"] = "minilm"  # packaged: no dep
     assert not any("minilm" in d for s in plan(spec) for d in s.to_dvc()["deps"])
+
+
+def test_export_is_a_stage_only_when_the_spec_asks_and_evaluate_then_reads_it():
+    with_export = {s.kind.name: s.to_dvc() for s in plan(tiny())}
+    assert "--onnx runs/tiny_vqa/export/onnx" in with_export["evaluate"]["cmd"]
+    assert "runs/tiny_vqa/export/onnx" in with_export["evaluate"]["deps"]
+    assert with_export["export"]["outs"] == ["runs/tiny_vqa/export/onnx"]
+    assert with_export["export"]["params"] == [{"runs/tiny_vqa/params.yaml": ["task", "export"]}]
+    without = {s.kind.name: s.to_dvc() for s in plan(tiny(export=None))}
+    assert "export" not in without and "--onnx" not in without["evaluate"]["cmd"]

@@ -27,13 +27,15 @@ ALLOWED = {
     "data": BASE | {"tasks"},
     "compress": BASE | {"models", "tasks"},
     "train": BASE,
-    "recipe": BASE | {"models", "tasks", "data", "compress", "train"},
+    "deploy": BASE | {"models"},
+    "recipe": BASE | {"models", "tasks", "data", "compress", "train", "deploy"},
     "stage": BASE | {"pipeline"},
     "spec": BASE | {"data.sources"},
     "compile": BASE | {"pipeline", "codedeps"},
     "runner": BASE,
     "diff": BASE | {"pipeline"},
-    "cli": BASE | {"spec", "compile", "runner", "diff", "pipeline", "stage"},
+    # `evlm export` runs the export stage's library function (imported when it runs)
+    "cli": BASE | {"spec", "compile", "runner", "diff", "pipeline", "stage", "recipe.export"},
     "__main__": {"cli"},
 }
 

@@ -361,3 +361,19 @@ def test_source_problems_name_fields_not_spec_keys():
     assert source_problems("xvlm-json", "retrieval", "a.json", ["t.json"], "images", None) == []
     assert all("data." not in message
                for _, message in source_problems("xvlm-json", "vqa", None, None, None, None))
+
+
+def test_export_without_its_packages_names_the_extra(monkeypatch, tmp_path):
+    import importlib.util
+
+    import evlm_cli.spec as spec_module
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(spec_module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ntask: vqa\nexport:\n  opset: 17\n")
+    with pytest.raises(InvalidSpecError) as error:
+        load_spec(path)
+    assert error.value.problems == [
+        f"{path}:3: export: needs the package onnxruntime: pip install 'evlm[export]'"]

@@ -32,6 +32,9 @@ def test_inputs_name_outputs_of_kinds_declared_before():
             assert output in seen.get(source, set()), f"{kind.name} reads {ref}"
             if kind.shared:  # a shared stage cannot hang off one spec's stage
                 assert KINDS[source].shared, f"shared {kind.name} reads per-spec {source}"
+        for ref in kind.optional_inputs.values():
+            source, output = ref.split(".")
+            assert output in seen.get(source, set()) and KINDS[source].enabled_by, kind.name
         seen[kind.name] = {o.name for o in kind.outputs}
     fields = {f.name for f in dataclasses.fields(Params)}
     for kind in KINDS.values():
@@ -47,7 +50,7 @@ def test_stages_folder_is_the_index_one_file_per_kind():
         said = " ".join(text.split())  # the docstring says what the declaration says
         kind = KINDS[name]
         assert f"Reads params: {', '.join(kind.sections)}." in said, name
-        for arg, ref in kind.inputs.items():
+        for arg, ref in {**kind.inputs, **kind.optional_inputs}.items():
             assert f"{arg} ({ref})" in said, name
         for out in kind.outputs:
             assert f"{out.name} ({out.path}" in said, name

@@ -10,25 +10,22 @@ import torch
 from evlm_cli.compress.measure import count_flops, measure_latency
 from evlm_cli.config import ENCODERS, LatencyConfig, Params
 from evlm_cli.data.loader import PreparedData
+from evlm_cli.deploy.onnx import FP32_FILE, INT8_FILE, OnnxModel
 from evlm_cli.io import atomic_write_json
+from evlm_cli.layout import MODEL_WEIGHTS
 from evlm_cli.models.checkpoint import load_model
-from evlm_cli.models.vlm import VLM, model_inputs, param_breakdown, prunable_param_count
-from evlm_cli.recipe.scoring import evaluate_task
-from evlm_cli.train import setup, trim_text
+from evlm_cli.models.vlm import VLM, param_breakdown, prunable_param_count
+from evlm_cli.recipe.scoring import (
+    Forward,
+    evaluate_forward,
+    evaluate_task,
+    fixed_batch,
+    task_forward,
+)
+from evlm_cli.train import setup
 
 # Evaluation draws nothing at random; its params carry no seed.
 EVAL_SEED = 0
-
-
-def fixed_batch(data: PreparedData, batch_size: int) -> tuple:
-    """The first `batch_size` test examples, the same for every model measured."""
-    split = data.split("test")
-    n = min(batch_size, len(split))
-    batch = trim_text(split.gather(torch.arange(n)))
-    if n < batch_size:  # tiny smoke data: repeat to the requested size
-        reps = -(-batch_size // n)
-        batch = {k: v.repeat(reps, *[1] * (v.ndim - 1))[:batch_size] for k, v in batch.items()}
-    return model_inputs(batch)
 
 
 def size_report(model: VLM, data: PreparedData) -> dict:
@@ -37,12 +34,14 @@ def size_report(model: VLM, data: PreparedData) -> dict:
             "gflops_per_example": count_flops(model, *inputs) / 1e9}
 
 
-def latency_report(models: dict[str, VLM], data: PreparedData, latency_cfg: LatencyConfig) -> dict:
-    """Median latency (ms) per model and batch size, all models interleaved in one process."""
+def latency_report(models: dict[str, Forward], data: PreparedData,
+                   latency_cfg: LatencyConfig) -> dict:
+    """Median latency (ms) of the task logits per model and batch size, all models
+    interleaved in one process (PyTorch and ONNX Runtime alike, with the same threads)."""
     out = {}
     for bs in latency_cfg.batch_sizes:
         inputs = fixed_batch(data, bs)
-        calls = {name: (lambda m=m, x=inputs: m(*x)) for name, m in models.items()}
+        calls = {name: (lambda f=f, x=inputs: f(*x)) for name, f in models.items()}
         res = measure_latency(calls, repeats=latency_cfg.repeats, warmup=latency_cfg.warmup,
                               threads=latency_cfg.threads)
         out[f"batch_{bs}"] = {name: r["median_ms"] for name, r in res.items()}
@@ -57,42 +56,66 @@ def run_teacher_eval(params: Params, *, prepared: Path, teacher: Path, metrics: 
     value = evaluate_task(model, data, "test", params.task, ev.batch_size, device)
     model.cpu()
     report = {"metric": ev.metric, "value": value, **size_report(model, data),
-              "latency_ms": latency_report({"teacher": model}, data, ev.latency)}
+              "size_bytes": (Path(teacher) / MODEL_WEIGHTS).stat().st_size,
+              "latency_ms": latency_report({"teacher": task_forward(model, params.task)}, data,
+                                           ev.latency)}
     atomic_write_json(metrics, report)
     return report
 
 
 def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path,
-                 teacher_metrics: Path, masks: Path, metrics: Path) -> dict:
-    ev = params.evaluate
+                 teacher_metrics: Path, masks: Path, onnx: Path | None, metrics: Path) -> dict:
+    ev, task = params.evaluate, params.task
     device = setup(EVAL_SEED, params.resources.threads, params.device)
     data = PreparedData(prepared)
     student_model = load_model(student).eval()
     teacher_model = load_model(teacher).eval()
     t_metrics = json.loads(Path(teacher_metrics).read_text())
-    value = evaluate_task(student_model, data, "test", params.task, ev.batch_size, device)
+    value = evaluate_task(student_model, data, "test", task, ev.batch_size, device)
     student_model.cpu()
-    latency = latency_report({"teacher": teacher_model, "student": student_model}, data,
-                             ev.latency)
+    exported = exported_models(onnx, ev.latency.threads) if onnx is not None else {}
+    latency = latency_report({"teacher": task_forward(teacher_model, task),
+                              "student": task_forward(student_model, task), **exported},
+                             data, ev.latency)
     speedup = {bs: r["teacher"] / r["student"] for bs, r in latency.items()}
     s_size, t_size = size_report(student_model, data), size_report(teacher_model, data)
     mask_info = json.loads(Path(masks).read_text())
+    retention = (lambda v: v / t_metrics["value"] if t_metrics["value"] else 0.0)  # noqa: E731
     report = {
         "metric": ev.metric,
         "value": value,
         "teacher_value": t_metrics["value"],
-        "retention": value / t_metrics["value"] if t_metrics["value"] else 0.0,
+        "retention": retention(value),
         "params": s_size["params"]["total"],
         "teacher_params": t_size["params"]["total"],
         "params_by_part": s_size["params"],
         "gflops_per_example": s_size["gflops_per_example"],
         "teacher_gflops_per_example": t_size["gflops_per_example"],
+        "size_bytes": (Path(student) / MODEL_WEIGHTS).stat().st_size,
+        "teacher_size_bytes": (Path(teacher) / MODEL_WEIGHTS).stat().st_size,
         "latency_ms": latency,
         "speedup": speedup,
         "sparsity": sparsity_report(mask_info),
     }
+    if exported:
+        # Each exported file is its own row: the int8 figures never stand in for the fp32 ones.
+        report["exported"] = {}
+        for name, model in exported.items():
+            v = evaluate_forward(model, data, "test", task, ev.batch_size, torch.device("cpu"))
+            report["exported"][name] = {
+                "runtime": "onnxruntime", "value": v, "retention": retention(v),
+                "retention_of_student": v / value if value else 0.0,
+                "size_bytes": model.size_bytes,
+                "speedup": {bs: r["teacher"] / r[name] for bs, r in latency.items()}}
     atomic_write_json(metrics, report)
     return report
+
+
+def exported_models(onnx: Path, threads: int) -> dict:
+    """The export stage's files in ONNX Runtime sessions: "onnx_fp32" and, if written, "onnx_int8"."""
+    files = {"onnx_fp32": FP32_FILE, "onnx_int8": INT8_FILE}
+    return {name: OnnxModel(Path(onnx) / f, threads) for name, f in files.items()
+            if (Path(onnx) / f).is_file()}
 
 
 def sparsity_report(masks: dict) -> dict:

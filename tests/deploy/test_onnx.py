@@ -1,0 +1,68 @@
+"""ONNX export: the exported graph computes what PyTorch does, pruned layers included."""
+
+import pytest
+import torch
+
+from evlm_cli.compress.slice import slice_model
+from evlm_cli.deploy.onnx import OnnxModel, export_onnx, quantize_int8
+from evlm_cli.errors import EvlmError
+from tests.compress.test_slice import model_and_inputs, random_gates
+
+pytest.importorskip("onnxruntime")
+
+OPSET = 17
+
+
+def pruned_model(pool: str):
+    """A sliced model: layers of different widths, a layer with no heads, one with no FFN."""
+    model, _ = model_and_inputs(norm="pre", pool=pool)
+    sliced = slice_model(model, random_gates(model, 0.4)).eval()
+    cfg = sliced.config
+    assert cfg.vision.encoder.heads[1] == 0 and cfg.text.encoder.ffn[0] == 0
+    assert len(set(cfg.vision.encoder.heads)) > 1  # widths differ between layers
+    return sliced
+
+
+def inputs(batch: int, length: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, length // 2:] = 0  # padding in the batch
+    return (torch.randn(batch, 3, 16, 16, generator=g), torch.randint(1, 40, (batch, length), generator=g),
+            mask)
+
+
+@pytest.mark.parametrize("pool", ["cls", "max"])
+def test_onnx_equals_pytorch_at_other_batch_sizes_and_lengths(tmp_path, pool):
+    model = pruned_model(pool)
+    path = export_onnx(model, "vqa", inputs(2, 5, seed=0), tmp_path / "model.onnx", OPSET)
+    exported = OnnxModel(path, threads=1)
+    for batch, length in ((1, 3), (6, 11)):  # neither is the shape the graph was traced with
+        x = inputs(batch, length, seed=batch)
+        with torch.no_grad():
+            expected = model.logits("vqa", model(*x))
+        got = exported(*x)
+        assert got.shape == expected.shape == (batch, 5)
+        assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_int8_is_smaller_and_close(tmp_path):
+    model = pruned_model("max")
+    fp32 = export_onnx(model, "vqa", inputs(2, 5, seed=0), tmp_path / "model.onnx", OPSET)
+    int8 = quantize_int8(fp32, tmp_path / "model.int8.onnx")
+    import onnx
+
+    graph = onnx.load(str(int8)).graph
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= {n.op_type for n in graph.node}
+    assert sum(i.data_type == onnx.TensorProto.INT8 for i in graph.initializer) >= 10
+    x = inputs(4, 6, seed=3)
+    a, b = OnnxModel(fp32)(*x), OnnxModel(int8)(*x)
+    assert not torch.equal(a, b)  # it really is another model
+    # int8 weights perturb the logits by a fraction of their spread, not more
+    assert (a - b).abs().max().item() < 0.25 * (a.max() - a.min()).item()
+
+
+def test_unreadable_onnx_file_names_the_file(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(EvlmError, match=r"model\.onnx: cannot be loaded by ONNX Runtime"):
+        OnnxModel(bad)
