@@ -176,9 +176,8 @@ class VLM(nn.Module):
 
         Max pooling lets a comparison that forms at one word ("is there a red shape?" at
         "red") reach the head without first being routed into CLS, which a model trained
-        from scratch learns slowly. On easy-VQA, with the same recipe and 3 epochs, the CLS
-        teacher still answered every yes/no question from its wording (86% test); the
-        max-pooled one compared colours and shapes (96%).
+        from scratch learns slowly. On easy-VQA, with the default recipe (4 epochs), the CLS
+        teacher reached 87.6% validation accuracy and the max-pooled one 99.4% (one seed each).
         """
         tokens = out.fusion.last
         if self.config.pool == "cls":
