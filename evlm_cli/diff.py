@@ -129,7 +129,7 @@ def exported_rows(m: dict) -> list[str]:
         return []
     batches = list(m["latency_ms"])
     head = "".join(f"{'ms ' + bs.replace('batch_', 'b'):>10}{'speedup':>9}" for bs in batches)
-    lines = ["", f"  {'student in ONNX Runtime':<24}{m['metric'][:10]:>10}{'retention':>11}"
+    lines = ["", f"  {'student, ONNX Runtime':<24}{'metric':>10}{'retention':>11}"
              f"{head}{'MB':>8}"]
     for name, e in m["exported"].items():
         cells = "".join(f"{m['latency_ms'][bs][name]:>10.2f}{e['speedup'][bs]:>8.2f}x"

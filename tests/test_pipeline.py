@@ -61,7 +61,7 @@ def test_run_rerun_partial_reruns_and_sharing(project):
     assert ran(first.stdout) == {"prepare", "teacher", "teacher_eval", "distill", "prune",
                                  "finetune", "export", "evaluate"}
     assert "retention" in first.stdout and "speedup" in first.stdout  # the summary table
-    assert "student in ONNX Runtime" in first.stdout
+    assert "student, ONNX Runtime" in first.stdout
     metrics = json.loads((project / "runs/tiny_vqa/evaluate/metrics.json").read_text())
     # the exported files, measured as their own rows: fp32 scores what PyTorch does
     assert set(metrics["exported"]) == {"onnx_fp32", "onnx_int8"}

@@ -66,3 +66,20 @@ def test_unreadable_onnx_file_names_the_file(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(EvlmError, match=r"model\.onnx: cannot be loaded by ONNX Runtime"):
         OnnxModel(bad)
+
+
+def test_a_missing_runtime_names_the_extra(monkeypatch):
+    import builtins
+
+    from evlm_cli.deploy.onnx import require_runtime
+
+    real_import = builtins.__import__
+
+    def no_onnxruntime(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'", name="onnxruntime")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    with pytest.raises(EvlmError, match=r"onnxruntime is missing\): pip install 'evlm\[export\]'"):
+        require_runtime()
