@@ -19,6 +19,7 @@ import yaml
 from evlm_cli.config import ENCODERS, PATH_KEYS, ConfigError, params_from_dict
 from evlm_cli.data.sources import source_problems
 from evlm_cli.errors import SpecError
+from evlm_cli.fileformat import file_weights_format
 from evlm_cli.layout import MODEL_FILES, RESERVED_NAMES
 from evlm_cli.packaged import MINILM, local_path
 
@@ -557,28 +558,12 @@ def checkpoint_problems(spec: dict) -> Iterator[tuple[Where, str]]:
                       "directory needs teacher.checkpoint_format: evlm)")
         return
     try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-        size = path.stat().st_size
+        found = file_weights_format(path)
     except OSError as error:
         yield where, f"teacher.checkpoint: cannot read {quote(value)}: {error.strerror or error}"
         return
-    if not looks_like_checkpoint(head, size):
+    if found is None:
         yield where, f"teacher.checkpoint: {quote(value)} is not a checkpoint ({expected})"
-
-
-def looks_like_checkpoint(head: bytes, size: int) -> bool:
-    """Do a file's first bytes (9 or more) start a safetensors file or a torch checkpoint?
-
-    safetensors: a little-endian u64 header length that fits the file, then the header's '{';
-    torch.save: a zip archive (PK\\x03\\x04), or before torch 1.6 a pickle (protocol byte 0x80).
-    """
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
-        return True
-    if len(head) < 9:
-        return False
-    header_length = int.from_bytes(head[:8], "little")
-    return 2 <= header_length <= size - 8 and head[8:9] == b"{"
 
 
 def looks_like_hub_id(value: str) -> bool:

@@ -12,11 +12,12 @@ ROOT = Path(__file__).resolve().parents[1] / "evlm_cli"
 
 # What each part of the package may import, besides itself and the package root. A part is a
 # top-level module or subpackage; "data.sources" names one torch-free module of a subpackage.
-BASE = {"errors", "io", "layout", "packaged", "config"}
+BASE = {"errors", "io", "layout", "packaged", "config", "fileformat"}
 ALLOWED = {
     "": set(),  # the package's own __init__
     "errors": set(),
     "layout": set(),
+    "fileformat": set(),
     "io": {"errors"},
     "packaged": {"errors"},
     "config": {"errors", "packaged"},

@@ -10,13 +10,13 @@ import yaml
 
 from evlm_cli.data.sources import source_problems
 from evlm_cli.errors import SpecError
+from evlm_cli.fileformat import weights_format
 from evlm_cli.packaged import local_path, minilm_dir
 from evlm_cli.spec import (
     SCHEMA_PATH,
     InvalidSpecError,
     load_schema,
     load_spec,
-    looks_like_checkpoint,
     looks_like_hub_id,
     resolve_ref,
     validate_spec_text,
@@ -306,7 +306,7 @@ def safetensors_bytes() -> bytes:
     ((2).to_bytes(8, "little") + b"[]", False),
 ])
 def test_checkpoint_sniffing(content, expected):
-    assert looks_like_checkpoint(content[:9], len(content)) is expected
+    assert (weights_format(content[:9], len(content)) is not None) is expected
 
 
 def test_xvlm_checkpoint_files_are_accepted(in_tmp_dir):

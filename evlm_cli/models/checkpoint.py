@@ -11,6 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from evlm_cli.errors import CheckpointError
+from evlm_cli.fileformat import file_weights_format
 from evlm_cli.io import atomic_path, atomic_write_json
 from evlm_cli.layout import MODEL_CONFIG as CONFIG
 from evlm_cli.layout import MODEL_WEIGHTS as WEIGHTS
@@ -38,12 +39,17 @@ def read_config(directory: str | Path) -> VLMConfig:
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A safetensors file, or a torch pickle loaded with weights_only=True."""
+    """A safetensors file, or a torch checkpoint loaded with weights_only=True."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        if path.suffix == ".safetensors":
+        # By content, as validation judges it: a safetensors file named .pth loads too.
+        found = file_weights_format(path)
+        if found is None:
+            raise CheckpointError(f"{path}: not a checkpoint (expected a safetensors file or a "
+                                  "torch .pth/.bin)")
+        if found == "safetensors":
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:

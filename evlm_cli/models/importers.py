@@ -17,6 +17,7 @@ from torch import Tensor
 from evlm_cli.errors import CheckpointError
 from evlm_cli.models.checkpoint import read_weights
 from evlm_cli.models.config import EncoderConfig, TextConfig, VisionConfig
+from evlm_cli.models.vlm import LAYER_PREFIX
 
 State = dict[str, Tensor]
 
@@ -98,9 +99,9 @@ def import_hf_bert(state: State, hf_config: dict, text_layers: int | None = None
         "embeddings.norm.bias": _need(state, f"{e}.LayerNorm.bias", source),
     }
     for i in range(cfg.encoder.layers):
-        out.update(_bert_layer(state, f"{p}encoder.layer.{i}", f"text.layers.{i}", source))
+        out.update(_bert_layer(state, f"{p}encoder.layer.{i}", f"{LAYER_PREFIX['text']}.{i}", source))
     for j, i in enumerate(fusion_layers or []):
-        out.update(_bert_layer(state, f"{p}encoder.layer.{i}", f"fusion.layers.{j}", source))
+        out.update(_bert_layer(state, f"{p}encoder.layer.{i}", f"{LAYER_PREFIX['fusion']}.{j}", source))
     return out, cfg
 
 
@@ -166,7 +167,7 @@ def import_timm_vit(state: State, num_heads: int, image_size: int | None = None,
         out["vision.norm_pre.weight"] = g("norm_pre.weight")
         out["vision.norm_pre.bias"] = g("norm_pre.bias")
     for i in layer_ids:
-        src, dst = f"blocks.{i}", f"vision.encoder.layers.{i}"
+        src, dst = f"blocks.{i}", f"{LAYER_PREFIX['vision']}.{i}"
         qkv_w, qkv_b = g(f"{src}.attn.qkv.weight"), g(f"{src}.attn.qkv.bias")
         for name, w, b in zip("qkv", qkv_w.chunk(3), qkv_b.chunk(3), strict=True):
             out[f"{dst}.attn.{name}.weight"], out[f"{dst}.attn.{name}.bias"] = w, b
@@ -206,7 +207,7 @@ def import_xvlm(state: State, vision_heads: int, text_hf_config: dict, image_siz
     text_state, tcfg = import_hf_bert(state, text_hf_config, text_layers=n_text, source=source)
     out = {**vis_state, **text_state}
     for j, i in enumerate(layer_ids[n_text:]):
-        out.update(_bert_layer(state, f"text_encoder.bert.encoder.layer.{i}", f"fusion.layers.{j}",
+        out.update(_bert_layer(state, f"text_encoder.bert.encoder.layer.{i}", f"{LAYER_PREFIX['fusion']}.{j}",
                                source, cross=True))
     t = tcfg.encoder
     n_fusion = len(layer_ids) - n_text

@@ -72,8 +72,20 @@ def test_loading_weights_that_disagree_with_config_names_the_tensor(tmp_path):
 def test_corrupt_weights_give_a_checkpoint_error(tmp_path):
     save_model(VLM(tiny_config()), tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match="model.safetensors: corrupt"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a checkpoint"):
         load_model(tmp_path / "m")
+
+
+def test_weights_are_read_by_content_and_truncation_is_named(tmp_path):
+    from evlm_cli.models.checkpoint import read_weights
+
+    save_model(VLM(tiny_config()), tmp_path / "m")
+    data = (tmp_path / "m" / "model.safetensors").read_bytes()
+    (tmp_path / "w.pth").write_bytes(data)  # safetensors under a torch-like name
+    assert set(read_weights(tmp_path / "w.pth")) == set(VLM(tiny_config()).state_dict())
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors: corrupt or unreadable"):
+        read_weights(tmp_path / "cut.safetensors")
 
 
 def test_attention_maps_and_hidden_states_on_request():
