@@ -14,7 +14,7 @@ from evlm_cli.errors import EvlmError
 from evlm_cli.layout import RUNS
 from evlm_cli.pipeline import FINAL_KIND, KINDS
 from evlm_cli.runner import StageFailed, ensure_dvc_project, repro, stage_status
-from evlm_cli.spec import load_spec
+from evlm_cli.spec import load_schema, load_spec
 
 # click's own usage errors already exit with 2; ours match them.
 EXIT_USER_ERROR = 2
@@ -165,14 +165,19 @@ def show(target: str) -> None:
                    "the status above is the compiled one's; `evlm run` it to recompile")
 
 
+# `evlm export` takes the spec's export settings as options: the schema's defaults and bounds.
+EXPORT_KEYS = load_schema()["properties"]["export"]["properties"]
+
+
 @main.command("export")
 @click.argument("run_name", metavar="RUN")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder to write model.onnx (and model.int8.onnx) and export.json into.")
-@click.option("--opset", default=17, show_default=True, type=click.IntRange(14, 20),
-              help="ONNX opset of the exported graph.")
-@click.option("--int8/--no-int8", default=True, show_default=True,
-              help="Also write the dynamically quantised int8 variant.")
+@click.option("--opset", default=EXPORT_KEYS["opset"]["default"], show_default=True,
+              type=click.IntRange(EXPORT_KEYS["opset"]["minimum"], EXPORT_KEYS["opset"]["maximum"]),
+              help=EXPORT_KEYS["opset"]["description"])
+@click.option("--int8/--no-int8", default=EXPORT_KEYS["int8"]["default"], show_default=True,
+              help=EXPORT_KEYS["int8"]["description"])
 def export_run(run_name: str, out_dir: str, opset: int, int8: bool) -> None:
     """Export a finished run's fine-tuned student to ONNX, checked against PyTorch.
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# What a weight file may be, as messages say it.
+WEIGHT_FILES = "a safetensors file or a torch .pth/.bin"
 # Bytes enough to recognise every format below.
 HEAD_BYTES = 9
 

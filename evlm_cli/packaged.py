@@ -7,6 +7,10 @@ from pathlib import Path
 
 from evlm_cli.errors import EvlmError
 
+# What ONNX export needs installed, and how to install it: the `export` extra of evlm.
+EXPORT_PACKAGES = ("onnx", "onnxruntime")
+EXPORT_INSTALL = "pip install 'evlm[export]'"
+
 # The special value of `teacher.init.text` and `data.tokenizer` that names the packaged model.
 MINILM = "minilm"
 

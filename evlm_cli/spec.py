@@ -19,9 +19,9 @@ import yaml
 from evlm_cli.config import ENCODERS, PATH_KEYS, ConfigError, params_from_dict
 from evlm_cli.data.sources import source_problems
 from evlm_cli.errors import SpecError
-from evlm_cli.fileformat import file_weights_format
+from evlm_cli.fileformat import WEIGHT_FILES, file_weights_format
 from evlm_cli.layout import MODEL_FILES, RESERVED_NAMES
-from evlm_cli.packaged import MINILM, local_path
+from evlm_cli.packaged import EXPORT_INSTALL, EXPORT_PACKAGES, MINILM, local_path
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "spec.schema.json"
 
@@ -407,10 +407,6 @@ def norm_problems(spec: dict) -> Iterator[tuple[Where, str]]:
                    f"{source}; use post")
 
 
-# What the export section needs installed: the `export` extra of evlm.
-EXPORT_PACKAGES = ("onnx", "onnxruntime")
-
-
 def export_problems(spec: dict) -> Iterator[tuple[Where, str]]:
     """An export needs its optional packages: refuse now, not after hours of training."""
     if spec.get("export") is None:
@@ -418,7 +414,7 @@ def export_problems(spec: dict) -> Iterator[tuple[Where, str]]:
     missing = [name for name in EXPORT_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         yield (("export",), f"export: needs the package{'s' if len(missing) > 1 else ''} "
-                            f"{' and '.join(missing)}: pip install 'evlm[export]'")
+                            f"{' and '.join(missing)}: {EXPORT_INSTALL}")
 
 
 def scope_problems(spec: dict) -> Iterator[tuple[Where, str]]:
@@ -552,7 +548,7 @@ def checkpoint_problems(spec: dict) -> Iterator[tuple[Where, str]]:
             yield where, (f"teacher.checkpoint: {quote(value)} has no {' or '.join(missing)} "
                           f"({expected})")
         return
-    expected = "expected a safetensors file or a torch .pth/.bin"
+    expected = f"expected {WEIGHT_FILES}"
     if path.is_dir():
         yield where, (f"teacher.checkpoint: {quote(value)} is a directory ({expected}; an evlm "
                       "directory needs teacher.checkpoint_format: evlm)")

@@ -12,15 +12,15 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from evlm_cli.errors import EvlmError
-from evlm_cli.models.vlm import VLM
+from evlm_cli.models.vlm import VLM, TaskLogits
+from evlm_cli.packaged import EXPORT_INSTALL
 
 INPUTS = ("images", "input_ids", "attention_mask")
 OUTPUT = "logits"
 FP32_FILE, INT8_FILE = "model.onnx", "model.int8.onnx"
-EXTRA = "pip install 'evlm[export]'"
 
 
 def require_runtime():
@@ -30,19 +30,8 @@ def require_runtime():
         import onnxruntime
     except ImportError as error:
         raise EvlmError(f"ONNX export needs the packages onnx and onnxruntime ({error.name} is "
-                        f"missing): {EXTRA}") from None
+                        f"missing): {EXPORT_INSTALL}") from None
     return onnx, onnxruntime
-
-
-class TaskLogits(nn.Module):
-    """What the exported graph computes: the task head's logits from the three inputs."""
-
-    def __init__(self, model: VLM, task: str):
-        super().__init__()
-        self.model, self.task = model, task
-
-    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.model.logits(self.task, self.model(images, input_ids, attention_mask))
 
 
 def export_onnx(model: VLM, task: str, example: tuple[Tensor, Tensor, Tensor], path: Path,

@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from evlm_cli.errors import CheckpointError
-from evlm_cli.fileformat import file_weights_format
+from evlm_cli.fileformat import WEIGHT_FILES, file_weights_format
 from evlm_cli.io import atomic_path, atomic_write_json
 from evlm_cli.layout import MODEL_CONFIG as CONFIG
 from evlm_cli.layout import MODEL_WEIGHTS as WEIGHTS
@@ -47,8 +47,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         # By content, as validation judges it: a safetensors file named .pth loads too.
         found = file_weights_format(path)
         if found is None:
-            raise CheckpointError(f"{path}: not a checkpoint (expected a safetensors file or a "
-                                  "torch .pth/.bin)")
+            raise CheckpointError(f"{path}: not a checkpoint (expected {WEIGHT_FILES})")
         if found == "safetensors":
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -197,6 +197,18 @@ class VLM(nn.Module):
         return prunable_groups(self.config, units)
 
 
+class TaskLogits(nn.Module):
+    """A task's logits from (images, input_ids, attention_mask): what evaluation scores and
+    times, and what an exported graph computes."""
+
+    def __init__(self, model: VLM, task: str):
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model.logits(self.task, self.model(images, input_ids, attention_mask))
+
+
 def model_inputs(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """The positional inputs of `VLM.forward` from a batch of the data loader."""
     return batch["images"], batch["input_ids"], batch["attention_mask"]

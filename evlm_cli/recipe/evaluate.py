@@ -14,13 +14,12 @@ from evlm_cli.deploy.onnx import FP32_FILE, INT8_FILE, OnnxModel
 from evlm_cli.io import atomic_write_json
 from evlm_cli.layout import MODEL_WEIGHTS
 from evlm_cli.models.checkpoint import load_model
-from evlm_cli.models.vlm import VLM, param_breakdown, prunable_param_count
+from evlm_cli.models.vlm import VLM, TaskLogits, param_breakdown, prunable_param_count
 from evlm_cli.recipe.scoring import (
     Forward,
     evaluate_forward,
     evaluate_task,
     fixed_batch,
-    task_forward,
 )
 from evlm_cli.train import setup
 
@@ -28,10 +27,12 @@ from evlm_cli.train import setup
 EVAL_SEED = 0
 
 
-def size_report(model: VLM, data: PreparedData) -> dict:
+def size_report(model: VLM, model_dir: Path, data: PreparedData) -> dict:
+    """Parameters, FLOPs per example and the size of the saved weights of one model."""
     inputs = fixed_batch(data, 1)
     return {"params": param_breakdown(model), "prunable_params": prunable_param_count(model.config),
-            "gflops_per_example": count_flops(model, *inputs) / 1e9}
+            "gflops_per_example": count_flops(model, *inputs) / 1e9,
+            "size_bytes": (Path(model_dir) / MODEL_WEIGHTS).stat().st_size}
 
 
 def latency_report(models: dict[str, Forward], data: PreparedData,
@@ -55,9 +56,8 @@ def run_teacher_eval(params: Params, *, prepared: Path, teacher: Path, metrics: 
     model = load_model(teacher).eval()
     value = evaluate_task(model, data, "test", params.task, ev.batch_size, device)
     model.cpu()
-    report = {"metric": ev.metric, "value": value, **size_report(model, data),
-              "size_bytes": (Path(teacher) / MODEL_WEIGHTS).stat().st_size,
-              "latency_ms": latency_report({"teacher": task_forward(model, params.task)}, data,
+    report = {"metric": ev.metric, "value": value, **size_report(model, teacher, data),
+              "latency_ms": latency_report({"teacher": TaskLogits(model, params.task)}, data,
                                            ev.latency)}
     atomic_write_json(metrics, report)
     return report
@@ -74,11 +74,12 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
     value = evaluate_task(student_model, data, "test", task, ev.batch_size, device)
     student_model.cpu()
     exported = exported_models(onnx, ev.latency.threads) if onnx is not None else {}
-    latency = latency_report({"teacher": task_forward(teacher_model, task),
-                              "student": task_forward(student_model, task), **exported},
+    latency = latency_report({"teacher": TaskLogits(teacher_model, task),
+                              "student": TaskLogits(student_model, task), **exported},
                              data, ev.latency)
     speedup = {bs: r["teacher"] / r["student"] for bs, r in latency.items()}
-    s_size, t_size = size_report(student_model, data), size_report(teacher_model, data)
+    # The teacher's size and FLOPs were measured by teacher_eval, from the same teacher.
+    s_size = size_report(student_model, student, data)
     mask_info = json.loads(Path(masks).read_text())
     retention = (lambda v: v / t_metrics["value"] if t_metrics["value"] else 0.0)  # noqa: E731
     report = {
@@ -87,12 +88,12 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
         "teacher_value": t_metrics["value"],
         "retention": retention(value),
         "params": s_size["params"]["total"],
-        "teacher_params": t_size["params"]["total"],
+        "teacher_params": t_metrics["params"]["total"],
         "params_by_part": s_size["params"],
         "gflops_per_example": s_size["gflops_per_example"],
-        "teacher_gflops_per_example": t_size["gflops_per_example"],
-        "size_bytes": (Path(student) / MODEL_WEIGHTS).stat().st_size,
-        "teacher_size_bytes": (Path(teacher) / MODEL_WEIGHTS).stat().st_size,
+        "teacher_gflops_per_example": t_metrics["gflops_per_example"],
+        "size_bytes": s_size["size_bytes"],
+        "teacher_size_bytes": t_metrics["size_bytes"],
         "latency_ms": latency,
         "speedup": speedup,
         "sparsity": sparsity_report(mask_info),

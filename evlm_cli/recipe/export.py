@@ -12,7 +12,8 @@ from evlm_cli.deploy.onnx import FP32_FILE, INT8_FILE, OnnxModel, export_onnx, q
 from evlm_cli.errors import TrainingError
 from evlm_cli.io import atomic_path, atomic_write_json
 from evlm_cli.models.checkpoint import load_model
-from evlm_cli.recipe.scoring import fixed_batch, task_forward
+from evlm_cli.models.vlm import TaskLogits
+from evlm_cli.recipe.scoring import fixed_batch
 from evlm_cli.train import setup
 
 # The exported fp32 graph must compute what PyTorch does; float reordering stays far below this.
@@ -29,7 +30,7 @@ def export_student(student: Path, prepared: Path, task: str, opset: int, int8: b
     """
     data = PreparedData(prepared)
     model = load_model(student).eval()
-    forward = task_forward(model, task)
+    forward = TaskLogits(model, task)
     with atomic_path(out) as tmp:
         tmp.mkdir()
         export_onnx(model, task, fixed_batch(data, 2), tmp / FP32_FILE, opset)

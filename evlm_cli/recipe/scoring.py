@@ -8,16 +8,12 @@ import torch
 from torch import Tensor
 
 from evlm_cli.data.loader import PreparedData
-from evlm_cli.models.vlm import VLM, model_inputs
+from evlm_cli.models.vlm import VLM, TaskLogits, model_inputs
 from evlm_cli.tasks import TASKS
 from evlm_cli.train import trim_text
 
 # Task logits from (images, input_ids, attention_mask): a PyTorch model or an exported one.
 Forward = Callable[[Tensor, Tensor, Tensor], Tensor]
-
-
-def task_forward(model: VLM, task: str) -> Forward:
-    return lambda images, ids, mask: model.logits(task, model(images, ids, mask))
 
 
 @torch.inference_mode()
@@ -37,7 +33,7 @@ def evaluate_task(model: VLM, data: PreparedData, split: str, task: str, batch_s
                   device: torch.device) -> float:
     """The task metric of a PyTorch model on a whole split."""
     model.eval().to(device)
-    return evaluate_forward(task_forward(model, task), data, split, task, batch_size, device)
+    return evaluate_forward(TaskLogits(model, task), data, split, task, batch_size, device)
 
 
 def fixed_batch(data: PreparedData, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
