@@ -214,7 +214,7 @@ def stage(kind: str | None, args: tuple[str, ...]) -> None:
     ctx = click.get_current_context()
     if kind in (None, "-h", "--help"):
         click.echo(ctx.get_help())
-        click.echo("\nKinds:\n" + "\n".join(f"  {k.name:<14}{k.doc}" for k in KINDS.values()))
+        click.echo("\nKinds:\n" + "\n".join(f"  {k.name:<18}{k.doc}" for k in KINDS.values()))
         ctx.exit(0 if kind else EXIT_USER_ERROR)
     if kind not in KINDS:
         raise EvlmError(f"evlm stage: unknown kind {kind!r} (expected one of: {', '.join(KINDS)})")

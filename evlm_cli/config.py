@@ -34,15 +34,18 @@ class PathKey:
 
 
 PATH_KEYS = (
+    PathKey(("pairs", "train"), "file"),
+    PathKey(("pairs", "image_root"), "directory"),
+    PathKey(("pairs", "tokenizer"), "directory", True, True),
     PathKey(("data", "train"), "file"),
     PathKey(("data", "val"), "file"),
     PathKey(("data", "test"), "file"),
     PathKey(("data", "image_root"), "directory"),
     PathKey(("data", "answer_list"), "file"),
-    PathKey(("data", "tokenizer"), "directory", True, True),
     PathKey(("teacher", "checkpoint"), "file or directory", True),
     PathKey(("teacher", "init", "text"), "directory", True, True),
     PathKey(("teacher", "init", "vision"), "file", True),
+    PathKey(("task_teacher", "checkpoint"), "directory", True),
 )
 
 
@@ -84,12 +87,27 @@ class Resources:
 
 @dataclass(frozen=True)
 class DataConfig:
+    """A task's dataset."""
+
     source: str
     train: tuple[str, ...]
     val: tuple[str, ...]
     test: tuple[str, ...]
     image_root: str | None
     answer_list: str | None
+    image_size: int
+    max_text_len: int
+    limit: int | None
+    val_fraction: float
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    """The image-text pairs of task-agnostic pre-training and distillation, and the tokenizer."""
+
+    source: str
+    train: tuple[str, ...]
+    image_root: str | None
     image_size: int
     max_text_len: int
     limit: int | None
@@ -119,19 +137,40 @@ class TeacherInit:
 
 @dataclass(frozen=True)
 class TeacherConfig:
+    """The teacher's shape and where its weights come from: shared by every task."""
+
     vision: EncoderShape
     text: EncoderShape
     fusion: EncoderShape
-    train: OptimConfig
     init: TeacherInit
-    checkpoint: str | None
+    checkpoint: str | None  # a pre-trained teacher to import instead of pre-training one
     checkpoint_format: str
-    pool: str
+    embed_dim: int
 
-    @property
-    def imports_finished_model(self) -> bool:
-        """An evlm checkpoint is a finished task model; anything else still trains."""
-        return self.checkpoint is not None and self.checkpoint_format == "evlm"
+
+@dataclass(frozen=True)
+class PretrainWeights:
+    itc: float
+    itm: float
+    mlm: float
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Task-agnostic pre-training of the teacher on the pairs."""
+
+    weights: PretrainWeights
+    mask_prob: float
+    train: OptimConfig
+
+
+@dataclass(frozen=True)
+class TaskTeacherConfig:
+    """The task teacher: fine-tuned from the pre-trained teacher, or imported finished."""
+
+    checkpoint: str | None  # an evlm task model, used as it is
+    pool: str
+    train: OptimConfig
 
 
 @dataclass(frozen=True)
@@ -193,6 +232,7 @@ class LatencyConfig:
 class EvaluateConfig:
     metric: str
     batch_size: int
+    k_test: int
     latency: LatencyConfig
 
 
@@ -216,8 +256,11 @@ class Params:
     seed: int | None = None
     device: str | None = None
     resources: Resources | None = None
+    pairs: PairsConfig | None = None
     data: DataConfig | None = None
     teacher: TeacherConfig | None = None
+    pretrain: PretrainConfig | None = None
+    task_teacher: TaskTeacherConfig | None = None
     student: StudentConfig | None = None
     distill: DistillConfig | None = None
     prune: PruneConfig | None = None

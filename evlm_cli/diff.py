@@ -34,17 +34,26 @@ def load_run(name: str, root: Path = Path("."), require_metrics: bool = True) ->
 def key_settings(params: dict) -> list[tuple[str, str]]:
     """The resolved settings a reader checks first, as (label, value) rows."""
     t, s, p = params["teacher"], params["student"], params["prune"]
+    tt, pt = params["task_teacher"], params["pretrain"]
     shape = lambda e: f"{e['layers']} layers x {e['width']} wide, {e['heads']} heads, ffn {e['ffn']}"  # noqa: E731
+    epochs = lambda train: f"{train['epochs']:g} epoch{'s' if train['epochs'] != 1 else ''}"  # noqa: E731
+    weights = ", ".join(f"{k} {v:g}" for k, v in pt["weights"].items() if v)
     return [
         ("task", params["task"]),
+        ("pairs", f"{params['pairs']['source']} at {params['pairs']['image_size']} px"
+                  + (f", limit {params['pairs']['limit']}" if params["pairs"]["limit"] else "")),
         ("data", f"{params['data']['source']} at {params['data']['image_size']} px"
                  + (f", limit {params['data']['limit']}" if params["data"]["limit"] else "")),
-        ("teacher", "imported from " + t["checkpoint"] if t["checkpoint"] else
-         "trained: vision " + shape(t["vision"]) + "; text " + shape(t["text"])
+        ("teacher", "vision " + shape(t["vision"]) + "; text " + shape(t["text"])
          + "; fusion " + shape(t["fusion"])),
+        ("pre-training", ("from " + t["checkpoint"] + ", then " if t["checkpoint"] else "")
+         + f"{epochs(pt['train'])} of {weights}"),
+        ("task teacher", "imported from " + tt["checkpoint"] if tt["checkpoint"] else
+         f"fine-tuned {epochs(tt['train'])}"),
         ("student layers", f"vision {s['vision_layers']}, text {s['text_layers']}, "
                            f"fusion {s['fusion_layers']}"),
-        ("distill", "on" if params["distill"]["enabled"] else "off"),
+        ("distill", f"on the pairs, {epochs(params['distill']['train'])}"
+                    if params["distill"]["enabled"] else "off"),
         ("prune", f"{p['mode']} to {p['target_sparsity']:.0%} of prunable params, units "
                   + ", ".join(p["units"])),
         ("seed, device", f"{params['seed']}, {params['device']}"),
@@ -89,6 +98,8 @@ def result_rows(m: dict) -> list[tuple[str, object]]:
             ("params (M)", m["params"] / 1e6), ("teacher params (M)", m["teacher_params"] / 1e6),
             ("GFLOPs / example", m["gflops_per_example"]),
             ("teacher GFLOPs / example", m["teacher_gflops_per_example"])]
+    for key, value in m.get("recall", {}).items():
+        rows += [(key, value), (f"teacher {key}", m["teacher_recall"][key])]
     for bs, lat in m["latency_ms"].items():
         rows.append((f"latency {bs.replace('_', ' ')} (ms)", lat["student"]))
         rows.append((f"teacher latency {bs.replace('_', ' ')} (ms)", lat["teacher"]))
@@ -106,6 +117,7 @@ def summary_table(run: dict) -> str:
              f"  {'':<24}{'teacher':>12}{'student':>12}",
              f"  {m['metric']:<24}{m['teacher_value']:>12.4f}{m['value']:>12.4f}"
              f"   retention {m['retention']:.1%}",
+             *recall_lines(m),
              f"  {'params (M)':<24}{m['teacher_params'] / 1e6:>12.2f}{m['params'] / 1e6:>12.2f}",
              f"  {'GFLOPs / example':<24}{m['teacher_gflops_per_example']:>12.3f}"
              f"{m['gflops_per_example']:>12.3f}"]
@@ -121,6 +133,12 @@ def summary_table(run: dict) -> str:
                      f"{m['size_bytes'] / 1e6:>12.2f}")
     lines += exported_rows(m)
     return "\n".join(lines)
+
+
+def recall_lines(m: dict) -> list[str]:
+    """Retrieval: each recall, teacher next to student."""
+    return [f"  {key.upper().replace('_R', '@'):<24}{m['teacher_recall'][key]:>12.4f}{value:>12.4f}"
+            for key, value in m.get("recall", {}).items() if "_r" in key]
 
 
 def exported_rows(m: dict) -> list[str]:

@@ -58,17 +58,38 @@ class StageKind:
 # of a shared stage's hash, so changing the thread count retrains nothing.
 UNTRACKED_SECTIONS = ("resources",)
 
+_RUNNING = ("seed", "device", "resources")
 _TRAINING = ("seed", "task", "device", "resources")
 
+# The paper's graph: pre-training and distillation are task-agnostic and shared by every task;
+# a task fine-tunes its own teacher and prunes the shared student.
 KINDS: dict[str, StageKind] = {k.name: k for k in [
     StageKind(
-        "prepare", "read the task dataset once; write tensors, answers and the tokenizer",
-        "evlm_cli.recipe.prepare:run_prepare", ("seed", "task", "data"),
+        "prepare_pairs", "read the pre-training image-text pairs once; write tensors and the "
+        "tokenizer every task uses",
+        "evlm_cli.recipe.prepare:run_prepare_pairs", ("seed", "pairs"),
         outputs=(Output("data", "data"),), shared=True),
     StageKind(
-        "teacher", "import the teacher, or train it on the task",
-        "evlm_cli.recipe.teacher:run_teacher", (*_TRAINING, "teacher"),
-        inputs={"prepared": "prepare.data"},
+        "teacher_pretrain", "pre-train the teacher on the pairs (ITC, ITM, MLM), or import one",
+        "evlm_cli.recipe.teacher:run_teacher_pretrain", (*_RUNNING, "teacher", "pretrain"),
+        inputs={"pairs": "prepare_pairs.data"},
+        outputs=(Output("model", "model"), Output("log", "log.csv", "plots")), shared=True),
+    StageKind(
+        "distill", "a shallower student from the pre-trained teacher's layers, trained on the "
+        "pairs to match it (task-agnostic)",
+        "evlm_cli.recipe.distill:run_distill", (*_RUNNING, "pretrain", "student", "distill"),
+        inputs={"pairs": "prepare_pairs.data", "teacher": "teacher_pretrain.model"},
+        outputs=(Output("model", "model"), Output("log", "log.csv", "plots")), shared=True),
+    StageKind(
+        "prepare", "read the task dataset once; write tensors and answers, tokenised as the "
+        "pairs are",
+        "evlm_cli.recipe.prepare:run_prepare", ("seed", "task", "data"),
+        inputs={"pairs": "prepare_pairs.data"},
+        outputs=(Output("data", "data"),), shared=True),
+    StageKind(
+        "teacher", "fine-tune the pre-trained teacher on the task, or import a task teacher",
+        "evlm_cli.recipe.teacher:run_teacher", (*_TRAINING, "task_teacher"),
+        inputs={"prepared": "prepare.data", "pretrained": "teacher_pretrain.model"},
         outputs=(Output("model", "model"), Output("log", "log.csv", "plots")),
         shared=True),
     StageKind(
@@ -77,12 +98,8 @@ KINDS: dict[str, StageKind] = {k.name: k for k in [
         inputs={"prepared": "prepare.data", "teacher": "teacher.model"},
         outputs=(Output("metrics", "metrics.json", "metrics"),), shared=True),
     StageKind(
-        "distill", "a shallower student from the teacher's layers, trained to match it",
-        "evlm_cli.recipe.distill:run_distill", (*_TRAINING, "student", "distill"),
-        inputs={"prepared": "prepare.data", "teacher": "teacher.model"},
-        outputs=(Output("model", "model"), Output("log", "log.csv", "plots")), shared=True),
-    StageKind(
-        "prune", "L0 gates under the sparsity budget, then the gated units sliced out",
+        "prune", "the distilled student with a fresh task head: L0 gates under the sparsity "
+        "budget, KD from the task teacher, then the gated units sliced out",
         "evlm_cli.recipe.prune:run_prune", (*_TRAINING, "prune"),
         inputs={"prepared": "prepare.data", "student": "distill.model",
                 "teacher": "teacher.model"},

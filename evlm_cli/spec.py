@@ -17,7 +17,7 @@ import jsonschema
 import yaml
 
 from evlm_cli.config import ENCODERS, PATH_KEYS, ConfigError, params_from_dict
-from evlm_cli.data.sources import source_problems
+from evlm_cli.data.sources import absent, source_problems
 from evlm_cli.errors import SpecError
 from evlm_cli.fileformat import WEIGHT_FILES, file_weights_format
 from evlm_cli.layout import MODEL_FILES, RESERVED_NAMES
@@ -422,8 +422,21 @@ def scope_problems(spec: dict) -> Iterator[tuple[Where, str]]:
     if spec["name"] in RESERVED_NAMES:
         yield ("name",), (f"name: {quote(spec['name'])} is reserved for the stages specs share; "
                           "pick another")
+    if spec["task"] not in ("vqa", "retrieval"):
+        yield ("task",), (f"task: {spec['task']!r} is not implemented yet (vqa and retrieval "
+                          "are)")
+    if spec.get("export") is not None and spec["task"] != "vqa":
+        yield ("export",), (f"export: the {spec['task']} task cannot be exported yet (only "
+                            "vqa's single scoring graph is); set export: null")
+    # Only questions have answers to balance; pairs and captions are sampled evenly.
+    stages = {"pretrain": spec["pretrain"], "distill": spec["distill"]}
     if spec["task"] != "vqa":
-        yield ("task",), f"task: {spec['task']!r} is not implemented yet (only vqa is)"
+        stages |= {k: spec[k] for k in ("task_teacher", "prune", "finetune")}
+    for section, settings in stages.items():
+        if settings["train"]["answer_balance"]:
+            yield (section, "train", "answer_balance"), (
+                f"{section}.train.answer_balance: image-text pairs have no answers to balance; "
+                "use 0")
     for key in ("processes", "nodes"):
         if spec["resources"][key] > 1:
             yield ("resources", key), (f"resources.{key}: {spec['resources'][key]} is not "
@@ -467,6 +480,15 @@ def shape_problems(spec: dict) -> Iterator[tuple[Where, str]]:
             yield (([("teacher", encoder, "width"), ("teacher", encoder, "heads")],
                     f"teacher.{encoder}.width: {width} is not a multiple of "
                     f"teacher.{encoder}.heads {heads}"))
+    pairs, data = spec["pairs"], spec["data"]
+    if data["image_size"] != pairs["image_size"]:
+        yield ([("data", "image_size"), ("pairs", "image_size")],
+               f"data.image_size: {data['image_size']} must equal pairs.image_size "
+               f"{pairs['image_size']} (the teacher's positions are pre-trained at that size)")
+    if data["max_text_len"] > pairs["max_text_len"] and teacher["init"]["text"] is None:
+        yield ([("data", "max_text_len"), ("pairs", "max_text_len")],
+               f"data.max_text_len: {data['max_text_len']} is more than pairs.max_text_len "
+               f"{pairs['max_text_len']}, the teacher's text positions")
     patch, size = teacher["vision"]["patch_size"], spec["data"]["image_size"]
     if size % patch:
         yield ([("teacher", "vision", "patch_size"), ("data", "image_size")],
@@ -490,6 +512,12 @@ def data_problems(spec: dict) -> Iterator[tuple[Where, str]]:
         # A missing field has no line: the source that needs it is where the problem is.
         where = [("data", field), ("data", "source"), ("task",)]
         yield where, f"data.{field}: {message}"
+    pairs = spec["pairs"]
+    if pairs["source"] == "xvlm-json":
+        for field in ("train", "image_root"):
+            if absent(pairs[field]):
+                yield ([("pairs", field), ("pairs", "source")],
+                       f"pairs.{field}: required when the source is xvlm-json")
 
 
 def metric_problems(spec: dict) -> Iterator[tuple[Where, str]]:
@@ -526,40 +554,47 @@ def path_exists(value: str) -> bool:
 
 
 def checkpoint_problems(spec: dict) -> Iterator[tuple[Where, str]]:
-    """An existing teacher.checkpoint must look like one of its format, by its first bytes only.
+    """An existing checkpoint must look like one of its format, by its first bytes only.
 
     evlm: a directory with config.json and model.safetensors; xvlm: a safetensors file, a torch
-    zip checkpoint or a legacy torch pickle. (A missing one is path_problems' to report.)
+    zip checkpoint or a legacy torch pickle. teacher.checkpoint may be either; a task teacher is
+    an evlm model. (A missing one is path_problems' to report.)
     """
     teacher = spec["teacher"]
-    value = teacher["checkpoint"]
+    yield from _checkpoint_problems(("teacher", "checkpoint"), teacher["checkpoint"],
+                                    teacher["checkpoint_format"])
+    yield from _checkpoint_problems(("task_teacher", "checkpoint"),
+                                    spec["task_teacher"]["checkpoint"], "evlm")
+
+
+def _checkpoint_problems(where: JsonPath, value: str | None, fmt: str
+                         ) -> Iterator[tuple[Where, str]]:
     if value is None or not path_exists(value):
         return
-    where, path = ("teacher", "checkpoint"), Path(value)
-    if teacher["checkpoint_format"] == "evlm":
+    name, path = dotted(where), Path(value)
+    if fmt == "evlm":
         expected = ("expected an evlm checkpoint: a directory with config.json and "
                     "model.safetensors")
         if not path.is_dir():
-            yield where, (f"teacher.checkpoint: {quote(value)} is not a directory ({expected}; "
-                          "an X-VLM file needs teacher.checkpoint_format: xvlm)")
+            hint = "; an X-VLM file needs teacher.checkpoint_format: xvlm" if where[0] == "teacher" else ""
+            yield where, f"{name}: {quote(value)} is not a directory ({expected}{hint})"
             return
-        missing = [name for name in MODEL_FILES if not (path / name).is_file()]
+        missing = [file for file in MODEL_FILES if not (path / file).is_file()]
         if missing:
-            yield where, (f"teacher.checkpoint: {quote(value)} has no {' or '.join(missing)} "
-                          f"({expected})")
+            yield where, f"{name}: {quote(value)} has no {' or '.join(missing)} ({expected})"
         return
     expected = f"expected {WEIGHT_FILES}"
     if path.is_dir():
-        yield where, (f"teacher.checkpoint: {quote(value)} is a directory ({expected}; an evlm "
+        yield where, (f"{name}: {quote(value)} is a directory ({expected}; an evlm "
                       "directory needs teacher.checkpoint_format: evlm)")
         return
     try:
         found = file_weights_format(path)
     except OSError as error:
-        yield where, f"teacher.checkpoint: cannot read {quote(value)}: {error.strerror or error}"
+        yield where, f"{name}: cannot read {quote(value)}: {error.strerror or error}"
         return
     if found is None:
-        yield where, f"teacher.checkpoint: {quote(value)} is not a checkpoint ({expected})"
+        yield where, f"{name}: {quote(value)} is not a checkpoint ({expected})"
 
 
 def looks_like_hub_id(value: str) -> bool:
@@ -616,8 +651,8 @@ def resolve(spec: dict) -> dict:
     `minilm` stays a name here (`local_path` finds it when a stage reads it): a site-packages
     path in params.yaml would make the shared stages' hashes differ between machines.
     """
-    init, data = spec["teacher"]["init"], spec["data"]
-    if data["tokenizer"] is None and init["text"] is not None:
+    init, pairs = spec["teacher"]["init"], spec["pairs"]
+    if pairs["tokenizer"] is None and init["text"] is not None:
         # The text embeddings index the pretrained vocabulary: its tokenizer must be used.
-        data["tokenizer"] = init["text"]
+        pairs["tokenizer"] = init["text"]
     return spec

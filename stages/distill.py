@@ -1,9 +1,9 @@
-"""Stage kind `distill`: a shallower student from the teacher's layers, trained to match it.
+"""Stage kind `distill`: a shallower student from the pre-trained teacher's layers, trained on the pairs to match it (task-agnostic).
 
-Reads params: seed, task, device, resources, student, distill. Takes: prepared
-(prepare.data), teacher (teacher.model). Writes: model (model), log (log.csv, plots). Runs
-evlm_cli.recipe.distill.run_distill(). Declared in evlm_cli/pipeline.py; DVC runs it as
-`evlm stage distill --params FILE ...`, and this file takes the same arguments.
+Reads params: seed, device, resources, pretrain, student, distill. Takes: pairs
+(prepare_pairs.data), teacher (teacher_pretrain.model). Writes: model (model), log (log.csv,
+plots). Runs evlm_cli.recipe.distill.run_distill(). Declared in evlm_cli/pipeline.py; DVC
+runs it as `evlm stage distill --params FILE ...`, and this file takes the same arguments.
 """
 
 import sys

@@ -1,8 +1,9 @@
-"""Stage kind `prepare`: read the task dataset once; write tensors, answers and the tokenizer.
+"""Stage kind `prepare`: read the task dataset once; write tensors and answers, tokenised as the pairs are.
 
-Reads params: seed, task, data. Takes: the files the spec names. Writes: data (data). Runs
-evlm_cli.recipe.prepare.run_prepare(). Declared in evlm_cli/pipeline.py; DVC runs it as
-`evlm stage prepare --params FILE ...`, and this file takes the same arguments.
+Reads params: seed, task, data. Takes: pairs (prepare_pairs.data), and the files the spec
+names. Writes: data (data). Runs evlm_cli.recipe.prepare.run_prepare(). Declared in
+evlm_cli/pipeline.py; DVC runs it as `evlm stage prepare --params FILE ...`, and this file
+takes the same arguments.
 """
 
 import sys

@@ -1,4 +1,4 @@
-"""Stage kind `prune`: L0 gates under the sparsity budget, then the gated units sliced out.
+"""Stage kind `prune`: the distilled student with a fresh task head: L0 gates under the sparsity budget, KD from the task teacher, then the gated units sliced out.
 
 Reads params: seed, task, device, resources, prune. Takes: prepared (prepare.data), student
 (distill.model), teacher (teacher.model). Writes: model (model), masks (masks.json,

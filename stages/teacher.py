@@ -1,9 +1,10 @@
-"""Stage kind `teacher`: import the teacher, or train it on the task.
+"""Stage kind `teacher`: fine-tune the pre-trained teacher on the task, or import a task teacher.
 
-Reads params: seed, task, device, resources, teacher. Takes: prepared (prepare.data).
-Writes: model (model), log (log.csv, plots). Runs evlm_cli.recipe.teacher.run_teacher().
-Declared in evlm_cli/pipeline.py; DVC runs it as `evlm stage teacher --params FILE ...`, and
-this file takes the same arguments.
+Reads params: seed, task, device, resources, task_teacher. Takes: prepared (prepare.data),
+pretrained (teacher_pretrain.model), and the files the spec names. Writes: model (model),
+log (log.csv, plots). Runs evlm_cli.recipe.teacher.run_teacher(). Declared in
+evlm_cli/pipeline.py; DVC runs it as `evlm stage teacher --params FILE ...`, and this file
+takes the same arguments.
 """
 
 import sys

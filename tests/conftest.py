@@ -16,3 +16,16 @@ def in_tmp_dir(tmp_path, monkeypatch):
     """Run the test inside an empty temporary directory, which it returns."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def easy_vqa_tokenizer(tmp_path_factory):
+    """A WordPiece tokenizer folder trained on easy-VQA's train questions (200 pieces at most):
+    what `prepare` takes from the prepared pairs."""
+    import easy_vqa
+
+    from evlm_cli.data.tokenizer import train_wordpiece
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_wordpiece(easy_vqa.get_train_questions()[0], 200, out)
+    return out

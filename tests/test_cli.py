@@ -13,6 +13,7 @@ from evlm_cli.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SPEC = str(ROOT / "specs" / "vqa_50pct.yaml")
 TINY_SPEC = str(ROOT / "tests" / "specs" / "tiny_vqa.yaml")
+TINY_ITR_SPEC = str(ROOT / "tests" / "specs" / "tiny_itr.yaml")
 TWO_PROBLEMS = "name: two_problems\ntask: vqa\nseed: -3\nprune:\n  target_sparsity: 1.5\n"
 
 
@@ -28,11 +29,12 @@ def bad_spec(in_tmp_dir):
 
 
 def test_validate_prints_one_ok_line_per_spec():
-    result = invoke("validate", DEFAULT_SPEC, TINY_SPEC)
+    result = invoke("validate", DEFAULT_SPEC, TINY_SPEC, TINY_ITR_SPEC)
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [
         f"OK {DEFAULT_SPEC} (name: vqa_50pct, task: vqa)",
         f"OK {TINY_SPEC} (name: tiny_vqa, task: vqa)",
+        f"OK {TINY_ITR_SPEC} (name: tiny_itr, task: retrieval)",
     ]
     assert result.stderr == ""
 
@@ -94,7 +96,9 @@ def test_compile_writes_params_and_stages(in_tmp_dir):
     result = invoke("compile", "tiny.yaml")
     assert result.exit_code == 0, result.stderr
     assert (in_tmp_dir / "runs/tiny_vqa/params.yaml").is_file()
-    assert "tiny_vqa-evaluate" in (in_tmp_dir / "dvc.yaml").read_text()
+    dvc = (in_tmp_dir / "dvc.yaml").read_text()
+    assert "tiny_vqa-evaluate" in dvc
+    assert "shared-prepare_pairs-" in dvc and "shared-teacher_pretrain-" in dvc  # task-agnostic
 
 
 def evlm_process(*args, cwd):
@@ -124,8 +128,14 @@ def test_real_process_with_debug_shows_the_traceback(bad_spec):
 
 
 def test_stage_help_lists_the_kinds_and_an_unknown_kind_is_refused():
+    from evlm_cli.pipeline import KINDS
+
     result = invoke("stage", "--help")
-    assert result.exit_code == 0 and "prune" in result.output and "teacher_eval" in result.output
+    assert result.exit_code == 0
+    lines = result.output.split("\nKinds:\n")[1].splitlines()
+    assert len(lines) == len(KINDS)  # one line per kind, in the registry's order
+    for line, kind in zip(lines, KINDS.values(), strict=True):
+        assert line.startswith(f"  {kind.name}") and line.endswith(kind.doc), line
     result = invoke("stage", "pruning", "--params", "p.yaml")
     assert result.exit_code == 2 and "unknown kind 'pruning'" in result.stderr
 

@@ -56,26 +56,43 @@ def test_stage_names_params_and_deps(tmp_path):
     assert params["prune"]["target_sparsity"] == 0.5
     shared_file = next(iter(teacher["params"][0]))
     assert set(yaml.safe_load((tmp_path / shared_file).read_text())) == {
-        "seed", "task", "device", "resources", "teacher"}
+        "seed", "task", "device", "resources", "task_teacher"}
+
+
+SHARED = ["prepare_pairs", "teacher_pretrain", "distill", "prepare", "teacher", "teacher_eval"]
+
+
+def names(spec) -> dict[str, str]:
+    return {s.kind.name: s.name for s in plan(spec)}
 
 
 def test_specs_differing_downstream_share_upstream_stages(tmp_path):
-    a, b = plan(tiny("a")), plan(tiny("b", **{"prune.target_sparsity": 0.3}))
-    assert [s.name for s in a[:4]] == [s.name for s in b[:4]]  # prepare, teacher, eval, distill
-    c = plan(tiny("c", **{"distill.temperature": 4.0}))
-    assert [s.name for s in c[:3]] == [s.name for s in a[:3]] and c[3].name != a[3].name
-    d = plan(tiny("d", **{"teacher.train.lr": 0.01}))
-    assert d[0].name == a[0].name and d[1].name != a[1].name and d[3].name != a[3].name
+    a, b = names(tiny("a")), names(tiny("b", **{"prune.target_sparsity": 0.3}))
+    assert all(a[k] == b[k] for k in SHARED) and a["prune"] != b["prune"]
+    c = names(tiny("c", **{"distill.temperature": 4.0}))
+    assert [k for k in SHARED if c[k] != a[k]] == ["distill"]
+    # the task teacher's recipe changes the task's stages only, never the shared pre-training
+    d = names(tiny("d", **{"task_teacher.train.lr": 0.01}))
+    assert [k for k in SHARED if d[k] != a[k]] == ["teacher", "teacher_eval"]
+    # the teacher's shape changes everything the teacher feeds
+    f = names(tiny("f", **{"pretrain.train.lr": 0.01}))
+    assert [k for k in SHARED if f[k] != a[k]] == ["teacher_pretrain", "distill", "teacher",
+                                                   "teacher_eval"]
+    # another task shares the task-agnostic stages and nothing else
+    g = names(tiny("g", task="retrieval", **{"evaluate.metric": "recall_at_k", "export": None,
+                                             "task_teacher.train.answer_balance": 0}))
+    assert [k for k in SHARED if g[k] == a[k]] == ["prepare_pairs", "teacher_pretrain", "distill"]
     # the thread count changes how fast a stage runs, not what it computes: nothing reruns
     e = plan(tiny("e", **{"resources.threads": 7}))
-    assert [s.name for s in e[:4]] == [s.name for s in a[:4]]
+    assert {s.kind.name: s.name for s in e} == names(tiny("a")) | {
+        k: v.replace("a-", "e-", 1) for k, v in names(tiny("a")).items() if v.startswith("a-")}
     assert e[1].params["resources"]["threads"] == 7  # the stage still reads it
 
 
 def test_compiling_keeps_other_specs_and_prunes_stale_stages(tmp_path):
     compile_specs([tiny("a"), tiny("b")], tmp_path)
     first = stages_of(tmp_path)
-    assert sum(k.startswith("shared-") for k in first) == 4  # one upstream chain for both
+    assert sum(k.startswith("shared-") for k in first) == 6  # one upstream chain for both
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
         k: {"cmd": "x"} for k in first}}))
     # b changes its distillation: a new distill stage; a's stays because a still uses it
@@ -102,12 +119,15 @@ def test_commands_quote_paths_and_never_interpolate_into_a_shell(tmp_path):
 def test_files_the_spec_names_are_deps_of_the_stages_that_read_them(tmp_path):
     spec = tiny()
     spec["teacher"]["checkpoint"] = "models/teacher"
-    spec["data"]["tokenizer"] = "/opt/site-packages/minilm"  # installed, not edited: no dep
+    spec["task_teacher"]["checkpoint"] = "models/task_teacher"
+    spec["pairs"]["tokenizer"] = "/opt/site-packages/minilm"  # installed, not edited: no dep
     stages = {s.kind.name: s.to_dvc() for s in plan(spec)}
-    assert "models/teacher" in stages["teacher"]["deps"]
+    assert "models/teacher" in stages["teacher_pretrain"]["deps"]
+    assert "models/task_teacher" in stages["teacher"]["deps"]
+    assert "models/teacher" not in stages["teacher"]["deps"]
     assert "models/teacher" not in stages["prepare"]["deps"]
     assert not any(d.startswith("/") for s in stages.values() for d in s["deps"])
-    spec["teacher"]["init"]["text"] = spec["data"]["tokenizer"] = "minilm"  # packaged: no dep
+    spec["teacher"]["init"]["text"] = spec["pairs"]["tokenizer"] = "minilm"  # packaged: no dep
     assert not any("minilm" in d for s in plan(spec) for d in s.to_dvc()["deps"])
 
 

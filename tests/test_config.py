@@ -11,6 +11,7 @@ from evlm_cli.config import (
     ConfigError,
     DataConfig,
     OptimConfig,
+    PairsConfig,
     Params,
     build,
     params_from_dict,
@@ -20,7 +21,8 @@ from evlm_cli.packaged import minilm_dir
 from evlm_cli.spec import load_schema, load_spec, resolve_ref
 
 ROOT = Path(__file__).resolve().parents[1]
-SPECS = sorted((ROOT / "specs").glob("*.yaml")) + [ROOT / "tests/specs/tiny_vqa.yaml"]
+SPECS = sorted((ROOT / "specs").glob("*.yaml")) + [ROOT / "tests/specs/tiny_vqa.yaml",
+                                                   ROOT / "tests/specs/tiny_itr.yaml"]
 
 
 def schema_keys(node: dict, root: dict, prefix: str = "") -> set[str]:
@@ -56,7 +58,12 @@ def test_every_example_spec_builds_into_typed_params(path):
     spec = load_spec(path)
     params = params_from_dict(spec)
     assert params.prune.target_sparsity == spec["prune"]["target_sparsity"]
-    assert isinstance(params.teacher.train, OptimConfig)
+    assert isinstance(params.task_teacher.train, OptimConfig)
+    assert isinstance(params.pretrain.train, OptimConfig)
+    assert params.pretrain.weights.itm == spec["pretrain"]["weights"]["itm"]
+    assert params.teacher.embed_dim == spec["teacher"]["embed_dim"]
+    assert params.pairs.image_size == params.data.image_size
+    assert params.evaluate.k_test == spec["evaluate"]["k_test"]
     assert params.evaluate.latency.batch_sizes == tuple(spec["evaluate"]["latency"]["batch_sizes"])
     # back to plain data, the typed config says what the spec said (floats for numbers)
     assert json.loads(json.dumps(to_dict(params.prune))) == json.loads(json.dumps(
@@ -68,6 +75,10 @@ def test_a_stage_sees_only_the_sections_it_declares():
     spec = load_spec(ROOT / "tests/specs/tiny_vqa.yaml")
     params = params_from_dict(spec, ("seed", "task", "prune"))
     assert params.prune is not None and params.teacher is None and params.distill is None
+    # the task-agnostic stages read no task and no task data
+    params = params_from_dict(spec, ("seed", "pairs", "teacher", "pretrain"))
+    assert params.pairs is not None and params.pretrain is not None
+    assert params.task is None and params.data is None and params.task_teacher is None
 
 
 def tiny_spec() -> dict:
@@ -76,12 +87,12 @@ def tiny_spec() -> dict:
 
 def test_minilm_becomes_this_machines_directory_only_when_typed():
     spec = tiny_spec()
-    spec["data"]["tokenizer"] = spec["teacher"]["init"]["text"] = "minilm"
+    spec["pairs"]["tokenizer"] = spec["teacher"]["init"]["text"] = "minilm"
     params = params_from_dict(spec)
-    assert params.data.tokenizer == params.teacher.init.text == str(minilm_dir())
-    assert spec["data"]["tokenizer"] == "minilm"  # the dictionary (params.yaml) keeps the name
-    spec["data"]["tokenizer"] = "my/tok"
-    assert params_from_dict(spec, ("data",)).data.tokenizer == "my/tok"
+    assert params.pairs.tokenizer == params.teacher.init.text == str(minilm_dir())
+    assert spec["pairs"]["tokenizer"] == "minilm"  # the dictionary (params.yaml) keeps the name
+    spec["pairs"]["tokenizer"] = "my/tok"
+    assert params_from_dict(spec, ("pairs",)).pairs.tokenizer == "my/tok"
 
 
 def test_one_file_or_several_become_a_tuple():
@@ -89,15 +100,28 @@ def test_one_file_or_several_become_a_tuple():
     assert build(DataConfig, {**data, "train": "a.json"}).train == ("a.json",)
     assert build(DataConfig, {**data, "train": ["a.json", "b.json"]}).train == ("a.json", "b.json")
     assert build(DataConfig, {**data, "train": None}).train == ()
+    pairs = tiny_spec()["pairs"]
+    assert build(PairsConfig, {**pairs, "train": "p.json"}).train == ("p.json",)
+    assert build(PairsConfig, {**pairs, "train": None}).train == ()
+
+
+def test_data_has_no_tokenizer_of_its_own():
+    # one tokenizer for every task: it lives with the pairs
+    data = tiny_spec()["data"]
+    with pytest.raises(ConfigError, match="unknown key 'tokenizer'"):
+        build(DataConfig, {**data, "tokenizer": "minilm"})
 
 
 def test_unknown_and_missing_keys_name_their_path():
-    with pytest.raises(ConfigError, match=r"^teacher\.train: unknown key 'lrr'"):
+    with pytest.raises(ConfigError, match=r"^task_teacher\.train: unknown key 'lrr'"):
+        params_from_dict({"task_teacher": {"checkpoint": None, "pool": "cls",
+                                           "train": {"lrr": 1}}})
+    with pytest.raises(ConfigError, match=r"^teacher: unknown key 'train'"):
         shape = {"layers": 1, "width": 8, "heads": 2, "ffn": 16}
         params_from_dict({"teacher": {"vision": shape, "text": shape, "fusion": shape,
-                                      "train": {"lrr": 1}}})
+                                      "train": {}}})
     with pytest.raises(ConfigError, match=r"teacher\.vision\.layers: missing"):
-        params_from_dict({"teacher": {"vision": {}, "text": {}, "fusion": {}, "train": {}}})
+        params_from_dict({"teacher": {"vision": {}, "text": {}, "fusion": {}}})
     with pytest.raises(ConfigError, match="expected a mapping"):
         build(OptimConfig, [1, 2])
 
@@ -122,8 +146,9 @@ def test_the_librarys_choices_are_the_schemas_enums():
     schema = load_schema()
     props = schema["properties"]
     assert set(SOURCES) == set(props["data"]["properties"]["source"]["enum"])
+    assert set(SOURCES) == set(props["pairs"]["properties"]["source"]["enum"])
     assert set(MODES) == set(props["prune"]["properties"]["mode"]["enum"])
-    assert set(POOLS) == set(props["teacher"]["properties"]["pool"]["enum"])
+    assert set(POOLS) == set(props["task_teacher"]["properties"]["pool"]["enum"])
     assert set(METRICS_BY_TASK) == set(props["task"]["enum"])
     metrics = {m for ms in METRICS_BY_TASK.values() for m in ms}
     assert metrics == set(props["evaluate"]["properties"]["metric"]["enum"]) - {None}

@@ -35,7 +35,8 @@ def project(tmp_path):
     """A user's folder: the tiny spec and nothing else (evlm makes it a DVC project)."""
     folder = tmp_path / "work"
     (folder / "specs").mkdir(parents=True)
-    shutil.copy(REPO / "tests/specs/tiny_vqa.yaml", folder / "specs/tiny_vqa.yaml")
+    for name in ("tiny_vqa", "tiny_itr"):
+        shutil.copy(REPO / f"tests/specs/{name}.yaml", folder / f"specs/{name}.yaml")
     return folder
 
 
@@ -55,11 +56,23 @@ def edit_spec(path: Path, name: str | None = None, **changes) -> Path:
 
 
 def test_run_rerun_partial_reruns_and_sharing(project):
-    spec = project / "specs/tiny_vqa.yaml"
-    first = sh([*EVLM, "run", str(spec)], project)
+    spec, itr = project / "specs/tiny_vqa.yaml", project / "specs/tiny_itr.yaml"
+    first = sh([*EVLM, "run", str(spec), str(itr)], project)
     assert "made" in first.stdout and "a DVC project (without git)" in first.stdout
-    assert ran(first.stdout) == {"prepare", "teacher", "teacher_eval", "distill", "prune",
-                                 "finetune", "export", "evaluate"}
+    assert ran(first.stdout) == {"prepare_pairs", "teacher_pretrain", "distill", "prepare",
+                                 "teacher", "teacher_eval", "prune", "finetune", "export",
+                                 "evaluate"}
+    # The two tasks share the task-agnostic stages: each is in dvc.yaml, and ran, once.
+    names = re.findall(r"Running stage '([^']+)'", first.stdout)
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    for kind in ("prepare_pairs", "teacher_pretrain", "distill"):
+        assert sum(n.startswith(f"shared-{kind}-") for n in stages) == 1, kind
+        assert sum(n.startswith(f"shared-{kind}-") for n in names) == 1, kind
+    for kind in ("prepare", "teacher", "teacher_eval"):  # the task's own, one per task
+        assert sum(n.startswith(f"shared-{kind}-") for n in stages) == 2, kind
+    retrieval = json.loads((project / "runs/tiny_itr/evaluate/metrics.json").read_text())
+    assert set(retrieval["recall"]) >= {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"}
+    assert retrieval["value"] == retrieval["recall"]["r_mean"]
     assert "retention" in first.stdout and "speedup" in first.stdout  # the summary table
     assert "student, ONNX Runtime" in first.stdout
     metrics = json.loads((project / "runs/tiny_vqa/evaluate/metrics.json").read_text())
@@ -129,8 +142,9 @@ def test_code_dependencies_are_exact(project, tmp_path):
 
     with open(copy / "evlm_cli/errors.py", "a") as f:  # every stage imports the errors
         f.write("\n# an edit\n")
-    assert changed_stages(project, copy) == {"prepare", "teacher", "teacher_eval", "distill",
-                                              "prune", "finetune", "export", "evaluate"}
+    assert changed_stages(project, copy) == {"prepare_pairs", "teacher_pretrain", "distill",
+                                              "prepare", "teacher", "teacher_eval", "prune",
+                                              "finetune", "export", "evaluate"}
     shown = sh([*EVLM, "show", "tiny_vqa"], project, env_extra={"PYTHONPATH": str(copy)}).stdout
     assert re.search(r"tiny_vqa-prune\s+would rerun: changed deps: \.evlm/code/prune\.json", shown)
     assert changed_stages(project, REPO) == set()  # the installed code again: all up to date

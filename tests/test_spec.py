@@ -23,6 +23,8 @@ from evlm_cli.spec import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+# A shipped spec's name starts with its task's short name.
+TASK_OF_PREFIX = {"vqa": "vqa", "itr": "retrieval"}
 TEST_SPECS = Path(__file__).resolve().parent / "specs"
 BAD_SPECS = sorted((TEST_SPECS / "bad").glob("*.yaml"))
 SHIPPED_SPECS = sorted((ROOT / "specs").glob("*.yaml"))
@@ -122,7 +124,16 @@ def test_unreadable_spec_names_the_file(tmp_path):
 def test_shipped_specs_are_valid_and_named_after_their_file(spec_file):
     spec = load_spec(spec_file)
     assert spec["name"] == spec_file.stem
-    assert spec["task"] == "vqa"
+    assert spec["task"] == TASK_OF_PREFIX[spec_file.stem.split("_")[0]]
+
+
+def test_shipped_specs_of_different_tasks_share_the_task_agnostic_stages():
+    # The point of the paper's graph: one pre-trained teacher and one distilled student for
+    # every task, so these sections must agree for the shared stages to be shared.
+    vqa, itr = (load_spec(ROOT / "specs" / f"{name}.yaml") for name in ("vqa_50pct", "itr_50pct"))
+    assert vqa["task"] != itr["task"]
+    for section in ("seed", "pairs", "teacher", "pretrain", "student", "distill"):
+        assert vqa[section] == itr[section], section
 
 
 def test_default_spec_writes_every_key_explicitly():
@@ -142,11 +153,21 @@ def test_variants_differ_from_the_default_only_in_name_and_prune(variant):
     assert all(path == ("name",) or path[0] == "prune" for path in changed)
 
 
-def test_tiny_test_spec_is_valid_and_tiny():
-    spec = load_spec(TEST_SPECS / "tiny_vqa.yaml")
-    assert spec["data"]["limit"] == 256
+@pytest.mark.parametrize("name, task", [("tiny_vqa", "vqa"), ("tiny_itr", "retrieval")])
+def test_tiny_test_specs_are_valid_and_tiny(name, task):
+    spec = load_spec(TEST_SPECS / f"{name}.yaml")
+    assert spec["task"] == task
+    assert spec["data"]["limit"] == spec["pairs"]["limit"] == 256
     assert spec["teacher"]["init"]["text"] is None
     assert [spec["teacher"][encoder]["layers"] for encoder in ("vision", "text", "fusion")] == [2, 2, 2]
+
+
+def test_tiny_test_specs_share_the_task_agnostic_sections():
+    vqa, itr = (load_spec(TEST_SPECS / f"{name}.yaml") for name in ("tiny_vqa", "tiny_itr"))
+    for section in ("pairs", "teacher", "pretrain", "student", "distill"):
+        assert vqa[section] == itr[section], section
+    # only VQA has answers to balance, so only its task teacher may balance them
+    assert vqa["task_teacher"]["train"]["answer_balance"] == 0.25
 
 
 # ---------------------------------------------------------------- defaults
@@ -156,22 +177,34 @@ def test_defaults_are_filled_into_a_minimal_spec():
     spec = validate_spec_text("name: minimal\ntask: vqa\n", "minimal.yaml")
     assert spec["prune"]["units"] == ["heads", "ffn"]
     assert spec["prune"]["target_sparsity"] == 0.5
-    assert spec["teacher"]["train"]["lr"] == 1e-4
+    assert spec["task_teacher"]["train"]["lr"] == 1e-4
+    assert spec["task_teacher"]["pool"] == "cls" and spec["task_teacher"]["checkpoint"] is None
+    assert spec["pretrain"]["weights"] == {"itc": 1.0, "itm": 1.0, "mlm": 1.0}
+    assert spec["pretrain"]["train"]["answer_balance"] == 0
+    assert spec["pairs"]["source"] == "easy-vqa" and spec["pairs"]["vocab_size"] == 2000
+    assert spec["pairs"]["image_size"] == spec["data"]["image_size"] == 64
+    assert "tokenizer" not in spec["data"] and "vocab_size" not in spec["data"]
+    assert "pool" not in spec["teacher"] and "train" not in spec["teacher"]
+    assert spec["teacher"]["embed_dim"] == 256
+    assert spec["evaluate"]["k_test"] == 16
     assert spec["finetune"]["train"]["max_steps"] is None
     assert spec["student"]["layer_map"] == {"vision": None, "text": None, "fusion": None}
     assert spec["evaluate"]["latency"]["batch_sizes"] == [1, 32]
     assert spec["evaluate"]["metric"] == "vqa_accuracy"
     assert spec["distill"]["weights"] == {"task": 1.0, "logits": 1.0, "hidden": 1.0, "attention": 1.0}
-    assert spec["prune"]["weights"] == {"task": 1.0, "logits": 1.0, "hidden": 0.0, "attention": 0.0}
+    # the paper prunes with all three KD terms
+    assert spec["prune"]["weights"] == {"task": 1.0, "logits": 1.0, "hidden": 1.0, "attention": 1.0}
 
 
 def test_partial_blocks_keep_their_use_site_defaults():
     spec = validate_spec_text(
-        "name: partial\ntask: vqa\nprune:\n  weights: {task: 2.0}\ndistill:\n  weights: {task: 3.0}\n",
+        "name: partial\ntask: vqa\nprune:\n  weights: {task: 2.0}\ndistill:\n  weights: {task: 3.0}\n"
+        "pretrain:\n  weights: {itm: 0.5}\n",
         "partial.yaml",
     )
-    assert spec["prune"]["weights"] == {"task": 2.0, "logits": 1.0, "hidden": 0.0, "attention": 0.0}
+    assert spec["prune"]["weights"] == {"task": 2.0, "logits": 1.0, "hidden": 1.0, "attention": 1.0}
     assert spec["distill"]["weights"] == {"task": 3.0, "logits": 1.0, "hidden": 1.0, "attention": 1.0}
+    assert spec["pretrain"]["weights"] == {"itc": 1.0, "itm": 0.5, "mlm": 1.0}
 
 
 def test_filled_spec_still_satisfies_the_schema():
@@ -187,7 +220,30 @@ def test_metric_default_follows_the_task(in_tmp_dir):
     # the default metric (cider) fits captioning, so the only problem is the missing task
     with pytest.raises(SpecError) as error:
         validate_spec_text(text, "caps.yaml")
-    assert str(error.value) == "caps.yaml:2: task: 'captioning' is not implemented yet (only vqa is)"
+    assert str(error.value) == ("caps.yaml:2: task: 'captioning' is not implemented yet (vqa and "
+                                "retrieval are)")
+    # retrieval is implemented, and easy-VQA serves it
+    spec = validate_spec_text("name: itr\ntask: retrieval\n", "itr.yaml")
+    assert spec["evaluate"]["metric"] == "recall_at_k"
+    assert spec["data"]["source"] == "easy-vqa"
+
+
+@pytest.mark.parametrize("task", load_schema()["properties"]["task"]["enum"])
+def test_a_task_is_refused_exactly_when_the_library_has_no_task_for_it(task, in_tmp_dir):
+    from evlm_cli.tasks import TASKS
+
+    (in_tmp_dir / "train.json").write_text("[]", encoding="utf-8")
+    (in_tmp_dir / "images").mkdir()
+    (in_tmp_dir / "answers.json").write_text("[]", encoding="utf-8")
+    text = (f"name: t\ntask: {task}\ndata:\n  source: xvlm-json\n  train: train.json\n"
+            "  test: train.json\n  image_root: images\n  answer_list: answers.json\n")
+    try:
+        validate_spec_text(text, "t.yaml")
+        problems = []
+    except InvalidSpecError as error:
+        problems = error.problems
+    refused = f"t.yaml:2: task: {task!r} is not implemented yet (vqa and retrieval are)"
+    assert problems == ([] if task in TASKS else [refused])
 
 
 # ---------------------------------------------------------------- the schema itself
@@ -267,13 +323,13 @@ def test_local_directory_with_a_hub_like_name_is_accepted(in_tmp_dir):
     spec = validate_spec_text("name: local\ntask: vqa\nteacher:\n  init:\n    text: bert-base-uncased\n",
                               "local.yaml")
     assert spec["teacher"]["init"]["text"] == "bert-base-uncased"
-    assert spec["data"]["tokenizer"] == "bert-base-uncased"
+    assert spec["pairs"]["tokenizer"] == "bert-base-uncased"
 
 
 def test_minilm_stays_a_name_and_finds_the_packaged_model_directory():
     spec = validate_spec_text("name: mini\ntask: vqa\nteacher:\n  init:\n    text: minilm\n", "mini.yaml")
     # params.yaml keeps the name, so shared-stage hashes are the same on every machine
-    assert spec["teacher"]["init"]["text"] == spec["data"]["tokenizer"] == "minilm"
+    assert spec["teacher"]["init"]["text"] == spec["pairs"]["tokenizer"] == "minilm"
     directory = Path(local_path(spec["teacher"]["init"]["text"]))
     assert directory.is_absolute()
     assert directory == minilm_dir()
@@ -282,10 +338,23 @@ def test_minilm_stays_a_name_and_finds_the_packaged_model_directory():
     assert local_path("some/dir") == "some/dir" and local_path(None) is None
 
 
-def test_explicit_tokenizer_is_kept_when_text_init_is_set():
-    text = "name: mini\ntask: vqa\ndata:\n  tokenizer: minilm\nteacher:\n  init:\n    text: minilm\n"
+def test_explicit_tokenizer_is_kept_when_text_init_is_set(in_tmp_dir):
+    (in_tmp_dir / "tok").mkdir()
+    text = "name: mini\ntask: vqa\npairs:\n  tokenizer: tok\nteacher:\n  init:\n    text: minilm\n"
     spec = validate_spec_text(text, "mini.yaml")
-    assert spec["data"]["tokenizer"] == "minilm"
+    assert spec["pairs"]["tokenizer"] == "tok"
+
+
+def test_tokenizer_stays_unset_without_text_init():
+    # null then means: prepare_pairs trains a WordPiece on the captions
+    assert validate_spec_text("name: x\ntask: vqa\n", "x.yaml")["pairs"]["tokenizer"] is None
+
+
+def test_task_text_may_outgrow_the_pairs_when_the_text_encoder_is_imported():
+    # the imported text encoder brings its own positions (MiniLM: 512)
+    text = ("name: mini\ntask: vqa\npairs:\n  max_text_len: 32\ndata:\n  max_text_len: 64\n"
+            "teacher:\n  init:\n    text: minilm\n")
+    assert validate_spec_text(text, "mini.yaml")["data"]["max_text_len"] == 64
 
 
 # ---------------------------------------------------------------- teacher checkpoints
@@ -351,8 +420,9 @@ def test_absent_train_in_any_form_is_reported(train):
 
 def test_source_problems_name_fields_not_spec_keys():
     assert source_problems("easy-vqa", "vqa", None, None, None, None) == []
+    assert source_problems("easy-vqa", "retrieval", None, None, None, None) == []
     assert source_problems("easy-vqa", "nlvr2", None, None, None, None) == [
-        ("source", "easy-vqa only has VQA data; task nlvr2 needs xvlm-json")]
+        ("source", "easy-vqa has data for vqa and retrieval only; task nlvr2 needs xvlm-json")]
     assert source_problems("xvlm-json", "vqa", ("a.json",), "t.json", None, None) == [
         ("image_root", "required when the source is xvlm-json"),
         ("answer_list", "required for VQA from xvlm-json"),

@@ -1,30 +1,126 @@
-"""The training objective of every stage: task loss + weighted distillation terms + sparsity penalty."""
+"""The training objective of every stage: task loss + weighted distillation terms + sparsity penalty.
+
+Two kinds of task step feed it. VQA classifies one forward pass. Pre-training and retrieval
+contrast: ITC over the two unimodal encoders, ITM on positive pairs and hard negatives, and
+(pre-training) MLM through the fusion encoder. Either way the step returns the forward pass
+whose hidden states and attention maps KD compares, the task terms, and the logits KD
+compares. The teacher replays the student's random choices (negatives, masked tokens), so
+both are asked the same questions.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from evlm_cli.compress import distill as kd
 from evlm_cli.config import ENCODERS, LossWeights
-from evlm_cli.models.vlm import VLM, model_inputs
+from evlm_cli.models.blocks import Gates
+from evlm_cli.models.vlm import VLM, VLMOutput, model_inputs
 from evlm_cli.tasks import TASKS
+from evlm_cli.tasks import pretrain as objectives
 
 # Only the task loss: a teacher trained on its own.
 TASK_ONLY = LossWeights(task=1.0, logits=0.0, hidden=0.0, attention=0.0)
 
 
+@dataclass(frozen=True)
+class Masking:
+    """How MLM masks text: the tokenizer's ids and the masking rate."""
+
+    mask_id: int
+    vocab_size: int
+    special_ids: tuple[int, ...]
+    prob: float
+
+
+@dataclass
+class Step:
+    """One model's answer to a batch."""
+
+    out: VLMOutput  # the forward pass of the real pairs: what hidden and attention KD compare
+    terms: dict[str, Tensor]  # the task's own loss terms, unweighted
+    logits: list[Tensor]  # the predictions logit KD compares, in a fixed order
+    choices: dict[str, Tensor] = field(default_factory=dict)  # random draws the teacher replays
+
+
+def classify_step(model: VLM, batch: dict[str, Tensor], task: str, gates: Gates | None,
+                  opts: dict) -> Step:
+    out = model(*model_inputs(batch), gates=gates, **opts)
+    logits = model.logits(task, out)
+    return Step(out, {"task": TASKS[task].loss(logits, batch["targets"])}, [logits])
+
+
+def contrast_step(model: VLM, batch: dict[str, Tensor], weights: dict[str, float],
+                  masking: Masking | None, gates: Gates | None, opts: dict,
+                  choices: dict[str, Tensor] | None = None) -> Step:
+    """ITC, ITM with hard negatives and MLM on a batch of image-text pairs.
+
+    Terms with weight 0 are not computed. `choices` (the student's draws) replays the same
+    negatives and masks for the teacher; without it they are drawn here.
+    """
+    images, ids, mask = model_inputs(batch)
+    image_ids = batch["image_index"]
+    drawn = dict(choices or {})
+    vision = model.vision(images, gates=gates, **opts)
+    text = model.encode_text(ids, mask, gates=gates, **opts)
+    fused = model.fuse(text.last, mask, vision.last, gates=gates, **opts)
+    out = VLMOutput(vision, text, fused, mask)
+    terms, logits = {}, []
+    sim = model.similarity(vision.last, text.last)
+    if weights.get("itc"):
+        terms["itc"] = objectives.itc_loss(sim, image_ids)
+        logits += [sim, sim.t()]
+    if weights.get("itm"):
+        if "negative_text" not in drawn:
+            drawn["negative_text"], drawn["negative_image"] = objectives.sample_hard_negatives(
+                sim.detach().float(), image_ids)
+        neg_text, neg_image = drawn["negative_text"], drawn["negative_image"]
+        # Each image with a wrong caption, then each caption with a wrong image.
+        negatives = model.fuse(torch.cat([text.last[neg_text], text.last]),
+                               torch.cat([mask[neg_text], mask]),
+                               torch.cat([vision.last, vision.last[neg_image]]), gates=gates)
+        positive, negative = model.match_logits(fused.last), model.match_logits(negatives.last)
+        terms["itm"] = objectives.itm_loss(positive, negative)
+        logits.append(torch.cat([positive, negative]))
+    if weights.get("mlm"):
+        if "masked_ids" not in drawn:
+            drawn["masked_ids"], drawn["mlm_labels"] = objectives.mask_tokens(
+                ids, mask, mask_id=masking.mask_id, vocab_size=masking.vocab_size,
+                special_ids=masking.special_ids, prob=masking.prob)
+        labels = drawn["mlm_labels"]
+        masked = model.encode_text(drawn["masked_ids"], mask, gates=gates)
+        fused_masked = model.fuse(masked.last, mask, vision.last, gates=gates)
+        chosen = labels != -100
+        # The vocabulary projection runs at masked positions only: most tokens are not asked.
+        predicted = model.mlm_logits(fused_masked.last[chosen])
+        terms["mlm"] = objectives.mlm_loss(predicted[None], labels[chosen][None])
+        logits.append(predicted)
+    return Step(out, terms, logits, drawn)
+
+
 class Objective:
     """Task loss + weighted distillation terms (+ the sparsity penalty when pruning).
 
+    `task` is a task name ("vqa", "retrieval") or "pretrain". `task_weights` weighs the
+    contrastive terms (itc, itm, mlm) of pre-training and retrieval into the task term.
     `modules` holds what it trains besides the student (the learned hidden-state projections),
     for the optimiser and the checkpoint.
     """
 
     def __init__(self, student: VLM, task: str, weights: LossWeights, temperature: float,
                  teacher: VLM | None = None, layer_maps: dict[str, list[int]] | None = None,
-                 gates: nn.Module | None = None, constraint: nn.Module | None = None):
+                 gates: nn.Module | None = None, constraint: nn.Module | None = None,
+                 task_weights: dict[str, float] | None = None, masking: Masking | None = None):
         self.student, self.task, self.weights, self.temperature = student, task, weights, temperature
+        self.contrastive = task == "pretrain" or TASKS[task].contrastive
+        if self.contrastive:
+            self.task_weights = dict(task_weights or TASKS[task].terms)
+            if self.task_weights.get("mlm") and masking is None:
+                raise ValueError("MLM needs the tokenizer's masking settings")
+        self.masking = masking
         use_teacher = teacher is not None and any((weights.logits, weights.hidden, weights.attention))
         self.teacher = [teacher] if use_teacher else []
         self.gates, self.constraint = gates, constraint
@@ -39,39 +135,54 @@ class Objective:
     def parameters(self) -> list[nn.Parameter]:
         return [p for m in self.modules.values() for p in m.parameters()]
 
+    def step(self, model: VLM, batch: dict[str, Tensor], gates: Gates | None, opts: dict,
+             choices: dict[str, Tensor] | None = None) -> Step:
+        if self.contrastive:
+            return contrast_step(model, batch, self.task_weights, self.masking, gates, opts,
+                                 choices)
+        return classify_step(model, batch, self.task, gates, opts)
+
     def __call__(self, batch: dict[str, Tensor], step: int, total: int) -> tuple[Tensor, dict]:
         w = self.weights
-        want_h, want_a = bool(self.hidden), bool(self.teacher and w.attention)
+        opts = {"output_hidden": bool(self.hidden),
+                "output_attentions": bool(self.teacher and w.attention)}
         gates = self.gates() if self.gates is not None and self.constraint.uses_gates else None
-        out = self.student(*model_inputs(batch), gates=gates, output_hidden=want_h,
-                           output_attentions=want_a)
-        logits = self.student.logits(self.task, out)
-        terms = {"task": TASKS[self.task].loss(logits, batch["targets"])}
+        mine = self.step(self.student, batch, gates, opts)
+        terms = dict(mine.terms)
+        if self.contrastive:
+            terms = {**{k: v.detach() for k, v in terms.items()},
+                     "task": sum(self.task_weights[k] * v for k, v in mine.terms.items())}
         if self.teacher:
-            teacher = self.teacher[0]
             with torch.no_grad():
-                t_out = teacher(*model_inputs(batch), output_hidden=want_h, output_attentions=want_a)
-                t_logits = teacher.logits(self.task, t_out)
-            if w.logits:
-                terms["logits"] = kd.logits_kd(logits, t_logits, self.temperature)
-            # Padded text tokens are left out of every term: as hidden states and as the query
-            # rows of attention maps (text and fusion queries are text tokens; images have none).
-            masks = {"vision": None, "text": batch["attention_mask"], "fusion": batch["attention_mask"]}
-            if want_h:
-                terms["hidden"] = sum(
-                    self.hidden.loss(out.encoder(e).hidden_states, t_out.encoder(e).hidden_states,
-                                     self.layer_maps[e], masks[e], encoder=e)
-                    for e in ENCODERS) / len(ENCODERS)
-            if want_a:
-                maps = [(out.encoder(e).attentions, t_out.encoder(e).attentions,
-                         self.layer_maps[e], masks[e]) for e in ENCODERS]
-                maps.append((out.fusion.cross_attentions, t_out.fusion.cross_attentions,
-                             self.layer_maps["fusion"], masks["fusion"]))
-                terms["attention"] = sum(kd.attention_kd(s, t, m, mask)
-                                         for s, t, m, mask in maps) / len(maps)
-        loss = sum(getattr(w, k) * v for k, v in terms.items())
+                theirs = self.step(self.teacher[0], batch, None, opts, mine.choices)
+            terms.update(self.distillation(mine, theirs, batch["attention_mask"]))
+        loss = sum(getattr(w, k) * v for k, v in terms.items() if hasattr(w, k))
         logs = {k: v.item() for k, v in terms.items()}
         if self.constraint is not None and self.constraint.uses_gates:
             loss = loss + self.constraint.loss(step, total)
             logs.update(self.constraint.log_values(step, total))
         return loss, logs
+
+    def distillation(self, mine: Step, theirs: Step, text_mask: Tensor) -> dict[str, Tensor]:
+        w, out, t_out = self.weights, mine.out, theirs.out
+        terms = {}
+        if w.logits:
+            terms["logits"] = sum(kd.logits_kd(s, t, self.temperature)
+                                  for s, t in zip(mine.logits, theirs.logits, strict=True)
+                                  ) / len(mine.logits)
+        # Padded text tokens are left out of every term: as hidden states and as the query
+        # rows of attention maps (text and fusion queries are text tokens; images have none).
+        masks = {"vision": None, "text": text_mask, "fusion": text_mask}
+        if self.hidden:
+            terms["hidden"] = sum(
+                self.hidden.loss(out.encoder(e).hidden_states, t_out.encoder(e).hidden_states,
+                                 self.layer_maps[e], masks[e], encoder=e)
+                for e in ENCODERS) / len(ENCODERS)
+        if w.attention:
+            maps = [(out.encoder(e).attentions, t_out.encoder(e).attentions,
+                     self.layer_maps[e], masks[e]) for e in ENCODERS]
+            maps.append((out.fusion.cross_attentions, t_out.fusion.cross_attentions,
+                         self.layer_maps["fusion"], masks["fusion"]))
+            terms["attention"] = sum(kd.attention_kd(s, t, m, mask)
+                                     for s, t, m, mask in maps) / len(maps)
+        return terms

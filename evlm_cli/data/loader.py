@@ -76,11 +76,12 @@ class PreparedSplit(Dataset):
         self.image_index = tensors["image_index"]
         self.input_ids = tensors["input_ids"]
         self.attention_mask = tensors["attention_mask"]
-        self.targets = tensors["targets"]
-        self.question_id = tensors["question_id"]
+        # Questions have answer targets and ids; captions have neither.
+        self.targets = tensors.get("targets")
+        self.question_id = tensors.get("question_id")
 
     def __len__(self) -> int:
-        return self.question_id.numel()
+        return self.image_index.numel()
 
     def __getitem__(self, index: int) -> Batch:
         batch = self.gather(torch.tensor([index]))
@@ -89,13 +90,21 @@ class PreparedSplit(Dataset):
     def gather(self, indices: torch.Tensor) -> Batch:
         """The examples at `indices` as one batch, images normalised as prepare recorded."""
         pixels = self.images[self.image_index[indices]]
-        return {
+        batch = {
             "images": pixels.float().mul_(self._scale).sub_(self._shift),
             "input_ids": self.input_ids[indices].long(),
             "attention_mask": self.attention_mask[indices].long(),
-            "targets": self.targets[indices].float(),
-            "question_id": self.question_id[indices],
+            # which image a row shows: captions of one image are each other's positives (ITC)
+            "image_index": self.image_index[indices],
         }
+        if self.targets is not None:
+            batch["targets"] = self.targets[indices].float()
+            batch["question_id"] = self.question_id[indices]
+        return batch
+
+    def images_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The normalised images of the given image rows."""
+        return self.images[rows].float().mul_(self._scale).sub_(self._shift)
 
     def answer_weights(self, balance: float) -> torch.Tensor:
         """Sampling weight per example: (count of its top answer) ** -balance.
@@ -107,6 +116,9 @@ class PreparedSplit(Dataset):
         """
         if not 0.0 <= balance <= 1.0:
             raise ValueError(f"answer balance must be in [0, 1], got {balance}")
+        if self.targets is None:
+            raise ValueError(f"split {self.name!r} has no answers to balance: set answer_balance "
+                             "to 0 for image-text pairs")
         targets = self.targets.float()
         labelled = targets.amax(1) > 0
         top = targets.argmax(1)

@@ -1,13 +1,17 @@
-"""The prepare stage's library: read a task dataset once and write tensors later stages load fast.
+"""The prepare stages' library: read a dataset once and write tensors later stages load fast.
+
+Two kinds of data are prepared: a task's (VQA questions, retrieval captions) and the
+task-agnostic image-text pairs of pre-training, which also own the tokenizer every task uses
+(the pre-trained text encoder's vocabulary).
 
 Layout of the output directory:
 - `images.safetensors`: `images` uint8 [N_images, 3, S, S], each source image once across splits;
-- `<split>.safetensors` per split: `image_index` int64 [N], `input_ids` int32 [N, L],
-  `attention_mask` uint8 [N, L], `targets` float16 [N, A] (soft scores, see
-  `evlm_cli.tasks.vqa.answer_scores`), `question_id` int64 [N];
-- `answers.json` (index order), `tokenizer/` (HF format), `meta.json`.
+- `<split>.safetensors` per split, one row per text: `image_index` int64 [N], `input_ids` int32
+  [N, L], `attention_mask` uint8 [N, L]; for VQA also `targets` float16 [N, A] (soft scores, see
+  `evlm_cli.tasks.vqa.answer_scores`) and `question_id` int64 [N]. Retrieval evaluation splits
+  list every caption of an image as its own row;
+- `answers.json` (index order; empty without answers), `tokenizer/` (HF format), `meta.json`.
 """
-
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,12 +22,13 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import BertTokenizerFast
 
-from evlm_cli.config import DataConfig
+from evlm_cli.config import DataConfig, PairsConfig
+from evlm_cli.data.captions import read_easy_vqa_pairs, read_easy_vqa_retrieval
 from evlm_cli.data.easy_vqa import easy_vqa_answers, read_easy_vqa
-from evlm_cli.data.records import VqaRecord, split_off_by_image
+from evlm_cli.data.records import PairRecord, VqaRecord, split_off_by_image
 from evlm_cli.data.sources import source_problems
 from evlm_cli.data.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
-from evlm_cli.data.xvlm_json import read_answer_list, read_vqa
+from evlm_cli.data.xvlm_json import read_answer_list, read_pairs, read_retrieval_eval, read_vqa
 from evlm_cli.errors import DataError
 from evlm_cli.io import atomic_path, atomic_save_safetensors, atomic_write_json
 from evlm_cli.tasks.vqa import answer_scores
@@ -34,45 +39,69 @@ PIXEL_MEAN = (0.5, 0.5, 0.5)
 PIXEL_STD = (0.5, 0.5, 0.5)
 
 
-def prepare(data: DataConfig, task: str, seed: int, out_dir: Path) -> dict:
-    """Read the dataset `data` names and write the prepared files into `out_dir`.
+def prepare(data: DataConfig, task: str, seed: int, out_dir: Path, tokenizer: Path) -> dict:
+    """Read the task dataset `data` names and write the prepared files into `out_dir`.
 
-    Returns a summary: examples per split, number of images, answers and vocabulary size.
+    `tokenizer` is the pre-training data's tokenizer folder: a task tokenises as its
+    pre-trained teacher did. Returns a summary: examples per split, images, answers, vocabulary.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    full_splits, answers = read_vqa_splits(data, task, seed)
-    tokenizer = _prepare_tokenizer(data, full_splits["train"], out / "tokenizer")
-    splits = {
-        name: limit_examples(records, data.limit, seed, SPLITS.index(name))
-        for name, records in full_splits.items()
-    }
+    full_splits, answers = read_task_splits(data, task, seed)
+    text = load_tokenizer(tokenizer)
+    save_tokenizer(text, out / "tokenizer")  # a prepared folder is self-contained
+    splits = {name: _rows(limit_examples(records, data.limit, seed, SPLITS.index(name)))
+              for name, records in full_splits.items()}
+    return write_prepared(out, splits, answers, text, data.image_size, data.max_text_len,
+                          {"source": data.source, "task": task})
+
+
+def prepare_pairs(pairs: PairsConfig, seed: int, out_dir: Path) -> dict:
+    """Read the pre-training image-text pairs and write them, with the tokenizer, to `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    full_splits = read_pair_splits(pairs, seed)
+    text = _prepare_tokenizer(pairs.tokenizer, pairs.vocab_size,
+                              [record["caption"] for record in full_splits["train"]],
+                              out / "tokenizer")
+    splits = {name: limit_examples(records, pairs.limit, seed, SPLITS.index(name))
+              for name, records in full_splits.items()}
+    return write_prepared(out, splits, [], text, pairs.image_size, pairs.max_text_len,
+                          {"source": pairs.source, "task": "pretrain"})
+
+
+def write_prepared(out: Path, splits: dict[str, list], answers: list[str],
+                   tokenizer: BertTokenizerFast, image_size: int, max_text_len: int,
+                   about: dict) -> dict:
     image_paths = unique_images(splits)
     image_row = {path: row for row, path in enumerate(image_paths)}
     atomic_save_safetensors(
-        out / "images.safetensors", {"images": decode_images(image_paths, data.image_size)}
+        out / "images.safetensors", {"images": decode_images(image_paths, image_size)}
     )
     answer_index = {answer: index for index, answer in enumerate(answers)}
     split_meta = {}
     for name, records in splits.items():
-        tensors = encode_split(records, image_row, answer_index, tokenizer, data.max_text_len)
+        tensors = encode_split(records, image_row, answer_index, tokenizer, max_text_len)
         atomic_save_safetensors(out / f"{name}.safetensors", tensors)
         split_meta[name] = {
             "examples": len(records),
             "images": len({record["image"] for record in records}),
-            "labelled": all(record["answers"] for record in records),
+            "labelled": all(record.get("answers", True) for record in records),
         }
     atomic_write_json(out / "answers.json", answers)
+    special = sorted({tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id,
+                      tokenizer.unk_token_id, tokenizer.mask_token_id} - {None})
     meta = {
-        "source": data.source,
-        "task": task,
+        **about,
         "splits": split_meta,
         "num_images": len(image_paths),
         "num_answers": len(answers),
-        "image_size": data.image_size,
-        "max_text_len": data.max_text_len,
+        "image_size": image_size,
+        "max_text_len": max_text_len,
         "vocab_size": len(tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
+        "mask_token_id": tokenizer.mask_token_id,
+        "special_token_ids": special,
         "pixel_mean": list(PIXEL_MEAN),
         "pixel_std": list(PIXEL_STD),
     }
@@ -85,9 +114,8 @@ def prepare(data: DataConfig, task: str, seed: int, out_dir: Path) -> dict:
     }
 
 
-def read_vqa_splits(data: DataConfig, task: str, seed: int
-                    ) -> tuple[dict[str, list[VqaRecord]], list[str]]:
-    """Records per split (train, val and, when present, test) and the answer list.
+def read_task_splits(data: DataConfig, task: str, seed: int) -> tuple[dict[str, list], list[str]]:
+    """Records per split (train, val and, when present, test) and the answer list (VQA).
 
     easy-VQA carves val from train by image. So does xvlm-json when no val file is given.
     """
@@ -96,8 +124,10 @@ def read_vqa_splits(data: DataConfig, task: str, seed: int
     if problems:
         field, message = problems[0]
         raise DataError(f"data {field}: {message}")
+    if task == "retrieval":
+        return read_retrieval_splits(data, seed), []
     if task != "vqa":
-        raise DataError(f"prepare reads only VQA data so far, not task {task!r}")
+        raise DataError(f"prepare reads VQA and retrieval data so far, not task {task!r}")
     if data.source == "easy-vqa":
         return read_easy_vqa(data.val_fraction, seed), easy_vqa_answers()
     splits = {"train": read_vqa(list(data.train), data.image_root, require_answers=True)}
@@ -108,6 +138,41 @@ def read_vqa_splits(data: DataConfig, task: str, seed: int
     if data.test:
         splits["test"] = read_vqa(list(data.test), data.image_root, require_answers=False)
     return splits, read_answer_list(data.answer_list)
+
+
+def read_retrieval_splits(data: DataConfig, seed: int) -> dict[str, list]:
+    """Train pairs; val and test as images with all their captions."""
+    if data.source == "easy-vqa":
+        return read_easy_vqa_retrieval(data.val_fraction, seed)
+    splits = {"train": read_pairs(list(data.train), data.image_root)}
+    if data.val:
+        splits["val"] = read_retrieval_eval(list(data.val), data.image_root)
+    else:
+        splits["train"], splits["val"] = _carve_val(splits["train"], data.val_fraction, seed)
+    splits["test"] = read_retrieval_eval(list(data.test), data.image_root)
+    return splits
+
+
+def read_pair_splits(pairs: PairsConfig, seed: int) -> dict[str, list[PairRecord]]:
+    """Pre-training pairs: train, and val carved from it by image."""
+    if pairs.source == "easy-vqa":
+        return read_easy_vqa_pairs(pairs.val_fraction, seed)
+    if pairs.source != "xvlm-json" or not pairs.train or not pairs.image_root:
+        raise DataError(f"pairs: source {pairs.source!r} needs train files and an image_root")
+    train, val = _carve_val(read_pairs(list(pairs.train), pairs.image_root), pairs.val_fraction,
+                            seed)
+    return {"train": train, "val": val}
+
+
+def _rows(records: list) -> list:
+    """One row per text: an image with several captions becomes a row per caption."""
+    rows = []
+    for record in records:
+        if "captions" in record:
+            rows += [PairRecord(image=record["image"], caption=c) for c in record["captions"]]
+        else:
+            rows.append(record)
+    return rows
 
 
 def limit_examples(records: list, limit: int | None, seed: int, stream: int) -> list:
@@ -139,16 +204,18 @@ def decode_images(paths: list[str], size: int) -> torch.Tensor:
 
 
 def encode_split(
-    records: list[VqaRecord],
+    records: list,
     image_row: dict[str, int],
     answer_index: dict[str, int],
     tokenizer: BertTokenizerFast,
     max_text_len: int,
 ) -> dict[str, torch.Tensor]:
-    """Tensors of one split: image rows, padded token ids and mask, soft targets, question ids."""
+    """Tensors of one split: image rows, padded token ids and mask; for questions (VQA) also
+    soft targets and question ids."""
     count = len(records)
+    questions = bool(records) and "question" in records[0]
     encoded = tokenizer(
-        [record["question"] for record in records],
+        [record["question"] if questions else record["caption"] for record in records],
         padding="max_length",
         truncation=True,
         max_length=max_text_len,
@@ -157,13 +224,16 @@ def encode_split(
     )
     input_ids = torch.tensor(encoded["input_ids"], dtype=torch.int32).reshape(count, max_text_len)
     mask = torch.tensor(encoded["attention_mask"], dtype=torch.uint8).reshape(count, max_text_len)
-    return {
+    tensors = {
         "image_index": torch.tensor([image_row[r["image"]] for r in records], dtype=torch.int64),
         "input_ids": input_ids,
         "attention_mask": mask,
-        "targets": target_scores(records, answer_index),
-        "question_id": torch.tensor([r["question_id"] for r in records], dtype=torch.int64),
     }
+    if questions:
+        tensors["targets"] = target_scores(records, answer_index)
+        tensors["question_id"] = torch.tensor([r["question_id"] for r in records],
+                                              dtype=torch.int64)
+    return tensors
 
 
 def target_scores(records: list[VqaRecord], answer_index: dict[str, int]) -> torch.Tensor:
@@ -176,17 +246,17 @@ def target_scores(records: list[VqaRecord], answer_index: dict[str, int]) -> tor
     return torch.from_numpy(targets).to(torch.float16)
 
 
-def _prepare_tokenizer(data: DataConfig, train: list[VqaRecord], out: Path) -> BertTokenizerFast:
-    """Write the tokenizer to `out` and return it (the teacher's vocabulary when it has one)."""
+def _prepare_tokenizer(given: str | None, vocab_size: int, texts: list[str],
+                       out: Path) -> BertTokenizerFast:
+    """Write the tokenizer to `out` and return it: the one given, or a WordPiece trained on
+    every train text (not only those kept by `limit`, so a smoke run tokenises like the full
+    run)."""
     with atomic_path(out) as temp:
-        if data.tokenizer is not None:
-            tokenizer = load_tokenizer(data.tokenizer)
+        if given is not None:
+            tokenizer = load_tokenizer(given)
             save_tokenizer(tokenizer, temp)
         else:
-            # The vocabulary comes from every train question, not only those kept by `limit`,
-            # so a smoke run tokenises like the full run.
-            questions = [record["question"] for record in train]
-            tokenizer = train_wordpiece(questions, data.vocab_size, temp)
+            tokenizer = train_wordpiece(texts, vocab_size, temp)
     return tokenizer
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 SOURCES = ("easy-vqa", "xvlm-json")
+# Its questions, and captions derived from its images (`data.captions`).
+EASY_VQA_TASKS = ("vqa", "retrieval")
 
 
 def source_problems(source: str, task: str, train, test, image_root,
@@ -13,8 +15,9 @@ def source_problems(source: str, task: str, train, test, image_root,
     Messages name no spec keys: the caller prefixes the field as it calls it.
     """
     if source == "easy-vqa":
-        if task != "vqa":
-            return [("source", f"easy-vqa only has VQA data; task {task} needs xvlm-json")]
+        if task not in EASY_VQA_TASKS:
+            return [("source", f"easy-vqa has data for {' and '.join(EASY_VQA_TASKS)} only; "
+                               f"task {task} needs xvlm-json")]
         return []
     if source != "xvlm-json":
         return [("source", f"unknown source {source!r} (expected one of: {', '.join(SOURCES)})")]

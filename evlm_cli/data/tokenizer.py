@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import string
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -59,10 +60,13 @@ def train_wordpiece(
     """
     texts = list(texts)
     learner = _bert_pipeline(Tokenizer(WordPiece(unk_token=UNK)))
+    seen = set(_alphabet(learner, texts, ascii_too=False))
     alphabet = _alphabet(learner, texts)
     # The trainer numbers characters in hash-map order, so merges of equal count tie-break
     # differently from run to run; reserving the alphabet's ids up front makes it deterministic.
-    reserved = [*SPECIAL_TOKENS, *alphabet, *(f"##{char}" for char in alphabet)]
+    # Punctuation is split off before WordPiece runs, so ASCII punctuation never continues a word.
+    continued = [char for char in alphabet if char not in string.punctuation or char in seen]
+    reserved = [*SPECIAL_TOKENS, *alphabet, *(f"##{char}" for char in continued)]
     trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=reserved, show_progress=False)
     learner.train_from_iterator(texts, trainer=trainer)
     # Rebuild from the learned vocabulary, so that only BERT's own special tokens stay special.
@@ -73,9 +77,14 @@ def train_wordpiece(
     return tokenizer
 
 
-def _alphabet(learner: Tokenizer, texts: list[str]) -> list[str]:
-    """Every character of the normalised texts but whitespace (which pre-tokenising drops), sorted."""
-    chars: set[str] = set()
+def _alphabet(learner: Tokenizer, texts: list[str], ascii_too: bool = True) -> list[str]:
+    """Every character of the normalised texts but whitespace (which pre-tokenising drops),
+    and of lowercase ASCII text, sorted.
+
+    The vocabulary learnt on pre-training captions also tokenises every task's text: a word
+    the captions never use is spelled out in pieces, never lost as [UNK].
+    """
+    chars = set(string.ascii_lowercase + string.digits + string.punctuation) if ascii_too else set()
     for text in texts:
         chars.update(learner.normalizer.normalize_str(text))
     return sorted(char for char in chars if not char.isspace())

@@ -3,18 +3,21 @@
 VQA files hold a list of entries
 `{"image": <path relative to image_root>, "question": str, "answer": [str, ...], "question_id": int}`;
 `answer` repeats VQAv2-style (one entry per annotator) and is absent in test files.
-NLVR2, retrieval and captioning readers belong next to `read_vqa` and in `READERS`.
+Retrieval and pre-training files hold `{"image": ..., "caption": ...}` entries (X-VLM's and
+ALBEF's): a train entry's caption is one string or, in some pre-training files, a list of
+them; an evaluation entry lists every caption that matches its image. Other keys (`image_id`)
+are ignored. NLVR2 and captioning readers belong next to these.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from evlm_cli.data.records import VqaRecord
+from evlm_cli.data.records import PairRecord, RetrievalRecord, VqaRecord
 from evlm_cli.errors import DataError
 
 PathLike = str | os.PathLike
@@ -41,49 +44,99 @@ def read_vqa(
     `require_answers` makes a missing or empty `answer` an error (train and val); test files
     may omit it, and their records get `answers == []`.
     """
-    root = Path(image_root)
-    if not root.is_dir():
-        raise DataError(f"image_root {root}: no such directory")
+    images = _ImageChecker(image_root)
     records: list[VqaRecord] = []
-    found_images: set[Path] = set()  # many questions share an image: check each file once
+    for entry, where in _entries(files, ("image", "question", "question_id")):
+        image, question = entry["image"], entry["question"]
+        if not isinstance(image, str) or not isinstance(question, str):
+            raise DataError(f"{where}: 'image' and 'question' must be strings")
+        answers = _answers(entry.get("answer"), require_answers, where)
+        records.append(VqaRecord(
+            image=images.path(image, where),
+            question=question,
+            answers=answers,
+            question_id=_question_id(entry["question_id"], where),
+        ))
+    return records
+
+
+def read_pairs(files: Sequence[PathLike], image_root: PathLike) -> list[PairRecord]:
+    """Read image-caption pairs (retrieval train, pre-training) from `files` in order.
+
+    An entry whose `caption` is a list yields one pair per caption, in its order.
+    """
+    images = _ImageChecker(image_root)
+    records: list[PairRecord] = []
+    for entry, where in _entries(files, ("image", "caption")):
+        image = images.path(_image(entry, where), where)
+        records += [PairRecord(image=image, caption=caption)
+                    for caption in _captions(entry["caption"], where)]
+    return records
+
+
+def read_retrieval_eval(files: Sequence[PathLike], image_root: PathLike) -> list[RetrievalRecord]:
+    """Read retrieval val/test entries: one record per image with all of its captions.
+
+    A `caption` given as one string counts as a list of one.
+    """
+    images = _ImageChecker(image_root)
+    records: list[RetrievalRecord] = []
+    for entry, where in _entries(files, ("image", "caption")):
+        image = images.path(_image(entry, where), where)
+        records.append(RetrievalRecord(image=image, captions=_captions(entry["caption"], where)))
+    return records
+
+
+class _ImageChecker:
+    """Joins image paths to the image root and checks that each file exists, once per file."""
+
+    def __init__(self, image_root: PathLike) -> None:
+        self.root = Path(image_root)
+        if not self.root.is_dir():
+            raise DataError(f"image_root {self.root}: no such directory")
+        self.found: set[Path] = set()  # many entries share an image
+
+    def path(self, image: str, where: str) -> str:
+        # Normalised, so that "a.png" and "./a.png" are stored as one image.
+        image_path = Path(os.path.normpath(self.root / image))
+        if image_path not in self.found:
+            if not image_path.is_file():
+                raise DataError(f"{where}: image {image_path} not found")
+            self.found.add(image_path)
+        return str(image_path)
+
+
+def _entries(files: Sequence[PathLike], keys: tuple[str, ...]) -> Iterator[tuple[dict, str]]:
+    """Each entry of each file with its location ("<file>: entry <index>"), having `keys`."""
     for file in files:
         entries = _load_json(Path(file))
         if not isinstance(entries, list):
             raise DataError(f"{file}: expected a JSON list of entries, got {type(entries).__name__}")
         for index, entry in enumerate(entries):
             where = f"{file}: entry {index}"
-            records.append(_vqa_record(entry, root, require_answers, found_images, where))
-    return records
+            if not isinstance(entry, dict):
+                raise DataError(f"{where}: expected an object, got {type(entry).__name__}")
+            for key in keys:
+                if key not in entry:
+                    raise DataError(f"{where}: missing key {key!r}")
+            yield entry, where
 
 
-# One reader per task; nlvr2, retrieval and captioning slot in here when implemented.
-READERS: dict[str, Callable[..., list[Any]]] = {"vqa": read_vqa}
+def _image(entry: dict, where: str) -> str:
+    if not isinstance(entry["image"], str):
+        raise DataError(f"{where}: 'image' must be a string")
+    return entry["image"]
 
 
-def _vqa_record(
-    entry: Any, root: Path, require_answers: bool, found_images: set[Path], where: str
-) -> VqaRecord:
-    if not isinstance(entry, dict):
-        raise DataError(f"{where}: expected an object, got {type(entry).__name__}")
-    for key in ("image", "question", "question_id"):
-        if key not in entry:
-            raise DataError(f"{where}: missing key {key!r}")
-    image, question = entry["image"], entry["question"]
-    if not isinstance(image, str) or not isinstance(question, str):
-        raise DataError(f"{where}: 'image' and 'question' must be strings")
-    answers = _answers(entry.get("answer"), require_answers, where)
-    # Normalised, so that "a.png" and "./a.png" are stored as one image.
-    image_path = Path(os.path.normpath(root / image))
-    if image_path not in found_images:
-        if not image_path.is_file():
-            raise DataError(f"{where}: image {image_path} not found")
-        found_images.add(image_path)
-    return VqaRecord(
-        image=str(image_path),
-        question=question,
-        answers=answers,
-        question_id=_question_id(entry["question_id"], where),
-    )
+def _captions(value: Any, where: str) -> list[str]:
+    captions = [value] if isinstance(value, str) else value
+    if not isinstance(captions, list) or not all(isinstance(caption, str) for caption in captions):
+        raise DataError(f"{where}: 'caption' must be a string or a list of strings")
+    if not captions:
+        raise DataError(f"{where}: 'caption' is an empty list")
+    if any(not caption.strip() for caption in captions):
+        raise DataError(f"{where}: 'caption' holds an empty caption")
+    return captions
 
 
 def _answers(value: Any, required: bool, where: str) -> list[str]:

@@ -129,17 +129,20 @@ def make_config(*, vision: dict, text: dict, fusion: dict, image_size: int, patc
                 vocab_size: int, max_positions: int = 512, stem: str = "patch",
                 heads: list[str] | None = None, num_answers: int = 0,
                 embed_dim: int = 256, pool: str = "cls") -> VLMConfig:
-    """A uniform config from per-encoder {layers, width, heads, ffn[, norm]} (the spec's teacher).
+    """A uniform config from per-encoder {layers, width, heads, ffn[, norm, eps, act]} (the spec's
+    teacher; eps and act where a checkpoint it imports fixes them).
 
     The vision encoder is always pre-norm (ViT); text and fusion default to post-norm (BERT).
     """
     venc = EncoderConfig.uniform(vision["width"], vision["layers"], vision["heads"], vision["ffn"],
-                                 norm="pre", eps=1e-6)
+                                 norm="pre", eps=vision.get("eps", 1e-6), act=vision.get("act", "gelu"))
     tenc = EncoderConfig.uniform(text["width"], text["layers"], text["heads"], text["ffn"],
-                                 norm=text.get("norm", "post"))
+                                 norm=text.get("norm", "post"), eps=text.get("eps", 1e-12),
+                                 act=text.get("act", "gelu"))
     fenc = EncoderConfig.uniform(fusion["width"], fusion["layers"], fusion["heads"], fusion["ffn"],
                                  cross=True, kv_width=vision["width"],
-                                 norm=fusion.get("norm", "post"))
+                                 norm=fusion.get("norm", "post"), eps=fusion.get("eps", 1e-12),
+                                 act=fusion.get("act", "gelu"))
     return VLMConfig(vision=VisionConfig(venc, image_size=image_size, patch_size=patch_size, stem=stem),
                      text=TextConfig(tenc, vocab_size=vocab_size, max_positions=max_positions),
                      fusion=fenc, heads=heads or ["itm", "itc"], num_answers=num_answers,

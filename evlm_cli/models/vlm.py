@@ -166,10 +166,31 @@ class VLM(nn.Module):
                 output_attentions: bool = False) -> VLMOutput:
         opts = dict(gates=gates, output_hidden=output_hidden, output_attentions=output_attentions)
         vision = self.vision(images, **opts)
-        text = self.text(self.embeddings(input_ids), mask=attention_mask, **opts)
-        fusion = self.fusion(self.text_to_fusion(text.last), mask=attention_mask, kv=vision.last,
-                             **opts)
-        return VLMOutput(vision, text, fusion, attention_mask)
+        text = self.encode_text(input_ids, attention_mask, **opts)
+        return VLMOutput(vision, text, self.fuse(text.last, attention_mask, vision.last, **opts),
+                         attention_mask)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                    **opts) -> EncoderOutput:
+        """The text encoder alone (ITC ranks by it without the image)."""
+        return self.text(self.embeddings(input_ids), mask=attention_mask, **opts)
+
+    def fuse(self, text_tokens: Tensor, attention_mask: Tensor | None, image_tokens: Tensor,
+             **opts) -> EncoderOutput:
+        """The fusion encoder over encoded text, cross-attending to encoded image tokens."""
+        return self.fusion(self.text_to_fusion(text_tokens), mask=attention_mask, kv=image_tokens,
+                           **opts)
+
+    def similarity(self, image_tokens: Tensor, text_tokens: Tensor) -> Tensor:
+        """ITC logits [B_image, B_text] from the two encoders' [CLS] tokens."""
+        return self.heads["itc"](image_tokens[:, 0], text_tokens[:, 0])
+
+    def match_logits(self, fused_tokens: Tensor) -> Tensor:
+        """ITM logits [B, 2] (no match, match) from the fused [CLS] token, as X-VLM scores."""
+        return self.heads["itm"](fused_tokens[:, 0])
+
+    def mlm_logits(self, fused_tokens: Tensor) -> Tensor:
+        return self.heads["mlm"](fused_tokens)
 
     def pooled(self, out: VLMOutput) -> Tensor:
         """What the task heads read: the fused CLS token, or the maximum over real tokens.
@@ -188,9 +209,12 @@ class VLM(nn.Module):
         return tokens.amax(1)
 
     def logits(self, task: str, out: VLMOutput) -> Tensor:
-        """Task logits from the pooled fusion output (VQA answer scores, ITM match scores)."""
-        if task in ("vqa", "itm"):
-            return self.heads[task](self.pooled(out))
+        """Task logits of one forward pass: VQA answer scores from the pooled fusion output;
+        for retrieval, the ITM match scores of the given pairs (what re-ranking computes)."""
+        if task == "vqa":
+            return self.heads["vqa"](self.pooled(out))
+        if task in ("itm", "retrieval"):
+            return self.match_logits(out.fusion.last)
         raise ValueError(f"no classification head for task {task!r}")
 
     def prunable_groups(self, units=("heads", "ffn")) -> list[PrunableGroup]:
@@ -267,3 +291,25 @@ def prunable_param_count(cfg: VLMConfig) -> dict[str, int]:
         totals[g.encoder] += g.size * g.unit_params
     totals["total"] = sum(totals.values())
     return totals
+
+
+def with_heads(model: VLM, heads: list[str], *, num_answers: int | None = None,
+               pool: str | None = None) -> VLM:
+    """The same encoders under another set of heads.
+
+    A head that the model has, with the same shape, keeps its weights (the retrieval heads of
+    a pre-trained model); any other starts fresh (a task's answer classifier). Unlisted heads
+    are dropped.
+    """
+    cfg = model.config.to_dict()
+    cfg.update(heads=list(heads), pool=pool or cfg["pool"],
+               num_answers=cfg["num_answers"] if num_answers is None else num_answers)
+    new = VLM(VLMConfig.from_dict(cfg))
+    own = new.state_dict()
+    state = {k: v for k, v in model.state_dict().items()
+             if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in state]
+    if any(not k.startswith("heads.") for k in missing):
+        raise ValueError(f"with_heads: encoder tensor {missing[0]!r} did not carry over")
+    new.load_state_dict(state, strict=False)
+    return new

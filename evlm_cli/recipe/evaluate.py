@@ -18,7 +18,7 @@ from evlm_cli.models.vlm import VLM, TaskLogits, param_breakdown, prunable_param
 from evlm_cli.recipe.scoring import (
     Forward,
     evaluate_forward,
-    evaluate_task,
+    evaluate_report,
     fixed_batch,
 )
 from evlm_cli.train import setup
@@ -54,9 +54,9 @@ def run_teacher_eval(params: Params, *, prepared: Path, teacher: Path, metrics: 
     device = setup(EVAL_SEED, params.resources.threads, params.device)
     data = PreparedData(prepared)
     model = load_model(teacher).eval()
-    value = evaluate_task(model, data, "test", params.task, ev.batch_size, device)
+    scores = evaluate_report(model, data, "test", params.task, ev.batch_size, device, ev.k_test)
     model.cpu()
-    report = {"metric": ev.metric, "value": value, **size_report(model, teacher, data),
+    report = {"metric": ev.metric, **scores, **size_report(model, teacher, data),
               "latency_ms": latency_report({"teacher": TaskLogits(model, params.task)}, data,
                                            ev.latency)}
     atomic_write_json(metrics, report)
@@ -71,7 +71,8 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
     student_model = load_model(student).eval()
     teacher_model = load_model(teacher).eval()
     t_metrics = json.loads(Path(teacher_metrics).read_text())
-    value = evaluate_task(student_model, data, "test", task, ev.batch_size, device)
+    scores = evaluate_report(student_model, data, "test", task, ev.batch_size, device, ev.k_test)
+    value = scores["value"]
     student_model.cpu()
     exported = exported_models(onnx, ev.latency.threads) if onnx is not None else {}
     latency = latency_report({"teacher": TaskLogits(teacher_model, task),
@@ -87,6 +88,8 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
         "value": value,
         "teacher_value": t_metrics["value"],
         "retention": retention(value),
+        **({"recall": scores["recall"], "teacher_recall": t_metrics["recall"]}
+           if "recall" in scores else {}),
         "params": s_size["params"]["total"],
         "teacher_params": t_metrics["params"]["total"],
         "params_by_part": s_size["params"],

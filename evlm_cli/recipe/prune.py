@@ -15,8 +15,9 @@ from evlm_cli.data.loader import PreparedData
 from evlm_cli.errors import TrainingError
 from evlm_cli.io import atomic_path, atomic_write_json
 from evlm_cli.models.checkpoint import load_model, save_model
-from evlm_cli.models.vlm import param_breakdown
+from evlm_cli.models.vlm import param_breakdown, with_heads
 from evlm_cli.recipe.scoring import evaluate_task
+from evlm_cli.tasks import TASKS
 from evlm_cli.train import Optim, adamw, empty_log, finish, fit, make_run, setup
 
 
@@ -25,8 +26,12 @@ def run_prune(params: Params, *, prepared: Path, student: Path, teacher: Path, m
     p = params.prune
     device = setup(params.seed, params.resources.threads, params.device)
     data = PreparedData(prepared)
-    student_model = load_model(student).to(device)
     teacher_model = load_model(teacher).to(device).eval()
+    # The distilled student knows no task: it gets the task's heads, shaped as the teacher's.
+    # A classifier starts fresh; retrieval keeps the pre-trained ITC and ITM heads.
+    student_model = with_heads(load_model(student), list(TASKS[params.task].heads),
+                               num_answers=teacher_model.config.num_answers,
+                               pool=teacher_model.config.pool).to(device)
     layer_maps = json.loads((Path(student) / "layer_map.json").read_text())
     gates = L0Gates(student_model.prunable_groups(p.units), droprate_init=p.droprate_init)
     gates.to(device)

@@ -7,9 +7,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from evlm_cli.data.loader import PreparedData
+from evlm_cli.data.loader import PreparedData, PreparedSplit
 from evlm_cli.models.vlm import VLM, TaskLogits, model_inputs
 from evlm_cli.tasks import TASKS
+from evlm_cli.tasks.retrieval import METRIC as RETRIEVAL_HEADLINE
+from evlm_cli.tasks.retrieval import rerank_top_k, retrieval_metrics
 from evlm_cli.train import trim_text
 
 # Task logits from (images, input_ids, attention_mask): a PyTorch model or an exported one.
@@ -30,10 +32,52 @@ def evaluate_forward(forward: Forward, data: PreparedData, split: str, task: str
 
 
 def evaluate_task(model: VLM, data: PreparedData, split: str, task: str, batch_size: int,
-                  device: torch.device) -> float:
-    """The task metric of a PyTorch model on a whole split."""
+                  device: torch.device, k_test: int = 0) -> float:
+    """The task metric of a PyTorch model on a whole split (for retrieval and pre-training,
+    mean recall, ranked by ITC and re-ranked by ITM over the top `k_test`)."""
+    return evaluate_report(model, data, split, task, batch_size, device, k_test)["value"]
+
+
+def evaluate_report(model: VLM, data: PreparedData, split: str, task: str, batch_size: int,
+                    device: torch.device, k_test: int = 0) -> dict:
+    """{"value": the headline metric, ...}: retrieval adds each recall (TR/IR@1/5/10)."""
     model.eval().to(device)
-    return evaluate_forward(TaskLogits(model, task), data, split, task, batch_size, device)
+    if task == "pretrain" or TASKS[task].contrastive:
+        recalls = retrieval_recalls(model, data.split(split), batch_size, device, k_test)
+        return {"value": recalls[RETRIEVAL_HEADLINE], "recall": recalls}
+    return {"value": evaluate_forward(TaskLogits(model, task), data, split, task, batch_size,
+                                      device)}
+
+
+@torch.inference_mode()
+def retrieval_recalls(model: VLM, split: PreparedSplit, batch_size: int, device: torch.device,
+                      k_test: int) -> dict[str, float]:
+    """TR@K and IR@K over a split's images and captions (every caption row once).
+
+    Images and captions are encoded once; ITC similarity ranks all of them, and the top
+    `k_test` candidates of each query are scored again by ITM on the fused pair (0: ITC only).
+    """
+    rows = split.image_index
+    image_rows, text_to_image = torch.unique(rows, sorted=True, return_inverse=True)
+    image_tokens = torch.cat([model.vision(split.images_of(chunk).to(device)).last
+                              for chunk in image_rows.split(batch_size)])
+    text_tokens, masks = [], []
+    for start in range(0, len(split), batch_size):
+        batch = split.gather(torch.arange(start, min(start + batch_size, len(split))))
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        text_tokens.append(model.encode_text(ids, mask).last)
+        masks.append(mask)
+    text_tokens, masks = torch.cat(text_tokens), torch.cat(masks)
+    sim = model.similarity(image_tokens, text_tokens).float()
+    if k_test:
+        def itm_score(image_index: Tensor, text_index: Tensor) -> Tensor:
+            fused = model.fuse(text_tokens[text_index], masks[text_index],
+                               image_tokens[image_index])
+            return model.match_logits(fused.last)[:, 1].float()
+        score_i2t, score_t2i = rerank_top_k(sim, k_test, itm_score)
+    else:
+        score_i2t, score_t2i = sim, sim.t()
+    return retrieval_metrics(score_i2t.cpu(), score_t2i.cpu(), text_to_image.cpu())
 
 
 def fixed_batch(data: PreparedData, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,16 +1,19 @@
-"""Teacher stage: import a fine-tuned checkpoint, or train the teacher on the task."""
+"""Teacher stages: pre-train the teacher on image-text pairs, then fine-tune it per task."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from evlm_cli.compress.objective import TASK_ONLY, Objective
-from evlm_cli.config import OptimConfig, Params
+from evlm_cli.compress.objective import TASK_ONLY, Masking, Objective
+from evlm_cli.config import OptimConfig, Params, to_dict
 from evlm_cli.data.loader import PreparedData
+from evlm_cli.errors import CheckpointError
 from evlm_cli.io import atomic_path
 from evlm_cli.models.build import build_teacher
-from evlm_cli.models.checkpoint import save_model
+from evlm_cli.models.checkpoint import load_model, save_model
+from evlm_cli.models.vlm import VLM, with_heads
 from evlm_cli.recipe.scoring import evaluate_task
+from evlm_cli.tasks import PRETRAIN_HEADS, TASKS
 from evlm_cli.train import Optim, adamw, empty_log, finish, fit, make_run, setup
 
 
@@ -27,27 +30,75 @@ def param_groups(model, pretrained: set[str], optim_cfg: OptimConfig, lr_scale: 
     return opt
 
 
-def run_teacher(params: Params, *, prepared: Path, model: Path, log: Path) -> dict:
-    t = params.teacher
+def masking(data: PreparedData, prob: float) -> Masking:
+    """MLM's masking with the prepared tokenizer's ids."""
+    meta = data.meta
+    return Masking(mask_id=meta["mask_token_id"], vocab_size=meta["vocab_size"],
+                   special_ids=tuple(meta["special_token_ids"]), prob=prob)
+
+
+def run_teacher_pretrain(params: Params, *, pairs: Path, model: Path, log: Path) -> dict:
+    """Build the teacher (from scratch, pretrained parts or a pre-trained checkpoint) and
+    pre-train it on the pairs with ITC, ITM and MLM for `pretrain.train` (0 epochs: as imported)."""
+    t, pt = params.teacher, params.pretrain
+    device = setup(params.seed, params.resources.threads, params.device)
+    data = PreparedData(pairs)
+    teacher, pretrained = build_teacher(
+        t, heads=list(PRETRAIN_HEADS), seed=params.seed, image_size=data.meta["image_size"],
+        vocab_size=data.meta["vocab_size"], max_text_len=data.meta["max_text_len"])
+    teacher.to(device)
+    objective = Objective(teacher, "pretrain", TASK_ONLY, 1.0, task_weights=to_dict(pt.weights),
+                          masking=masking(data, pt.mask_prob))
+    run = make_run("teacher_pretrain", data.split("train"), pt.train, params.seed,
+                   modules={"model": teacher},
+                   optims=[Optim(param_groups(teacher, pretrained, pt.train, t.init.lr_scale))],
+                   loss=objective, device=device, log_path=log, key=(t, pt), inputs=(pairs,))
+    summary = {"imported": bool(t.checkpoint), "pretrained_tensors": len(pretrained),
+               "last_step": fit(run),
+               "val_metric": evaluate_task(teacher, data, "val", "pretrain",
+                                           pt.train.batch_size, device)}
+    with atomic_path(model) as tmp:
+        save_model(teacher.cpu(), tmp)
+    finish(run)
+    return summary
+
+
+def task_teacher(params: Params, data: PreparedData, pretrained: Path) -> tuple[VLM, bool]:
+    """The task teacher before fine-tuning, and whether it still needs fine-tuning."""
+    tt, task = params.task_teacher, TASKS[params.task]
+    if tt.checkpoint is not None:
+        model = load_model(tt.checkpoint)
+        missing = [h for h in task.heads if h not in model.config.heads]
+        if missing:
+            raise CheckpointError(f"task_teacher.checkpoint {tt.checkpoint}: has no {missing[0]} "
+                                  f"head for task {task.name}")
+        if model.config.text.vocab_size != data.meta["vocab_size"]:
+            raise CheckpointError(
+                f"task_teacher.checkpoint {tt.checkpoint}: its vocabulary has "
+                f"{model.config.text.vocab_size} tokens, the prepared data's tokenizer "
+                f"{data.meta['vocab_size']}")
+        return model, False
+    return with_heads(load_model(pretrained), list(task.heads), num_answers=data.num_answers,
+                      pool=tt.pool), True
+
+
+def run_teacher(params: Params, *, prepared: Path, pretrained: Path, model: Path, log: Path
+                ) -> dict:
+    tt = params.task_teacher
     device = setup(params.seed, params.resources.threads, params.device)
     data = PreparedData(prepared)
-    teacher, pretrained = build_teacher(
-        t, task=params.task, seed=params.seed, image_size=data.meta["image_size"],
-        vocab_size=data.meta["vocab_size"], max_text_len=data.meta["max_text_len"],
-        num_answers=data.num_answers)
-    # An evlm checkpoint is a finished task model; an X-VLM one still needs its task head trained.
-    train = not t.imports_finished_model
-    summary = {"imported": bool(t.checkpoint), "pretrained_tensors": len(pretrained)}
+    teacher, train = task_teacher(params, data, pretrained)
+    summary = {"imported": not train}
     if train:
         teacher.to(device)
-        run = make_run("teacher", data.split("train"), t.train, params.seed,
+        run = make_run("teacher", data.split("train"), tt.train, params.seed,
                        modules={"model": teacher},
-                       optims=[Optim(param_groups(teacher, pretrained, t.train, t.init.lr_scale))],
+                       optims=[Optim(adamw(teacher.parameters(), tt.train))],
                        loss=Objective(teacher, params.task, TASK_ONLY, 1.0), device=device,
-                       log_path=log, key=(t,), inputs=(prepared,))
+                       log_path=log, key=(tt,), inputs=(prepared, pretrained))
         summary["last_step"] = fit(run)
-    summary["val_metric"] = evaluate_task(teacher, data, "val", params.task, t.train.batch_size,
-                                          device)
+    summary["val_metric"] = evaluate_task(teacher, data, "val", params.task,
+                                          tt.train.batch_size, device)
     with atomic_path(model) as tmp:
         save_model(teacher.cpu(), tmp)
     if train:

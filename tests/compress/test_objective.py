@@ -1,8 +1,9 @@
 """The stages' objective: its distillation terms see real tokens only, never padding."""
 
+import pytest
 import torch
 
-from evlm_cli.compress.objective import Objective
+from evlm_cli.compress.objective import Masking, Objective
 from evlm_cli.config import LossWeights
 from evlm_cli.models.config import make_config
 from evlm_cli.models.student import student_from_teacher
@@ -43,3 +44,81 @@ def test_padding_changes_no_distillation_term():
     assert clean["attention"] > 0 and clean["hidden"] > 0
     for term in ("task", "logits", "hidden", "attention"):
         assert abs(clean[term] - noisy[term]) < 1e-6, term
+
+
+def pretrain_models(student_layers: int = 1):
+    """A teacher with the pre-training heads and a student from its layers."""
+    torch.manual_seed(0)
+    cfg = make_config(vision=dict(layers=2, width=16, heads=2, ffn=32),
+                      text=dict(layers=2, width=16, heads=2, ffn=32),
+                      fusion=dict(layers=2, width=16, heads=2, ffn=32), image_size=16,
+                      patch_size=8, vocab_size=30, max_positions=8,
+                      heads=["itc", "itm", "mlm"], embed_dim=8)
+    teacher = VLM(cfg).eval()
+    layers = dict.fromkeys(("vision", "text", "fusion"), student_layers)
+    student, maps = student_from_teacher(teacher, layers)
+    return teacher, student.eval(), maps
+
+
+def pairs_batch():
+    """Four pairs showing three images: rows 0 and 1 are two captions of one image."""
+    g = torch.Generator().manual_seed(2)  # the same batch, leaving the global draws alone
+    images = torch.randn(3, 3, 16, 16, generator=g)
+    ids = torch.randint(5, 30, (4, 6), generator=g)
+    ids[:, 0], ids[:, -1] = 2, 3  # [CLS] ... [SEP]
+    return {"images": images[[0, 0, 1, 2]], "input_ids": ids,
+            "attention_mask": torch.ones(4, 6, dtype=torch.long),
+            "image_index": torch.tensor([0, 0, 1, 2])}
+
+
+MASKING = Masking(mask_id=4, vocab_size=30, special_ids=(0, 1, 2, 3, 4), prob=0.3)
+ALL = LossWeights(task=1.0, logits=1.0, hidden=1.0, attention=1.0)
+
+
+def test_the_teacher_answers_the_students_questions():
+    """A student that is an exact copy of its teacher: every KD term is zero only if the
+    teacher scores the same hard negatives and the same masked tokens the student drew."""
+    teacher, student, maps = pretrain_models(student_layers=2)  # every layer: an exact copy
+    weights = {"itc": 1.0, "itm": 1.0, "mlm": 1.0}
+    objective = Objective(student, "pretrain", ALL, 2.0, teacher, maps, task_weights=weights,
+                          masking=MASKING)
+    with torch.no_grad():
+        for seed in range(3):
+            torch.manual_seed(seed)
+            _, logs = objective(pairs_batch(), 0, 1)
+            assert logs["logits"] < 1e-8 and logs["hidden"] < 1e-10 and logs["attention"] < 1e-10
+            assert all(logs[k] > 0 for k in ("itc", "itm", "mlm"))
+    # a teacher drawing its own negatives and masks would be asked other questions
+    torch.manual_seed(0)
+    draws = [(objective.step(student, pairs_batch(), None, {}).choices,
+              objective.step(teacher, pairs_batch(), None, {}).choices) for _ in range(5)]
+    assert any(not torch.equal(a[k], b[k]) for a, b in draws for k in a)
+
+
+def test_pretraining_terms_weigh_into_the_task_term_and_train_every_head():
+    teacher, student, maps = pretrain_models()
+    weights = {"itc": 1.0, "itm": 0.5, "mlm": 2.0}
+    objective = Objective(student, "pretrain", ALL, 2.0, teacher, maps, task_weights=weights,
+                          masking=MASKING)
+    torch.manual_seed(0)
+    loss, logs = objective(pairs_batch(), 0, 1)
+    assert logs["task"] == pytest.approx(logs["itc"] + 0.5 * logs["itm"] + 2.0 * logs["mlm"],
+                                         rel=1e-5)
+    expected = sum(logs[k] for k in ("task", "logits", "hidden", "attention"))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    for head in ("itc", "itm", "mlm"):
+        grads = [p.grad for p in student.heads[head].parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads), head
+    # a term weighted 0 is not computed at all
+    no_mlm = Objective(student, "pretrain", ALL, 2.0, teacher, maps,
+                       task_weights={"itc": 1.0, "itm": 1.0, "mlm": 0.0})
+    assert "mlm" not in no_mlm(pairs_batch(), 0, 1)[1]
+
+
+def test_retrieval_trains_itc_and_itm_only():
+    teacher, student, maps = pretrain_models()
+    objective = Objective(student, "retrieval", ALL, 2.0, teacher, maps)
+    _, logs = objective(pairs_batch(), 0, 1)
+    assert {"itc", "itm"} <= set(logs) and "mlm" not in logs
+    assert logs["task"] == pytest.approx(logs["itc"] + logs["itm"], rel=1e-5)

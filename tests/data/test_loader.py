@@ -13,14 +13,14 @@ COUNT, SIZE = 37, 16  # an odd count, so sharding needs padding
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared(tmp_path_factory, easy_vqa_tokenizer):
     out = tmp_path_factory.mktemp("prepared")
     data = {
         "source": "easy-vqa", "train": None, "val": None, "test": None, "image_root": None,
         "answer_list": None, "image_size": SIZE, "max_text_len": 12, "limit": COUNT,
-        "val_fraction": 0.1, "tokenizer": None, "vocab_size": 100,
+        "val_fraction": 0.1,
     }
-    prepare(build(DataConfig, data), "vqa", 3, out)
+    prepare(build(DataConfig, data), "vqa", 3, out, easy_vqa_tokenizer)
     return out
 
 

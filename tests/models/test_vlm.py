@@ -227,3 +227,23 @@ def test_norm_and_pool_are_part_of_the_saved_config(tmp_path):
     assert again.config.pool == "max" and again.config.text.encoder.norm == "pre"
     with pytest.raises(ValueError, match="pool"):
         tiny_config(pool="mean")
+
+
+def test_with_heads_keeps_the_encoders_and_matching_heads_and_starts_the_rest_fresh():
+    from evlm_cli.models.vlm import with_heads
+
+    torch.manual_seed(0)
+    pretrained = VLM(tiny_config(heads=["itc", "itm", "mlm"], num_answers=0))
+    torch.manual_seed(1)
+    vqa = with_heads(pretrained, ["vqa"], num_answers=7, pool="max")
+    assert list(vqa.heads) == ["vqa"] and vqa.config.num_answers == 7 and vqa.config.pool == "max"
+    x = inputs()
+    with torch.no_grad():
+        a, b = pretrained(*x), vqa(*x)
+    assert torch.equal(a.fusion.last, b.fusion.last)  # the encoders carried over exactly
+    retrieval = with_heads(pretrained, ["itc", "itm"])
+    assert torch.equal(retrieval.heads["itm"].weight, pretrained.heads["itm"].weight)
+    assert "mlm" not in retrieval.heads
+    # a head of the same name but another shape is not carried over: it starts fresh
+    again = with_heads(vqa, ["vqa"], num_answers=3)
+    assert again.heads["vqa"][-1].weight.shape[0] == 3

@@ -72,4 +72,4 @@ def test_loss_has_gradients():
 def test_registry_entry():
     task = TASKS["vqa"]
     assert task.metric_name == "vqa_accuracy"
-    assert task.loss is vqa_loss and task.metric is vqa_accuracy
+    assert task.loss is vqa_loss and task.heads == ("vqa",) and not task.contrastive

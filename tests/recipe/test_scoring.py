@@ -1,0 +1,53 @@
+"""Retrieval scoring reuses each encoded image and caption: it must rank as the full model does."""
+
+import pytest
+import torch
+
+from evlm_cli.config import PairsConfig
+from evlm_cli.data.loader import PreparedData
+from evlm_cli.data.prepare import prepare_pairs
+from evlm_cli.models.config import make_config
+from evlm_cli.models.vlm import VLM
+from evlm_cli.recipe.scoring import retrieval_recalls
+from evlm_cli.tasks.retrieval import rerank_top_k, retrieval_metrics
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pairs")
+    prepare_pairs(PairsConfig(source="easy-vqa", train=(), image_root=None, image_size=16,
+                              max_text_len=16, limit=40, val_fraction=0.1, tokenizer=None,
+                              vocab_size=100), 0, out)
+    return PreparedData(out)
+
+
+def test_retrieval_recalls_equal_a_full_forward_per_pair(pairs):
+    split = pairs.split("val")
+    torch.manual_seed(0)
+    model = VLM(make_config(vision=dict(layers=1, width=16, heads=2, ffn=32),
+                            text=dict(layers=1, width=16, heads=2, ffn=32),
+                            fusion=dict(layers=1, width=16, heads=2, ffn=32), image_size=16,
+                            patch_size=8, vocab_size=pairs.meta["vocab_size"], max_positions=16,
+                            heads=["itc", "itm"], embed_dim=8)).eval()
+    rows = split.image_index
+    images, text_to_image = torch.unique(rows, sorted=True, return_inverse=True)
+    batch = split.gather(torch.arange(len(split)))
+    with torch.no_grad():
+        pictures = split.images_of(images)
+        vision = model.vision(pictures).last
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"]).last
+        sim = model.similarity(vision, text)
+
+        def itm(image_index, text_index):  # every pair through the whole model, from scratch
+            out = model(pictures[image_index], batch["input_ids"][text_index],
+                        batch["attention_mask"][text_index])
+            return model.logits("retrieval", out)[:, 1]
+
+        expected_itc = retrieval_metrics(sim, sim.t(), text_to_image)
+        expected_itm = retrieval_metrics(*rerank_top_k(sim, 3, itm), text_to_image)
+    assert len(images) >= 4 and len(split) > len(images)  # several captions per image
+    got_itc = retrieval_recalls(model, split, 7, torch.device("cpu"), 0)
+    got_itm = retrieval_recalls(model, split, 7, torch.device("cpu"), 3)
+    assert got_itc == pytest.approx(expected_itc, abs=1e-6)
+    assert got_itm == pytest.approx(expected_itm, abs=1e-6)
+    assert got_itm != got_itc  # re-ranking changed something, so the check above has teeth
