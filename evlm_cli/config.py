@@ -146,6 +146,7 @@ class TeacherConfig:
     checkpoint: str | None  # a pre-trained teacher to import instead of pre-training one
     checkpoint_format: str
     embed_dim: int
+    pool: str
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,6 @@ class TaskTeacherConfig:
     """The task teacher: fine-tuned from the pre-trained teacher, or imported finished."""
 
     checkpoint: str | None  # an evlm task model, used as it is
-    pool: str
     train: OptimConfig
 
 

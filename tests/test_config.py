@@ -114,8 +114,7 @@ def test_data_has_no_tokenizer_of_its_own():
 
 def test_unknown_and_missing_keys_name_their_path():
     with pytest.raises(ConfigError, match=r"^task_teacher\.train: unknown key 'lrr'"):
-        params_from_dict({"task_teacher": {"checkpoint": None, "pool": "cls",
-                                           "train": {"lrr": 1}}})
+        params_from_dict({"task_teacher": {"checkpoint": None, "train": {"lrr": 1}}})
     with pytest.raises(ConfigError, match=r"^teacher: unknown key 'train'"):
         shape = {"layers": 1, "width": 8, "heads": 2, "ffn": 16}
         params_from_dict({"teacher": {"vision": shape, "text": shape, "fusion": shape,
@@ -148,7 +147,7 @@ def test_the_librarys_choices_are_the_schemas_enums():
     assert set(SOURCES) == set(props["data"]["properties"]["source"]["enum"])
     assert set(SOURCES) == set(props["pairs"]["properties"]["source"]["enum"])
     assert set(MODES) == set(props["prune"]["properties"]["mode"]["enum"])
-    assert set(POOLS) == set(props["task_teacher"]["properties"]["pool"]["enum"])
+    assert set(POOLS) == set(props["teacher"]["properties"]["pool"]["enum"])
     assert set(METRICS_BY_TASK) == set(props["task"]["enum"])
     metrics = {m for ms in METRICS_BY_TASK.values() for m in ms}
     assert metrics == set(props["evaluate"]["properties"]["metric"]["enum"]) - {None}

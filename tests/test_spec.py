@@ -178,13 +178,13 @@ def test_defaults_are_filled_into_a_minimal_spec():
     assert spec["prune"]["units"] == ["heads", "ffn"]
     assert spec["prune"]["target_sparsity"] == 0.5
     assert spec["task_teacher"]["train"]["lr"] == 1e-4
-    assert spec["task_teacher"]["pool"] == "cls" and spec["task_teacher"]["checkpoint"] is None
+    assert spec["teacher"]["pool"] == "cls" and spec["task_teacher"]["checkpoint"] is None
     assert spec["pretrain"]["weights"] == {"itc": 1.0, "itm": 1.0, "mlm": 1.0}
     assert spec["pretrain"]["train"]["answer_balance"] == 0
     assert spec["pairs"]["source"] == "easy-vqa" and spec["pairs"]["vocab_size"] == 2000
     assert spec["pairs"]["image_size"] == spec["data"]["image_size"] == 64
     assert "tokenizer" not in spec["data"] and "vocab_size" not in spec["data"]
-    assert "pool" not in spec["teacher"] and "train" not in spec["teacher"]
+    assert "pool" not in spec["task_teacher"] and "train" not in spec["teacher"]
     assert spec["teacher"]["embed_dim"] == 256
     assert spec["evaluate"]["k_test"] == 16
     assert spec["finetune"]["train"]["max_steps"] is None

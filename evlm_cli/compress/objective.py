@@ -82,7 +82,8 @@ def contrast_step(model: VLM, batch: dict[str, Tensor], weights: dict[str, float
         negatives = model.fuse(torch.cat([text.last[neg_text], text.last]),
                                torch.cat([mask[neg_text], mask]),
                                torch.cat([vision.last, vision.last[neg_image]]), gates=gates)
-        positive, negative = model.match_logits(fused.last), model.match_logits(negatives.last)
+        positive = model.match_logits(fused.last, mask)
+        negative = model.match_logits(negatives.last, torch.cat([mask[neg_text], mask]))
         terms["itm"] = objectives.itm_loss(positive, negative)
         logits.append(torch.cat([positive, negative]))
     if weights.get("mlm"):

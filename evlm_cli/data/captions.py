@@ -63,15 +63,20 @@ RECTANGLE_FROM_FILL = 0.93
 # closer ones are anti-aliased edges, which never hold the shape's exact colour.
 INK_MIN_DIFFERENCE = 32
 
-# One caption per template and image, each with every fact. The words of easy-VQA's questions
-# (image, shape, color, there, contains) appear, since the tokenizer trained on these captions
-# also reads the questions.
+# One caption per template and image, each with every fact. The tokenizer trained on these
+# captions also reads the questions, so between them the templates use every word easy-VQA's
+# questions use (what, present, does, not, contain, no, ?): a word the captions lacked would
+# reach the task spelled out in single letters. The negated templates name the two shapes the
+# image does not show.
 CAPTION_TEMPLATES = (
     "a {size} {color} {shape} {place}",
     "there is a {size} {color} {shape} {place} of the image",
     "the image contains a {size} {shape} {place}, and its color is {color}",
-    "a {color} shape {place}: a {size} {shape}",
-    "the {color} shape {place} is a {size} {shape}",
+    "what is present in the image? a {size} {color} {shape} {place}",
+    "the image does not contain a {absent_a} or a {absent_b}: the shape {place} is a {size} "
+    "{color} {shape}",
+    "there is no {absent_a} and no {absent_b} in the image, only a {size} {color} {shape} "
+    "{place}",
 )
 _NEGATIONS = {"not", "no"}
 
@@ -169,11 +174,14 @@ def image_facts(pixels: np.ndarray, questions: Iterable[tuple[str, str]]) -> Sha
 
 def captions(facts: ShapeFacts) -> list[str]:
     """One caption per template, in template order; the first is the canonical one."""
+    absent_a, absent_b = (shape for shape in SHAPES if shape != facts.shape)
     words = {
         "shape": facts.shape,
         "color": facts.color,
         "size": facts.size,
         "place": PLACE_PHRASES[facts.position],
+        "absent_a": absent_a,
+        "absent_b": absent_b,
     }
     return [template.format(**words) for template in CAPTION_TEMPLATES]
 

@@ -12,7 +12,7 @@ from evlm_cli.errors import CheckpointError
 from evlm_cli.models.checkpoint import check_state, load_model, read_weights
 from evlm_cli.models.config import EncoderConfig, VisionConfig, VLMConfig, make_config
 from evlm_cli.models.importers import import_hf_bert, import_timm_vit, import_xvlm, load_hf_bert_dir
-from evlm_cli.models.vlm import VLM
+from evlm_cli.models.vlm import VLM, with_heads
 
 
 def teacher_config(t: TeacherConfig, *, heads: list[str], image_size: int, vocab_size: int,
@@ -33,7 +33,7 @@ def teacher_config(t: TeacherConfig, *, heads: list[str], image_size: int, vocab
                       fusion=shape("fusion", t.fusion), image_size=image_size,
                       patch_size=t.vision.patch_size, stem=t.vision.stem, vocab_size=vocab_size,
                       max_positions=max_positions, heads=list(heads), num_answers=num_answers,
-                      embed_dim=t.embed_dim)
+                      embed_dim=t.embed_dim, pool=t.pool)
     if vision_layout is not None:
         cfg.vision = replace(cfg.vision, patch_bias=vision_layout.patch_bias,
                              pre_norm=vision_layout.pre_norm)
@@ -56,9 +56,17 @@ def build_teacher(t: TeacherConfig, *, heads: list[str], seed: int, image_size: 
     Checkpoints are imported before the model is built, so that its config takes each imported
     encoder's eps and activation from the checkpoint rather than from defaults.
     """
-    if t.checkpoint and t.checkpoint_format == "evlm":  # an evlm teacher: every tensor imported
-        model = load_model(t.checkpoint)
-        return model, set(model.state_dict())
+    if t.checkpoint and t.checkpoint_format == "evlm":  # an evlm teacher: its encoders imported
+        source = load_model(t.checkpoint)
+        if source.config.text.vocab_size != vocab_size:
+            raise CheckpointError(f"{t.checkpoint}: its vocabulary has "
+                                  f"{source.config.text.vocab_size} tokens, the pairs' tokenizer "
+                                  f"{vocab_size}: prepare the pairs with its tokenizer")
+        torch.manual_seed(seed)  # heads it lacks start fresh, seeded
+        model = with_heads(source, heads, num_answers=num_answers)
+        kept = source.state_dict()
+        return model, {k for k, v in model.state_dict().items()
+                       if k in kept and torch.equal(kept[k], v)}
     positions = max_text_len  # the prepared text length, unless pretrained positions say otherwise
     states: list[tuple[dict[str, Tensor], str]] = []  # (our tensors, where they came from)
     imported: dict[str, EncoderConfig] = {}

@@ -55,7 +55,7 @@ def retrieval_recalls(model: VLM, split: PreparedSplit, batch_size: int, device:
     """TR@K and IR@K over a split's images and captions (every caption row once).
 
     Images and captions are encoded once; ITC similarity ranks all of them, and the top
-    `k_test` candidates of each query are scored again by ITM on the fused pair (0: ITC only).
+    `k_test` candidates of each query are scored again with ITM on the fused pair (0: ITC only).
     """
     rows = split.image_index
     image_rows, text_to_image = torch.unique(rows, sorted=True, return_inverse=True)
@@ -70,10 +70,13 @@ def retrieval_recalls(model: VLM, split: PreparedSplit, batch_size: int, device:
     text_tokens, masks = torch.cat(text_tokens), torch.cat(masks)
     sim = model.similarity(image_tokens, text_tokens).float()
     if k_test:
+        # The match logit plus the ITC similarity (as BLIP re-ranks; X-VLM uses the match logit
+        # alone): a weak ITM then refines ITC's order instead of shuffling it.
         def itm_score(image_index: Tensor, text_index: Tensor) -> Tensor:
             fused = model.fuse(text_tokens[text_index], masks[text_index],
                                image_tokens[image_index])
-            return model.match_logits(fused.last)[:, 1].float()
+            match = model.match_logits(fused.last, masks[text_index])[:, 1].float()
+            return match + sim[image_index, text_index]
         score_i2t, score_t2i = rerank_top_k(sim, k_test, itm_score)
     else:
         score_i2t, score_t2i = sim, sim.t()

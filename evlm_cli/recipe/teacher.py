@@ -78,8 +78,7 @@ def task_teacher(params: Params, data: PreparedData, pretrained: Path) -> tuple[
                 f"{model.config.text.vocab_size} tokens, the prepared data's tokenizer "
                 f"{data.meta['vocab_size']}")
         return model, False
-    return with_heads(load_model(pretrained), list(task.heads), num_answers=data.num_answers,
-                      pool=tt.pool), True
+    return with_heads(load_model(pretrained), list(task.heads), num_answers=data.num_answers), True
 
 
 def run_teacher(params: Params, *, prepared: Path, pretrained: Path, model: Path, log: Path

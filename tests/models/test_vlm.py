@@ -247,3 +247,27 @@ def test_with_heads_keeps_the_encoders_and_matching_heads_and_starts_the_rest_fr
     # a head of the same name but another shape is not carried over: it starts fresh
     again = with_heads(vqa, ["vqa"], num_answers=3)
     assert again.heads["vqa"][-1].weight.shape[0] == 3
+
+
+def test_an_evlm_teacher_imports_its_encoders_and_gains_the_heads_it_lacks(tmp_path):
+    from evlm_cli.config import TeacherConfig, build
+    from evlm_cli.models.build import build_teacher
+
+    shape = dict(layers=2, width=24, heads=3, ffn=48)
+    task_model = VLM(tiny_config(vision=dict(layers=2, width=32, heads=4, ffn=64), text=shape,
+                                 fusion=shape, heads=["vqa"]))
+    save_model(task_model, tmp_path / "teacher")
+    spec = {"vision": {**shape, "width": 32, "heads": 4, "ffn": 64, "patch_size": 8,
+                       "stem": "patch"},
+            "text": {**shape, "norm": "post"}, "fusion": {**shape, "norm": "post"},
+            "init": {"text": None, "vision": None, "fusion_from_text": False, "lr_scale": 0.1},
+            "checkpoint": str(tmp_path / "teacher"), "checkpoint_format": "evlm", "embed_dim": 8}
+    teacher = build(TeacherConfig, spec)
+    model, pretrained = build_teacher(teacher, heads=["itc", "itm", "mlm"], seed=0,
+                                      image_size=16, vocab_size=40, max_text_len=16)
+    assert list(model.heads) == ["itc", "itm", "mlm"]
+    assert "vision.pos_embed" in pretrained and not any(k.startswith("heads.") for k in pretrained)
+    assert torch.equal(model.vision.pos_embed, task_model.vision.pos_embed)
+    with pytest.raises(CheckpointError, match="vocabulary has 40 tokens, the pairs' tokenizer 99"):
+        build_teacher(teacher, heads=["itc"], seed=0, image_size=16, vocab_size=99,
+                      max_text_len=16)
