@@ -65,9 +65,10 @@ def show_text(run: dict, status: dict[str, list[str]]) -> str:
     lines = [f"{run['name']}", "  settings"]
     lines += [f"    {label:<16}{value}" for label, value in key_settings(run["params"])]
     lines.append("  stages")
+    width = max((len(stage) for stage in status), default=0) + 2
     for stage, reasons in status.items():
-        lines.append(f"    {stage:<32}" + ("up to date" if not reasons else
-                                           "would rerun: " + "; ".join(reasons)))
+        lines.append(f"    {stage:<{width}}" + ("up to date" if not reasons else
+                                                "would rerun: " + "; ".join(reasons)))
     lines.append("")
     lines.append(summary_table(run) if run["metrics"] else
                  "  no metrics yet: `evlm run` its spec to finish the run")

@@ -110,6 +110,8 @@ def test_run_rerun_partial_reruns_and_sharing(project):
 
     shown = sh([*EVLM, "show", "tiny_vqa"], project).stdout
     assert re.search(r"tiny_vqa-prune\s+up to date", shown) and "modal-adaptive to 30%" in shown
+    # the longest stage name still stands apart from its status
+    assert re.search(r"shared-teacher_pretrain-[0-9a-f]{8}\s+up to date", shown)
     assert "retention" in shown
 
 

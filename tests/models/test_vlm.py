@@ -261,7 +261,8 @@ def test_an_evlm_teacher_imports_its_encoders_and_gains_the_heads_it_lacks(tmp_p
                        "stem": "patch"},
             "text": {**shape, "norm": "post"}, "fusion": {**shape, "norm": "post"},
             "init": {"text": None, "vision": None, "fusion_from_text": False, "lr_scale": 0.1},
-            "checkpoint": str(tmp_path / "teacher"), "checkpoint_format": "evlm", "embed_dim": 8}
+            "checkpoint": str(tmp_path / "teacher"), "checkpoint_format": "evlm", "embed_dim": 8,
+            "pool": "cls"}
     teacher = build(TeacherConfig, spec)
     model, pretrained = build_teacher(teacher, heads=["itc", "itm", "mlm"], seed=0,
                                       image_size=16, vocab_size=40, max_text_len=16)
