@@ -40,6 +40,14 @@ def teacher_config(t: TeacherConfig, *, heads: list[str], image_size: int, vocab
     return cfg
 
 
+def require_vocabulary(model: VLM, vocab_size: int, source: str, tokenizer: str,
+                       hint: str = "") -> None:
+    """An imported model's text embeddings must index the tokenizer the data was prepared with."""
+    if model.config.text.vocab_size != vocab_size:
+        raise CheckpointError(f"{source}: its vocabulary has {model.config.text.vocab_size} "
+                              f"tokens, {tokenizer} {vocab_size}{hint}")
+
+
 def _load_partial(model: VLM, state: dict[str, Tensor], source: str) -> None:
     check_state(model, state, source, strict=False)
     unknown = [k for k in state if k not in model.state_dict()]
@@ -58,10 +66,8 @@ def build_teacher(t: TeacherConfig, *, heads: list[str], seed: int, image_size: 
     """
     if t.checkpoint and t.checkpoint_format == "evlm":  # an evlm teacher: its encoders imported
         source = load_model(t.checkpoint)
-        if source.config.text.vocab_size != vocab_size:
-            raise CheckpointError(f"{t.checkpoint}: its vocabulary has "
-                                  f"{source.config.text.vocab_size} tokens, the pairs' tokenizer "
-                                  f"{vocab_size}: prepare the pairs with its tokenizer")
+        require_vocabulary(source, vocab_size, str(t.checkpoint), "the pairs' tokenizer",
+                           ": prepare the pairs with its tokenizer")
         torch.manual_seed(seed)  # heads it lacks start fresh, seeded
         model = with_heads(source, heads, num_answers=num_answers)
         kept = source.state_dict()

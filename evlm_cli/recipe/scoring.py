@@ -62,9 +62,10 @@ def retrieval_recalls(model: VLM, split: PreparedSplit, batch_size: int, device:
     image_tokens = torch.cat([model.vision(split.images_of(chunk).to(device)).last
                               for chunk in image_rows.split(batch_size)])
     text_tokens, masks = [], []
-    for start in range(0, len(split), batch_size):
-        batch = split.gather(torch.arange(start, min(start + batch_size, len(split))))
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    # Captions alone: gathering whole batches would also decode every row's image again.
+    for ids, mask in zip(split.input_ids.split(batch_size), split.attention_mask.split(batch_size),
+                         strict=True):
+        ids, mask = ids.long().to(device), mask.long().to(device)
         text_tokens.append(model.encode_text(ids, mask).last)
         masks.append(mask)
     text_tokens, masks = torch.cat(text_tokens), torch.cat(masks)

@@ -9,7 +9,7 @@ from evlm_cli.config import OptimConfig, Params, to_dict
 from evlm_cli.data.loader import PreparedData
 from evlm_cli.errors import CheckpointError
 from evlm_cli.io import atomic_path
-from evlm_cli.models.build import build_teacher
+from evlm_cli.models.build import build_teacher, require_vocabulary
 from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.vlm import VLM, with_heads
 from evlm_cli.recipe.scoring import evaluate_task
@@ -72,11 +72,8 @@ def task_teacher(params: Params, data: PreparedData, pretrained: Path) -> tuple[
         if missing:
             raise CheckpointError(f"task_teacher.checkpoint {tt.checkpoint}: has no {missing[0]} "
                                   f"head for task {task.name}")
-        if model.config.text.vocab_size != data.meta["vocab_size"]:
-            raise CheckpointError(
-                f"task_teacher.checkpoint {tt.checkpoint}: its vocabulary has "
-                f"{model.config.text.vocab_size} tokens, the prepared data's tokenizer "
-                f"{data.meta['vocab_size']}")
+        require_vocabulary(model, data.meta["vocab_size"],
+                           f"task_teacher.checkpoint {tt.checkpoint}", "the prepared data's tokenizer")
         return model, False
     return with_heads(load_model(pretrained), list(task.heads), num_answers=data.num_answers), True
 
