@@ -233,6 +233,8 @@ class EvaluateConfig:
     metric: str
     batch_size: int
     k_test: int
+    beam_size: int
+    max_len: int | None
     latency: LatencyConfig
 
 

@@ -12,6 +12,10 @@ from evlm_cli.errors import EvlmError
 from evlm_cli.layout import RUNS
 from evlm_cli.pipeline import FINAL_KIND
 
+# metrics.json groups of a task's other measures, each with a "teacher_" twin.
+DETAILS = ("recall", "scores")
+SHOWN_CAPTION_METRICS = ("bleu_4", "meteor", "rouge_l", "cider")
+
 
 def load_run(name: str, root: Path = Path("."), require_metrics: bool = True) -> dict:
     """A run's resolved params and final metrics (None when unfinished and not required)."""
@@ -99,8 +103,9 @@ def result_rows(m: dict) -> list[tuple[str, object]]:
             ("params (M)", m["params"] / 1e6), ("teacher params (M)", m["teacher_params"] / 1e6),
             ("GFLOPs / example", m["gflops_per_example"]),
             ("teacher GFLOPs / example", m["teacher_gflops_per_example"])]
-    for key, value in m.get("recall", {}).items():
-        rows += [(key, value), (f"teacher {key}", m["teacher_recall"][key])]
+    for group in DETAILS:
+        for key, value in m.get(group, {}).items():
+            rows += [(key, value), (f"teacher {key}", m[f"teacher_{group}"][key])]
     for bs, lat in m["latency_ms"].items():
         rows.append((f"latency {bs.replace('_', ' ')} (ms)", lat["student"]))
         rows.append((f"teacher latency {bs.replace('_', ' ')} (ms)", lat["teacher"]))
@@ -118,7 +123,7 @@ def summary_table(run: dict) -> str:
              f"  {'':<24}{'teacher':>12}{'student':>12}",
              f"  {m['metric']:<24}{m['teacher_value']:>12.4f}{m['value']:>12.4f}"
              f"   retention {m['retention']:.1%}",
-             *recall_lines(m),
+             *detail_lines(m),
              f"  {'params (M)':<24}{m['teacher_params'] / 1e6:>12.2f}{m['params'] / 1e6:>12.2f}",
              f"  {'GFLOPs / example':<24}{m['teacher_gflops_per_example']:>12.3f}"
              f"{m['gflops_per_example']:>12.3f}"]
@@ -136,10 +141,15 @@ def summary_table(run: dict) -> str:
     return "\n".join(lines)
 
 
-def recall_lines(m: dict) -> list[str]:
-    """Retrieval: each recall, teacher next to student."""
-    return [f"  {key.upper().replace('_R', '@'):<24}{m['teacher_recall'][key]:>12.4f}{value:>12.4f}"
-            for key, value in m.get("recall", {}).items() if "_r" in key]
+def detail_lines(m: dict) -> list[str]:
+    """The task's other measures, teacher next to student: each recall (retrieval), each
+    caption metric (captioning)."""
+    recalls = [(key.upper().replace("_R", "@"), m["teacher_recall"][key], value)
+               for key, value in m.get("recall", {}).items() if "_r" in key]
+    captions = [(key.replace("_", "-").upper(), m["teacher_scores"][key], value)
+                for key, value in m.get("scores", {}).items() if key in SHOWN_CAPTION_METRICS]
+    return [f"  {label:<24}{teacher:>12.4f}{student:>12.4f}"
+            for label, teacher, student in recalls + captions]
 
 
 def exported_rows(m: dict) -> list[str]:

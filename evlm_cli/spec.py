@@ -422,15 +422,13 @@ def scope_problems(spec: dict) -> Iterator[tuple[Where, str]]:
     if spec["name"] in RESERVED_NAMES:
         yield ("name",), (f"name: {quote(spec['name'])} is reserved for the stages specs share; "
                           "pick another")
-    if spec["task"] not in ("vqa", "retrieval"):
-        yield ("task",), (f"task: {spec['task']!r} is not implemented yet (vqa and retrieval "
-                          "are)")
     if spec.get("export") is not None and spec["task"] != "vqa":
         yield ("export",), (f"export: the {spec['task']} task cannot be exported yet (only "
                             "vqa's single scoring graph is); set export: null")
-    # Only questions have answers to balance; pairs and captions are sampled evenly.
+    # Only questions and statements have answers to balance; pairs and captions are sampled
+    # evenly.
     stages = {"pretrain": spec["pretrain"], "distill": spec["distill"]}
-    if spec["task"] != "vqa":
+    if spec["task"] not in ("vqa", "nlvr2"):
         stages |= {k: spec[k] for k in ("task_teacher", "prune", "finetune")}
     for section, settings in stages.items():
         if settings["train"]["answer_balance"]:

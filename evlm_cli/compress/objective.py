@@ -1,7 +1,7 @@
 """The training objective of every stage: task loss + weighted distillation terms + sparsity penalty.
 
-Two kinds of task step feed it. VQA classifies one forward pass. Pre-training and retrieval
-contrast: ITC over the two unimodal encoders, ITM on positive pairs and hard negatives, and
+Two kinds of task step feed it. VQA and NLVR2 classify one forward pass, and captioning
+predicts each next token in one causal pass. Pre-training and retrieval contrast: ITC over the two unimodal encoders, ITM on positive pairs and hard negatives, and
 (pre-training) MLM through the fusion encoder. Either way the step returns the forward pass
 whose hidden states and attention maps KD compares, the task terms, and the logits KD
 compares. The teacher replays the student's random choices (negatives, masked tokens), so
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from evlm_cli.compress import distill as kd
 from evlm_cli.config import ENCODERS, LossWeights
 from evlm_cli.models.blocks import Gates
-from evlm_cli.models.vlm import VLM, VLMOutput, model_inputs
+from evlm_cli.models.vlm import CAUSAL_TASKS, VLM, VLMOutput, model_inputs
 from evlm_cli.tasks import TASKS
 from evlm_cli.tasks import pretrain as objectives
 
@@ -48,9 +48,13 @@ class Step:
 
 def classify_step(model: VLM, batch: dict[str, Tensor], task: str, gates: Gates | None,
                   opts: dict) -> Step:
-    out = model(*model_inputs(batch), gates=gates, **opts)
+    """One pass and its task loss: VQA and NLVR2 classify; captioning predicts each next
+    token of the reference (teacher forcing)."""
+    spec = TASKS[task]
+    out = model(*model_inputs(batch), gates=gates, causal=task in CAUSAL_TASKS, **opts)
     logits = model.logits(task, out)
-    return Step(out, {"task": TASKS[task].loss(logits, batch["targets"])}, [logits])
+    targets = spec.targets(batch)
+    return Step(out, {"task": spec.loss(logits, targets)}, [spec.kd_rows(logits, targets)])
 
 
 def contrast_step(model: VLM, batch: dict[str, Tensor], weights: dict[str, float],
@@ -156,7 +160,7 @@ class Objective:
         if self.teacher:
             with torch.no_grad():
                 theirs = self.step(self.teacher[0], batch, None, opts, mine.choices)
-            terms.update(self.distillation(mine, theirs, batch["attention_mask"]))
+            terms.update(self.distillation(mine, theirs))
         loss = sum(getattr(w, k) * v for k, v in terms.items() if hasattr(w, k))
         logs = {k: v.item() for k, v in terms.items()}
         if self.constraint is not None and self.constraint.uses_gates:
@@ -164,7 +168,7 @@ class Objective:
             logs.update(self.constraint.log_values(step, total))
         return loss, logs
 
-    def distillation(self, mine: Step, theirs: Step, text_mask: Tensor) -> dict[str, Tensor]:
+    def distillation(self, mine: Step, theirs: Step) -> dict[str, Tensor]:
         w, out, t_out = self.weights, mine.out, theirs.out
         terms = {}
         if w.logits:
@@ -173,7 +177,7 @@ class Objective:
                                   ) / len(mine.logits)
         # Padded text tokens are left out of every term: as hidden states and as the query
         # rows of attention maps (text and fusion queries are text tokens; images have none).
-        masks = {"vision": None, "text": text_mask, "fusion": text_mask}
+        masks = {"vision": None, "text": out.text_mask, "fusion": out.fusion_mask}
         if self.hidden:
             terms["hidden"] = sum(
                 self.hidden.loss(out.encoder(e).hidden_states, t_out.encoder(e).hidden_states,

@@ -24,11 +24,27 @@ def activation(name: str):
     raise ValueError(f"unknown activation {name!r}")
 
 
-def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """[B, Lk] keep-mask (1 = attend) -> [B, 1, 1, Lk] additive mask, as BERT does."""
-    if mask is None:
-        return None
-    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+def additive_mask(mask: Tensor | None, dtype: torch.dtype, causal: bool = False,
+                  length: int | None = None, device: torch.device | None = None
+                  ) -> Tensor | None:
+    """[B, Lk] keep-mask (1 = attend) -> [B, 1, 1, Lk] additive mask, as BERT does.
+
+    `causal` also hides every later position from each query ([B or 1, 1, L, L]): a decoder
+    (captioning) predicts each token from the ones before it only.
+    """
+    additive = None
+    if mask is not None:
+        additive = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+    if causal:
+        length = mask.shape[1] if mask is not None else length
+        device = mask.device if mask is not None else device
+        later = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+        future = torch.zeros(length, length, dtype=dtype, device=later.device).masked_fill(
+            later, torch.finfo(dtype).min)[None, None]
+        # Both minima together would overflow to -inf and turn a padded row's softmax to NaN.
+        additive = future if additive is None else (additive + future).clamp(
+            min=torch.finfo(dtype).min)
+    return additive
 
 
 class Attention(nn.Module):
@@ -163,11 +179,12 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None, kv: Tensor | None = None,
                 kv_mask: Tensor | None = None, gates: Gates | None = None,
-                output_hidden: bool = False, output_attentions: bool = False) -> EncoderOutput:
+                output_hidden: bool = False, output_attentions: bool = False,
+                causal: bool = False) -> EncoderOutput:
         hidden = [x] if output_hidden else None
         attns = [] if output_attentions else None
         crosses = [] if output_attentions else None
-        mask = additive_mask(mask, x.dtype)
+        mask = additive_mask(mask, x.dtype, causal, x.shape[1], x.device)
         kv_mask = additive_mask(kv_mask, x.dtype)
         for i, layer in enumerate(self.layers):
             out = layer(x, mask, kv, kv_mask, gates, f"{self.name}.{i}", output_attentions)

@@ -121,6 +121,10 @@ def build_heads(cfg: VLMConfig) -> nn.ModuleDict:
                 raise ValueError("the vqa head needs num_answers >= 1")
             heads["vqa"] = nn.Sequential(nn.Linear(w, 2 * w), nn.GELU(), nn.LayerNorm(2 * w),
                                          nn.Linear(2 * w, cfg.num_answers))
+        elif name == "nlvr2":
+            # Reads the two fused [CLS] states (one per image) side by side, as X-VLM's does.
+            heads["nlvr2"] = nn.Sequential(nn.Linear(2 * w, 2 * w), nn.GELU(), nn.LayerNorm(2 * w),
+                                           nn.Linear(2 * w, max(cfg.num_answers, 2)))
         elif name == "itm":
             heads["itm"] = nn.Linear(w, 2)
         elif name == "itc":
@@ -128,7 +132,7 @@ def build_heads(cfg: VLMConfig) -> nn.ModuleDict:
         elif name == "mlm":
             heads["mlm"] = MLMHead(w, cfg.text.vocab_size, cfg.fusion.eps)
         else:
-            raise ValueError(f"unknown head {name!r} (known: vqa, itm, itc, mlm)")
+            raise ValueError(f"unknown head {name!r} (known: vqa, nlvr2, itm, itc, mlm)")
     return heads
 
 
@@ -137,10 +141,22 @@ class VLMOutput:
     vision: EncoderOutput
     text: EncoderOutput
     fusion: EncoderOutput
-    text_mask: Tensor | None = None  # [B, L] 1 = a real token; the fusion tokens share it
+    text_mask: Tensor | None = None  # [B, L] 1 = a real token
+    # The fusion tokens' mask: the text's, or each row twice when the text meets two images.
+    fusion_mask: Tensor | None = None
+
+    def __post_init__(self):
+        if self.fusion_mask is None:
+            self.fusion_mask = self.text_mask
 
     def encoder(self, name: str) -> EncoderOutput:
         return getattr(self, name)
+
+
+# Tasks whose model runs as a decoder: causal self-attention in the text and fusion encoders, so
+# each position predicts the next token (X-VLM's captioning model). Nothing else changes, so
+# pruning and slicing apply as they are.
+CAUSAL_TASKS = ("captioning",)
 
 
 class VLM(nn.Module):
@@ -163,12 +179,20 @@ class VLM(nn.Module):
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
                 gates: Gates | None = None, output_hidden: bool = False,
-                output_attentions: bool = False) -> VLMOutput:
+                output_attentions: bool = False, causal: bool = False) -> VLMOutput:
+        """One pass over image-text pairs. `images` [B, 3, H, W], or [B, 2, 3, H, W] for a text
+        about two images (NLVR2): each image is encoded, and the text is fused with each in
+        turn, so the fusion rows come in pairs (2b, 2b + 1)."""
         opts = dict(gates=gates, output_hidden=output_hidden, output_attentions=output_attentions)
-        vision = self.vision(images, **opts)
-        text = self.encode_text(input_ids, attention_mask, **opts)
-        return VLMOutput(vision, text, self.fuse(text.last, attention_mask, vision.last, **opts),
-                         attention_mask)
+        two_images = images.ndim == 5
+        vision = self.vision(images.flatten(0, 1) if two_images else images, **opts)
+        text = self.encode_text(input_ids, attention_mask, causal=causal, **opts)
+        text_tokens, fusion_mask = text.last, attention_mask
+        if two_images:
+            text_tokens = text_tokens.repeat_interleave(2, dim=0)
+            fusion_mask = None if fusion_mask is None else fusion_mask.repeat_interleave(2, dim=0)
+        fusion = self.fuse(text_tokens, fusion_mask, vision.last, causal=causal, **opts)
+        return VLMOutput(vision, text, fusion, attention_mask, fusion_mask)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                     **opts) -> EncoderOutput:
@@ -177,7 +201,8 @@ class VLM(nn.Module):
 
     def fuse(self, text_tokens: Tensor, attention_mask: Tensor | None, image_tokens: Tensor,
              **opts) -> EncoderOutput:
-        """The fusion encoder over encoded text, cross-attending to encoded image tokens."""
+        """The fusion encoder over encoded text, cross-attending to encoded image tokens
+        (`causal=True`: each text position sees only the ones before it, as a decoder)."""
         return self.fusion(self.text_to_fusion(text_tokens), mask=attention_mask, kv=image_tokens,
                            **opts)
 
@@ -209,16 +234,23 @@ class VLM(nn.Module):
         return fused_tokens.amax(1)
 
     def pooled(self, out: VLMOutput) -> Tensor:
-        return self.pool(out.fusion.last, out.text_mask)
+        return self.pool(out.fusion.last, out.fusion_mask)
 
     def logits(self, task: str, out: VLMOutput) -> Tensor:
         """Task logits of one forward pass: VQA answer scores from the pooled fusion output;
-        for retrieval, the ITM match scores of the given pairs (what re-ranking computes)."""
+        NLVR2's true/false from the two images' pooled outputs side by side; for retrieval,
+        the ITM match scores of the given pairs (what re-ranking computes); for captioning,
+        next-token scores at every text position [B, L, V] (run the pass with causal=True)."""
         if task == "vqa":
             return self.heads["vqa"](self.pooled(out))
+        if task == "nlvr2":
+            pooled = self.pooled(out)
+            return self.heads["nlvr2"](pooled.reshape(pooled.shape[0] // 2, -1))
         if task in ("itm", "retrieval"):
-            return self.match_logits(out.fusion.last, out.text_mask)
-        raise ValueError(f"no classification head for task {task!r}")
+            return self.match_logits(out.fusion.last, out.fusion_mask)
+        if task == "captioning":
+            return self.mlm_logits(out.fusion.last)
+        raise ValueError(f"no head for task {task!r}")
 
     def prunable_groups(self, units=("heads", "ffn")) -> list[PrunableGroup]:
         return prunable_groups(self.config, units)
@@ -233,7 +265,8 @@ class TaskLogits(nn.Module):
         self.model, self.task = model, task
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.model.logits(self.task, self.model(images, input_ids, attention_mask))
+        out = self.model(images, input_ids, attention_mask, causal=self.task in CAUSAL_TASKS)
+        return self.model.logits(self.task, out)
 
 
 def model_inputs(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from evlm_cli.compress.measure import count_flops, measure_latency
-from evlm_cli.config import ENCODERS, LatencyConfig, Params
+from evlm_cli.config import ENCODERS, EvaluateConfig, LatencyConfig, Params
 from evlm_cli.data.loader import PreparedData
 from evlm_cli.deploy.onnx import FP32_FILE, INT8_FILE, OnnxModel
 from evlm_cli.io import atomic_write_json
@@ -49,12 +49,19 @@ def latency_report(models: dict[str, Forward], data: PreparedData,
     return out
 
 
+def test_report(model: VLM, data: PreparedData, task: str, ev: EvaluateConfig,
+                device: torch.device) -> dict:
+    """The task metric on the test split, as the evaluate section asks for it."""
+    return evaluate_report(model, data, "test", task, ev.batch_size, device, ev.k_test,
+                           metric=ev.metric, beam_size=ev.beam_size, max_len=ev.max_len)
+
+
 def run_teacher_eval(params: Params, *, prepared: Path, teacher: Path, metrics: Path) -> dict:
     ev = params.evaluate
     device = setup(EVAL_SEED, params.resources.threads, params.device)
     data = PreparedData(prepared)
     model = load_model(teacher).eval()
-    scores = evaluate_report(model, data, "test", params.task, ev.batch_size, device, ev.k_test)
+    scores = test_report(model, data, params.task, ev, device)
     model.cpu()
     report = {"metric": ev.metric, **scores, **size_report(model, teacher, data),
               "latency_ms": latency_report({"teacher": TaskLogits(model, params.task)}, data,
@@ -71,7 +78,7 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
     student_model = load_model(student).eval()
     teacher_model = load_model(teacher).eval()
     t_metrics = json.loads(Path(teacher_metrics).read_text())
-    scores = evaluate_report(student_model, data, "test", task, ev.batch_size, device, ev.k_test)
+    scores = test_report(student_model, data, task, ev, device)
     value = scores["value"]
     student_model.cpu()
     exported = exported_models(onnx, ev.latency.threads) if onnx is not None else {}
@@ -88,8 +95,9 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
         "value": value,
         "teacher_value": t_metrics["value"],
         "retention": retention(value),
-        **({"recall": scores["recall"], "teacher_recall": t_metrics["recall"]}
-           if "recall" in scores else {}),
+        # The task's other measures, teacher next to student: recalls, caption metrics.
+        **{f"{prefix}{key}": source[key] for key in ("recall", "scores") if key in scores
+           for prefix, source in (("", scores), ("teacher_", t_metrics))},
         "params": s_size["params"]["total"],
         "teacher_params": t_metrics["params"]["total"],
         "params_by_part": s_size["params"],

@@ -28,7 +28,8 @@ def run_prune(params: Params, *, prepared: Path, student: Path, teacher: Path, m
     data = PreparedData(prepared)
     teacher_model = load_model(teacher).to(device).eval()
     # The distilled student knows no task: it gets the task's heads, shaped as the teacher's.
-    # A classifier starts fresh; retrieval keeps the pre-trained ITC and ITM heads.
+    # A classifier starts fresh; retrieval keeps the pre-trained ITC and ITM heads, captioning
+    # the MLM head as its LM head.
     student_model = with_heads(load_model(student), list(TASKS[params.task].heads),
                                num_answers=teacher_model.config.num_answers,
                                pool=teacher_model.config.pool).to(device)

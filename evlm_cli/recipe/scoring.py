@@ -8,8 +8,10 @@ import torch
 from torch import Tensor
 
 from evlm_cli.data.loader import PreparedData, PreparedSplit
+from evlm_cli.models.generate import beam_search, decode_texts, greedy_decode
 from evlm_cli.models.vlm import VLM, TaskLogits, model_inputs
 from evlm_cli.tasks import TASKS
+from evlm_cli.tasks.caption import caption_metrics
 from evlm_cli.tasks.retrieval import METRIC as RETRIEVAL_HEADLINE
 from evlm_cli.tasks.retrieval import rerank_top_k, retrieval_metrics
 from evlm_cli.train import trim_text
@@ -31,22 +33,70 @@ def evaluate_forward(forward: Forward, data: PreparedData, split: str, task: str
     return scores / max(count, 1)
 
 
+# The spec's captioning metrics and the keys of `caption_metrics` they read.
+CAPTION_METRICS = {"cider": "cider", "bleu": "bleu_4", "meteor": "meteor", "rouge_l": "rouge_l"}
+
+
 def evaluate_task(model: VLM, data: PreparedData, split: str, task: str, batch_size: int,
                   device: torch.device, k_test: int = 0) -> float:
     """The task metric of a PyTorch model on a whole split (for retrieval and pre-training,
-    mean recall, ranked by ITC and re-ranked by ITM over the top `k_test`)."""
-    return evaluate_report(model, data, split, task, batch_size, device, k_test)["value"]
+    mean recall, ranked by ITC and re-ranked by ITM over the top `k_test`; for captioning,
+    CIDEr of greedy captions)."""
+    return evaluate_report(model, data, split, task, batch_size, device, k_test,
+                           meteor=False)["value"]
 
 
 def evaluate_report(model: VLM, data: PreparedData, split: str, task: str, batch_size: int,
-                    device: torch.device, k_test: int = 0) -> dict:
-    """{"value": the headline metric, ...}: retrieval adds each recall (TR/IR@1/5/10)."""
+                    device: torch.device, k_test: int = 0, *, metric: str | None = None,
+                    beam_size: int = 1, max_len: int | None = None, meteor: bool = True) -> dict:
+    """{"value": the headline metric, ...}: retrieval adds each recall (TR/IR@1/5/10) under
+    "recall", captioning each caption metric under "scores" (`metric` picks the headline:
+    cider, bleu, meteor or rouge_l; captions come from beam search when `beam_size` > 1)."""
     model.eval().to(device)
     if task == "pretrain" or TASKS[task].contrastive:
         recalls = retrieval_recalls(model, data.split(split), batch_size, device, k_test)
         return {"value": recalls[RETRIEVAL_HEADLINE], "recall": recalls}
+    if TASKS[task].generative:
+        scores = caption_scores(model, data, split, batch_size, device, beam_size, max_len,
+                                meteor)
+        return {"value": scores[CAPTION_METRICS[metric or TASKS[task].metric_name]],
+                "scores": scores}
     return {"value": evaluate_forward(TaskLogits(model, task), data, split, task, batch_size,
                                       device)}
+
+
+@torch.inference_mode()
+def generate_captions(model: VLM, data: PreparedData, split: str, batch_size: int,
+                      device: torch.device, beam_size: int = 1, max_len: int | None = None
+                      ) -> dict[int, str]:
+    """A caption for every image of a split with references: {image row: text}.
+
+    `max_len` (tokens after the begin token) defaults to what the prepared text holds.
+    """
+    rows = torch.tensor(sorted(data.references(split)), dtype=torch.long)
+    tokenizer = data.tokenizer()
+    ids = dict(bos_id=tokenizer.cls_token_id, eos_id=tokenizer.sep_token_id,
+               pad_id=tokenizer.pad_token_id,
+               max_len=max_len or data.meta["max_text_len"] - 1)
+    images = data.split(split)
+    captions = {}
+    for chunk in rows.split(batch_size):
+        pixels = images.images_of(chunk).to(device)
+        tokens = (beam_search(model, pixels, beam_size=beam_size, **ids) if beam_size > 1
+                  else greedy_decode(model, pixels, **ids))
+        texts = decode_texts(tokens.cpu(), tokenizer, ids["eos_id"], ids["pad_id"])
+        captions.update(zip(chunk.tolist(), texts, strict=True))
+    return captions
+
+
+def caption_scores(model: VLM, data: PreparedData, split: str, batch_size: int,
+                   device: torch.device, beam_size: int = 1, max_len: int | None = None,
+                   meteor: bool = True) -> dict[str, float]:
+    """BLEU, METEOR (unless left out), ROUGE-L and CIDEr of the model's captions against
+    every reference of their images."""
+    captions = generate_captions(model, data, split, batch_size, device, beam_size, max_len)
+    references = data.references(split)
+    return caption_metrics(captions, {row: references[row] for row in captions}, meteor=meteor)
 
 
 @torch.inference_mode()

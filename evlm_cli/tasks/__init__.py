@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from evlm_cli.tasks import vqa
+from evlm_cli.tasks import caption, nlvr2, vqa
 
 # The heads of a pre-trained model: image-text contrast, matching and masked language modelling.
 PRETRAIN_HEADS = ("itc", "itm", "mlm")
@@ -26,16 +26,31 @@ class Task:
     example_scores: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     # Contrastive tasks train on image-text pairs with these pre-training terms and weights.
     terms: dict[str, float] = field(default_factory=dict)
+    # What the loss compares the logits with: the prepared targets, or for a decoder the next
+    # token at each position, read from the batch's own text.
+    targets: Callable[[dict[str, torch.Tensor]], torch.Tensor] = lambda batch: batch["targets"]
+    # The rows of the logits that logit KD compares (a decoder: only the positions it is
+    # trained to predict, not the padding).
+    kd_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda logits, targets: logits
+    # Scored by generating text (captioning), not by the logits of one pass.
+    generative: bool = False
 
     @property
     def contrastive(self) -> bool:
         return bool(self.terms)
 
 
-# nlvr2 and captioning join here when their heads and metrics exist.
 TASKS: dict[str, Task] = {
     "vqa": Task(name="vqa", heads=("vqa",), metric_name="vqa_accuracy", loss=vqa.vqa_loss,
                 example_scores=vqa.vqa_example_scores),
+    "nlvr2": Task(name="nlvr2", heads=("nlvr2",), metric_name="nlvr2_accuracy",
+                  loss=nlvr2.nlvr2_loss, example_scores=nlvr2.nlvr2_example_scores),
+    # The decoder's LM head is the pre-trained MLM head, as in X-VLM's captioning model.
+    "captioning": Task(name="captioning", heads=("mlm",), metric_name=caption.HEADLINE,
+                       loss=caption.lm_loss,
+                       targets=lambda b: caption.lm_labels(b["input_ids"], b["attention_mask"]),
+                       kd_rows=lambda logits, labels: logits[labels != caption.IGNORE],
+                       generative=True),
     # Fine-tuned with ITC and ITM as X-VLM does; evaluation ranks by ITC, re-ranks by ITM.
     "retrieval": Task(name="retrieval", heads=("itc", "itm"), metric_name="recall_at_k",
                       terms={"itc": 1.0, "itm": 1.0}),

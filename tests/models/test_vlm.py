@@ -272,3 +272,36 @@ def test_an_evlm_teacher_imports_its_encoders_and_gains_the_heads_it_lacks(tmp_p
     with pytest.raises(CheckpointError, match="vocabulary has 40 tokens, the pairs' tokenizer 99"):
         build_teacher(teacher, heads=["itc"], seed=0, image_size=16, vocab_size=99,
                       max_text_len=16)
+
+
+def test_nlvr2_reads_the_text_fused_with_each_image_side_by_side():
+    torch.manual_seed(0)
+    model = VLM(tiny_config(heads=["nlvr2"], num_answers=2, pool="max")).eval()
+    images, ids, mask = inputs(batch=3)
+    second = torch.randn_like(images)
+    pair = torch.stack([images, second], dim=1)  # [B, 2, 3, H, W]
+    logits = model.logits("nlvr2", model(pair, ids, mask))
+    with torch.no_grad():
+        left = model.pooled(model(images, ids, mask))
+        right = model.pooled(model(second, ids, mask))
+        expected = model.heads["nlvr2"](torch.cat([left, right], dim=-1))
+    assert logits.shape == (3, 2)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    swapped = model.logits("nlvr2", model(pair.flip(1), ids, mask))
+    assert not torch.allclose(swapped, logits)  # which image is left matters
+
+
+def test_causal_pass_keeps_padded_rows_finite_and_hides_later_tokens():
+    torch.manual_seed(0)
+    model = VLM(tiny_config()).eval()
+    images, ids, mask = inputs(batch=2, seq=6)
+    out = model(images, ids, mask, causal=True)
+    assert torch.isfinite(out.fusion.last).all()
+    changed = ids.clone()
+    changed[:, 3:] = (changed[:, 3:] + 1) % 40
+    again = model(images, changed, mask, causal=True)
+    torch.testing.assert_close(again.fusion.last[:, :3], out.fusion.last[:, :3])
+    assert not torch.allclose(again.fusion.last[:, 3], out.fusion.last[:, 3])
+    # without the causal mask, earlier positions see the change
+    plain, plain_changed = model(images, ids, mask), model(images, changed, mask)
+    assert not torch.allclose(plain.fusion.last[:, :3], plain_changed.fusion.last[:, :3])

@@ -1,0 +1,257 @@
+"""Caption targets and loss, and caption metrics checked against pycocoevalcap and by hand."""
+
+import math
+import random
+import subprocess
+import tempfile
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+from evlm_cli.errors import DataError
+from evlm_cli.tasks import caption
+from evlm_cli.tasks.caption import IGNORE, caption_metrics, lm_labels, lm_loss
+
+CLS, SEP, PAD = 101, 102, 0
+
+# Capitals and punctuation, so the results depend on the PTB tokenisation. Every caption has at
+# least 4 words: shorter ones have no 4-grams, and pycocoevalcap's BLEU-4 of a perfect 3-word
+# caption is about 0.03, its epsilons standing in for 0/0.
+REFERENCES = {
+    139: [
+        "A man is riding a brown horse on the beach.",
+        "Someone rides a horse along the sandy shore.",
+        "A rider and his horse at the sea.",
+    ],
+    285: [
+        "Two cats sleep on a red sofa.",
+        "A pair of cats napping on the couch!",
+        "Two kittens curled up, asleep, on a sofa.",
+    ],
+    632: [
+        "A plate of pasta with tomato sauce.",
+        "Spaghetti and sauce on a white plate.",
+        "A dish of noodles, topped with red sauce.",
+    ],
+    724: [
+        "A child flies a kite in the park.",
+        "A young girl flying a kite on the grass.",
+        "Kid with a kite at the park, on a windy day.",
+    ],
+    776: [
+        "Three people wait at a bus stop.",
+        "People are waiting for the bus in the rain.",
+        "A group of commuters at the bus stop.",
+    ],
+}
+PREDICTIONS = {
+    139: "A man riding a horse on the beach.",
+    285: "Two cats sleeping on a sofa.",
+    632: "A plate of spaghetti with sauce.",
+    724: "A child is flying a kite in the park!",
+    776: "People waiting at a bus stop.",
+}
+
+
+class FakeMeteor:
+    """Stands in for pycocoevalcap's Meteor, whose JVM takes seconds to load its paraphrase
+    tables: a cheap process to close, a lock like Meteor's, and a fixed score."""
+
+    def __init__(self) -> None:
+        self.meteor_p = subprocess.Popen(
+            ["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.lock = threading.Lock()
+        started.append(self)
+
+    def compute_score(self, gts, res):
+        return 0.25, [0.25] * len(gts)
+
+
+class FailingMeteor(FakeMeteor):
+    def compute_score(self, gts, res):
+        self.lock.acquire()  # as Meteor does, which never releases it when the JVM dies
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+started: list = []
+
+
+@pytest.fixture
+def fake_meteor(monkeypatch):
+    """The Meteor instances caption_metrics starts, which are fakes during the test."""
+    started.clear()
+    monkeypatch.setattr(caption, "Meteor", FakeMeteor)
+    return started
+
+
+@pytest.fixture(scope="module")
+def scored():
+    """caption_metrics on PREDICTIONS with the real METEOR, run once, and its Meteor instances."""
+    recorded = []
+
+    class RecordedMeteor(Meteor):
+        def __init__(self) -> None:
+            super().__init__()
+            recorded.append(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(caption, "Meteor", RecordedMeteor)
+        return caption_metrics(PREDICTIONS, REFERENCES), recorded
+
+
+def test_lm_labels_shift_onto_real_next_tokens():
+    input_ids = torch.tensor(
+        [
+            [CLS, 7, 8, 9, SEP],
+            [CLS, 7, SEP, PAD, PAD],
+            [CLS, SEP, PAD, PAD, PAD],  # an empty caption: [CLS] learns to end at once
+        ]
+    )
+    expected = torch.tensor(
+        [
+            [7, 8, 9, SEP, IGNORE],
+            [7, SEP, IGNORE, IGNORE, IGNORE],
+            [SEP, IGNORE, IGNORE, IGNORE, IGNORE],
+        ]
+    )
+    labels = lm_labels(input_ids, (input_ids != PAD).long())
+    assert labels.dtype == torch.long
+    assert torch.equal(labels, expected)
+
+
+def test_lm_loss_is_cross_entropy_over_labelled_positions():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6)
+    labels = torch.tensor([[3, 1, IGNORE, IGNORE], [5, IGNORE, IGNORE, IGNORE]])
+    picked = torch.stack([logits[0, 0], logits[0, 1], logits[1, 0]])
+    targets = torch.tensor([3, 1, 5])
+    assert torch.allclose(lm_loss(logits, labels), F.cross_entropy(picked, targets))
+    assert torch.allclose(
+        lm_loss(logits, labels, label_smoothing=0.1),
+        F.cross_entropy(picked, targets, label_smoothing=0.1),
+    )
+
+    changed = logits.clone()
+    changed[labels == IGNORE] = 50 * torch.randn(5, 6)
+    assert torch.allclose(lm_loss(changed, labels), lm_loss(logits, labels))
+
+
+def test_lm_loss_refuses_a_batch_without_labels():
+    with pytest.raises(ValueError, match="labelled"):
+        lm_loss(torch.randn(1, 3, 6), torch.full((1, 3), IGNORE))
+
+
+def test_metrics_match_pycocoevalcap_called_directly(scored):
+    metrics, _ = scored
+    # pycocoevalcap's own pipeline with string ids in a shuffled order, so neither the type
+    # nor the order of the ids may change a value.
+    ids = list(REFERENCES)
+    random.Random(0).shuffle(ids)
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({str(i): [{"caption": c} for c in REFERENCES[i]] for i in ids})
+    res = tokenizer.tokenize({str(i): [{"caption": PREDICTIONS[i]}] for i in reversed(ids)})
+    bleus, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    rouge, _ = Rouge().compute_score(gts, res)
+
+    assert 0.1 < metrics["bleu_4"] < 0.9  # neither degenerate nor perfect
+    for n, bleu in enumerate(bleus, start=1):
+        assert metrics[f"bleu_{n}"] == pytest.approx(bleu, abs=1e-9)
+    assert metrics["cider"] == pytest.approx(cider, abs=1e-9)
+    assert metrics["rouge_l"] == pytest.approx(rouge, abs=1e-9)
+    assert 0 < metrics["meteor"] < 1
+    assert set(metrics) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider"}
+
+    # The tokenisation matters here: raw captions score differently.
+    raw_gts = {i: REFERENCES[i] for i in ids}
+    raw_bleus, _ = Bleu(4).compute_score(raw_gts, {i: [PREDICTIONS[i]] for i in ids}, verbose=0)
+    assert abs(raw_bleus[3] - metrics["bleu_4"]) > 0.01
+
+
+def test_meteor_process_is_closed(scored):
+    _, meteors = scored
+    assert len(meteors) == 1
+    assert meteors[0].meteor_p.returncode is not None
+    assert not meteors[0].lock.locked()
+
+
+def test_meteor_process_is_closed_when_scoring_fails(monkeypatch):
+    started.clear()
+    monkeypatch.setattr(caption, "Meteor", FailingMeteor)
+    with pytest.raises(BrokenPipeError):
+        caption_metrics(PREDICTIONS, REFERENCES)
+    assert started[0].meteor_p.returncode is not None
+    # Meteor.__del__ takes the lock, so a held one would hang garbage collection.
+    assert not started[0].lock.locked()
+
+
+def test_bleu_4_by_hand(fake_meteor):
+    references = {
+        7: [
+            "A man is riding his brown horse on the beach.",
+            "Someone rides a horse along the sandy shore, slowly.",
+        ]
+    }
+    # Tokenised: "a man riding a horse on the beach", 8 words against references of 10 and 9.
+    # 1-grams: "a" twice, clipped to 1 (each reference has one); man riding horse on the beach
+    #          match: 7/8
+    # 2-grams: a man, a horse, horse on, on the, the beach match; man riding, riding a don't: 5/7
+    # 3-grams: horse on the, on the beach match, of 6: 2/6
+    # 4-grams: horse on the beach matches, of 5: 1/5
+    # Brevity penalty: the closest reference length is 9, longer than 8: exp(1 - 9/8).
+    expected = (7 / 8 * 5 / 7 * 2 / 6 * 1 / 5) ** (1 / 4) * math.exp(1 - 9 / 8)
+    metrics = caption_metrics({7: "A man riding a horse on the beach."}, references)
+    assert metrics["bleu_4"] == pytest.approx(expected, abs=1e-6)
+    assert metrics["bleu_1"] == pytest.approx(7 / 8 * math.exp(1 - 9 / 8), abs=1e-6)
+
+
+def test_a_perfect_caption_scores_top_and_beats_one_on_the_wrong_image(fake_meteor):
+    # Line breaks inside captions would shift every later caption onto the wrong image in
+    # the Java tokenizer, unless caption_metrics joins the lines first.
+    perfect = {i: refs[0].replace(" ", "\r\n", 1) for i, refs in REFERENCES.items()}
+    perfect[285] = REFERENCES[285][0].replace(" ", "\u2028")
+    ids = list(REFERENCES)
+    wrong_image = {i: REFERENCES[ids[(k + 1) % len(ids)]][0] for k, i in enumerate(ids)}
+
+    best = caption_metrics(perfect, REFERENCES)
+    assert best["bleu_4"] > 0.99
+    assert best["rouge_l"] > 0.99
+    assert best["cider"] > caption_metrics(wrong_image, REFERENCES)["cider"] + 1
+    assert all(meteor.meteor_p.returncode is not None for meteor in fake_meteor)
+
+
+@pytest.mark.parametrize(
+    "predictions",
+    [
+        {i: PREDICTIONS[i] for i in list(PREDICTIONS)[:-1]},  # 776 missing
+        {**PREDICTIONS, 999: "an extra caption"},
+        {str(776) if i == 776 else i: c for i, c in PREDICTIONS.items()},  # "776" is not 776
+    ],
+)
+def test_mismatched_ids_are_refused(predictions, fake_meteor):
+    with pytest.raises(ValueError, match="999|776"):
+        caption_metrics(predictions, REFERENCES)
+    assert fake_meteor == []  # refused before any scoring
+
+
+def test_missing_java_is_a_data_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(DataError, match="Java"):
+        caption_metrics(PREDICTIONS, REFERENCES)
+
+
+def test_unwritable_tokenizer_folder_is_a_data_error(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+    with pytest.raises(DataError, match="writable"):
+        caption_metrics(PREDICTIONS, REFERENCES)
