@@ -14,7 +14,8 @@ from evlm_cli.pipeline import FINAL_KIND
 
 # metrics.json groups of a task's other measures, each with a "teacher_" twin.
 DETAILS = ("recall", "scores")
-SHOWN_CAPTION_METRICS = ("bleu_4", "meteor", "rouge_l", "cider")
+# The caption metrics the summary shows, as the captioning literature writes them.
+CAPTION_LABELS = {"bleu_4": "BLEU-4", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr"}
 
 
 def load_run(name: str, root: Path = Path("."), require_metrics: bool = True) -> dict:
@@ -146,8 +147,8 @@ def detail_lines(m: dict) -> list[str]:
     caption metric (captioning)."""
     recalls = [(key.upper().replace("_R", "@"), m["teacher_recall"][key], value)
                for key, value in m.get("recall", {}).items() if "_r" in key]
-    captions = [(key.replace("_", "-").upper(), m["teacher_scores"][key], value)
-                for key, value in m.get("scores", {}).items() if key in SHOWN_CAPTION_METRICS]
+    captions = [(label, m["teacher_scores"][key], m["scores"][key])
+                for key, label in CAPTION_LABELS.items() if key in m.get("scores", {})]
     return [f"  {label:<24}{teacher:>12.4f}{student:>12.4f}"
             for label, teacher, student in recalls + captions]
 

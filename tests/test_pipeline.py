@@ -13,6 +13,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 EVLM = [sys.executable, "-m", "evlm_cli"]
+# One tiny spec per task; they agree on the task-agnostic sections.
+TINY_SPECS = ("tiny_vqa", "tiny_itr", "tiny_nlvr2", "tiny_caption")
 
 
 def sh(cmd, cwd, check=True, env_extra=None, **kw):
@@ -35,7 +37,7 @@ def project(tmp_path):
     """A user's folder: the tiny spec and nothing else (evlm makes it a DVC project)."""
     folder = tmp_path / "work"
     (folder / "specs").mkdir(parents=True)
-    for name in ("tiny_vqa", "tiny_itr"):
+    for name in TINY_SPECS:
         shutil.copy(REPO / f"tests/specs/{name}.yaml", folder / f"specs/{name}.yaml")
     return folder
 
@@ -56,20 +58,29 @@ def edit_spec(path: Path, name: str | None = None, **changes) -> Path:
 
 
 def test_run_rerun_partial_reruns_and_sharing(project):
-    spec, itr = project / "specs/tiny_vqa.yaml", project / "specs/tiny_itr.yaml"
-    first = sh([*EVLM, "run", str(spec), str(itr)], project)
+    spec = project / "specs/tiny_vqa.yaml"
+    first = sh([*EVLM, "run", *(str(project / f"specs/{name}.yaml") for name in TINY_SPECS)],
+               project)
     assert "made" in first.stdout and "a DVC project (without git)" in first.stdout
     assert ran(first.stdout) == {"prepare_pairs", "teacher_pretrain", "distill", "prepare",
                                  "teacher", "teacher_eval", "prune", "finetune", "export",
                                  "evaluate"}
-    # The two tasks share the task-agnostic stages: each is in dvc.yaml, and ran, once.
+    # The four tasks share the task-agnostic stages: each is in dvc.yaml, and ran, once.
     names = re.findall(r"Running stage '([^']+)'", first.stdout)
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     for kind in ("prepare_pairs", "teacher_pretrain", "distill"):
         assert sum(n.startswith(f"shared-{kind}-") for n in stages) == 1, kind
         assert sum(n.startswith(f"shared-{kind}-") for n in names) == 1, kind
     for kind in ("prepare", "teacher", "teacher_eval"):  # the task's own, one per task
-        assert sum(n.startswith(f"shared-{kind}-") for n in stages) == 2, kind
+        assert sum(n.startswith(f"shared-{kind}-") for n in stages) == 4, kind
+    nlvr2 = json.loads((project / "runs/tiny_nlvr2/evaluate/metrics.json").read_text())
+    assert nlvr2["metric"] == "nlvr2_accuracy" and 0 <= nlvr2["value"] <= 1
+    assert nlvr2["params"] < nlvr2["teacher_params"]
+    captions = json.loads((project / "runs/tiny_caption/evaluate/metrics.json").read_text())
+    caption_keys = {"bleu_4", "meteor", "rouge_l", "cider"}
+    assert caption_keys <= set(captions["scores"]) and caption_keys <= set(captions["teacher_scores"])
+    assert captions["value"] == captions["scores"]["cider"]
+    assert "CIDEr" in first.stdout and "METEOR" in first.stdout  # the summary shows all four
     retrieval = json.loads((project / "runs/tiny_itr/evaluate/metrics.json").read_text())
     assert set(retrieval["recall"]) >= {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"}
     assert retrieval["value"] == retrieval["recall"]["r_mean"]

@@ -24,7 +24,7 @@ from evlm_cli.spec import (
 
 ROOT = Path(__file__).resolve().parent.parent
 # A shipped spec's name starts with its task's short name.
-TASK_OF_PREFIX = {"vqa": "vqa", "itr": "retrieval"}
+TASK_OF_PREFIX = {"vqa": "vqa", "itr": "retrieval", "nlvr2": "nlvr2", "caption": "captioning"}
 TEST_SPECS = Path(__file__).resolve().parent / "specs"
 BAD_SPECS = sorted((TEST_SPECS / "bad").glob("*.yaml"))
 SHIPPED_SPECS = sorted((ROOT / "specs").glob("*.yaml"))
@@ -130,10 +130,12 @@ def test_shipped_specs_are_valid_and_named_after_their_file(spec_file):
 def test_shipped_specs_of_different_tasks_share_the_task_agnostic_stages():
     # The point of the paper's graph: one pre-trained teacher and one distilled student for
     # every task, so these sections must agree for the shared stages to be shared.
-    vqa, itr = (load_spec(ROOT / "specs" / f"{name}.yaml") for name in ("vqa_50pct", "itr_50pct"))
-    assert vqa["task"] != itr["task"]
-    for section in ("seed", "pairs", "teacher", "pretrain", "student", "distill"):
-        assert vqa[section] == itr[section], section
+    specs = [load_spec(ROOT / "specs" / f"{name}_50pct.yaml")
+             for name in ("vqa", "nlvr2", "itr", "caption")]
+    assert sorted(spec["task"] for spec in specs) == ["captioning", "nlvr2", "retrieval", "vqa"]
+    for other in specs[1:]:
+        for section in ("seed", "pairs", "teacher", "pretrain", "student", "distill"):
+            assert specs[0][section] == other[section], (other["name"], section)
 
 
 def test_default_spec_writes_every_key_explicitly():
@@ -400,9 +402,11 @@ def test_absent_train_in_any_form_is_reported(train):
 
 def test_source_problems_name_fields_not_spec_keys():
     assert source_problems("easy-vqa", "vqa", None, None, None, None) == []
-    assert source_problems("easy-vqa", "retrieval", None, None, None, None) == []
-    assert source_problems("easy-vqa", "nlvr2", None, None, None, None) == [
-        ("source", "easy-vqa has data for vqa and retrieval only; task nlvr2 needs xvlm-json")]
+    for task in ("retrieval", "nlvr2", "captioning"):  # easy-VQA's derived data serves them
+        assert source_problems("easy-vqa", task, None, None, None, None) == []
+    assert source_problems("easy-vqa", "ocr", None, None, None, None) == [
+        ("source", "easy-vqa has data for vqa, nlvr2, retrieval and captioning only; task ocr "
+                   "needs xvlm-json")]
     assert source_problems("xvlm-json", "vqa", ("a.json",), "t.json", None, None) == [
         ("image_root", "required when the source is xvlm-json"),
         ("answer_list", "required for VQA from xvlm-json"),

@@ -52,6 +52,18 @@ class PreparedData:
     def tokenizer(self) -> BertTokenizerFast:
         return load_tokenizer(self.directory / "tokenizer")
 
+    def references(self, split: str) -> dict[int, list[str]]:
+        """A captioning split's reference captions: image row -> captions, raw, in source order."""
+        path = self.directory / "references.json"
+        if not path.is_file():
+            raise DataError(f"{path}: missing; reference captions are prepared for the captioning "
+                            f"task only (this is {self.meta.get('task')!r} data)")
+        by_split = _read_json(path)
+        if split not in by_split:
+            raise DataError(f"{path}: no reference captions for split {split!r} "
+                            f"(has {', '.join(by_split) or 'none'})")
+        return {int(row): captions for row, captions in by_split[split].items()}
+
 
 class PreparedSplit(Dataset):
     """One split of a prepared directory; `batches` is the fast path, indexing the slow one."""
@@ -76,25 +88,29 @@ class PreparedSplit(Dataset):
         self.image_index = tensors["image_index"]
         self.input_ids = tensors["input_ids"]
         self.attention_mask = tensors["attention_mask"]
-        # Questions have answer targets and ids; captions have neither.
+        # Questions and NLVR2 statements have answer targets and ids; captions have neither.
         self.targets = tensors.get("targets")
         self.question_id = tensors.get("question_id")
 
     def __len__(self) -> int:
-        return self.image_index.numel()
+        return self.image_index.shape[0]
 
     def __getitem__(self, index: int) -> Batch:
         batch = self.gather(torch.tensor([index]))
         return {key: value[0] for key, value in batch.items()}
 
     def gather(self, indices: torch.Tensor) -> Batch:
-        """The examples at `indices` as one batch, images normalised as prepare recorded."""
+        """The examples at `indices` as one batch, images normalised as prepare recorded.
+
+        `images` is [B, 3, S, S], or [B, 2, 3, S, S] for NLVR2's pairs (image_index [B, 2]).
+        """
         pixels = self.images[self.image_index[indices]]
         batch = {
             "images": pixels.float().mul_(self._scale).sub_(self._shift),
             "input_ids": self.input_ids[indices].long(),
             "attention_mask": self.attention_mask[indices].long(),
             # which image a row shows: captions of one image are each other's positives (ITC)
+            # (NLVR2: both images, left then right)
             "image_index": self.image_index[indices],
         }
         if self.targets is not None:

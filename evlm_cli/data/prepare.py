@@ -1,19 +1,25 @@
 """The prepare stages' library: read a dataset once and write tensors later stages load fast.
 
-Two kinds of data are prepared: a task's (VQA questions, retrieval captions) and the
-task-agnostic image-text pairs of pre-training, which also own the tokenizer every task uses
-(the pre-trained text encoder's vocabulary).
+Two kinds of data are prepared: a task's (VQA questions, retrieval and captioning captions,
+NLVR2 statements) and the task-agnostic image-text pairs of pre-training, which also own the
+tokenizer every task uses (the pre-trained text encoder's vocabulary).
 
 Layout of the output directory:
 - `images.safetensors`: `images` uint8 [N_images, 3, S, S], each source image once across splits;
-- `<split>.safetensors` per split, one row per text: `image_index` int64 [N], `input_ids` int32
-  [N, L], `attention_mask` uint8 [N, L]; for VQA also `targets` float16 [N, A] (soft scores, see
-  `evlm_cli.tasks.vqa.answer_scores`) and `question_id` int64 [N]. Retrieval evaluation splits
-  list every caption of an image as its own row;
-- `answers.json` (index order; empty without answers), `tokenizer/` (HF format), `meta.json`.
+- `<split>.safetensors` per split, one row per text: `image_index` int64 [N] (NLVR2: [N, 2],
+  the left and the right image), `input_ids` int32 [N, L], `attention_mask` uint8 [N, L]; for
+  VQA and NLVR2 also `targets` float16 [N, A] and `question_id` int64 [N]. VQA's targets are
+  soft scores (see `evlm_cli.tasks.vqa.answer_scores`); NLVR2's are one-hot over the answers
+  `NLVR2_ANSWERS` and its question ids are row indices. Retrieval and captioning evaluation
+  splits list every caption of an image as its own row;
+- `answers.json` (index order; empty without answers), `tokenizer/` (HF format), `meta.json`;
+- captioning only: `references.json`, `{split: {str(image row): [caption, ...]}}` for val and
+  test, every reference caption of an image as the source gives it (untruncated, untokenised,
+  in source order) for the caption metrics.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +31,24 @@ from transformers import BertTokenizerFast
 from evlm_cli.config import DataConfig, PairsConfig
 from evlm_cli.data.captions import read_easy_vqa_pairs, read_easy_vqa_retrieval
 from evlm_cli.data.easy_vqa import easy_vqa_answers, read_easy_vqa
-from evlm_cli.data.records import PairRecord, VqaRecord, split_off_by_image
+from evlm_cli.data.nlvr2 import read_easy_vqa_nlvr2
+from evlm_cli.data.records import (
+    Nlvr2Record,
+    PairRecord,
+    RetrievalRecord,
+    VqaRecord,
+    split_off_by_image,
+    split_off_pairs_by_image,
+)
 from evlm_cli.data.sources import source_problems
 from evlm_cli.data.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
-from evlm_cli.data.xvlm_json import read_answer_list, read_pairs, read_retrieval_eval, read_vqa
+from evlm_cli.data.xvlm_json import (
+    read_answer_list,
+    read_nlvr2,
+    read_pairs,
+    read_retrieval_eval,
+    read_vqa,
+)
 from evlm_cli.errors import DataError
 from evlm_cli.io import atomic_path, atomic_save_safetensors, atomic_write_json
 from evlm_cli.tasks.vqa import answer_scores
@@ -37,6 +57,11 @@ SPLITS = ("train", "val", "test")
 # Pixels are stored raw; loaders map them to [-1, 1] with this per-channel mean and std.
 PIXEL_MEAN = (0.5, 0.5, 0.5)
 PIXEL_STD = (0.5, 0.5, 0.5)
+# NLVR2 is classification over two answers, so a label's index is int(label) and the VQA
+# machinery (one-hot targets, cross-entropy, accuracy by argmax) serves it unchanged.
+NLVR2_ANSWERS = ("false", "true")
+# The evaluation splits whose reference captions a captioning task keeps.
+REFERENCE_SPLITS = ("val", "test")
 
 
 def prepare(data: DataConfig, task: str, seed: int, out_dir: Path, tokenizer: Path) -> dict:
@@ -50,10 +75,13 @@ def prepare(data: DataConfig, task: str, seed: int, out_dir: Path, tokenizer: Pa
     full_splits, answers = read_task_splits(data, task, seed)
     text = load_tokenizer(tokenizer)
     save_tokenizer(text, out / "tokenizer")  # a prepared folder is self-contained
-    splits = {name: _rows(limit_examples(records, data.limit, seed, SPLITS.index(name)))
-              for name, records in full_splits.items()}
-    return write_prepared(out, splits, answers, text, data.image_size, data.max_text_len,
-                          {"source": data.source, "task": task})
+    limited = {name: limit_examples(records, data.limit, seed, SPLITS.index(name))
+               for name, records in full_splits.items()}
+    references = ({name: limited[name] for name in REFERENCE_SPLITS if name in limited}
+                  if task == "captioning" else None)
+    return write_prepared(out, {name: _rows(records) for name, records in limited.items()},
+                          answers, text, data.image_size, data.max_text_len,
+                          {"source": data.source, "task": task}, references)
 
 
 def prepare_pairs(pairs: PairsConfig, seed: int, out_dir: Path) -> dict:
@@ -72,7 +100,9 @@ def prepare_pairs(pairs: PairsConfig, seed: int, out_dir: Path) -> dict:
 
 def write_prepared(out: Path, splits: dict[str, list], answers: list[str],
                    tokenizer: BertTokenizerFast, image_size: int, max_text_len: int,
-                   about: dict) -> dict:
+                   about: dict, references: dict[str, list] | None = None) -> dict:
+    """Write the images, each split's tensors, the answers, `meta.json` and, given
+    `references` (records with captions, per split), `references.json`; return a summary."""
     image_paths = unique_images(splits)
     image_row = {path: row for row, path in enumerate(image_paths)}
     atomic_save_safetensors(
@@ -85,10 +115,14 @@ def write_prepared(out: Path, splits: dict[str, list], answers: list[str],
         atomic_save_safetensors(out / f"{name}.safetensors", tensors)
         split_meta[name] = {
             "examples": len(records),
-            "images": len({record["image"] for record in records}),
+            "images": len({image for record in records for image in record_images(record)}),
             "labelled": all(record.get("answers", True) for record in records),
         }
     atomic_write_json(out / "answers.json", answers)
+    if references is not None:
+        atomic_write_json(out / "references.json",
+                          {name: reference_captions(records, image_row)
+                           for name, records in references.items()})
     special = sorted({tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id,
                       tokenizer.unk_token_id, tokenizer.mask_token_id} - {None})
     meta = {
@@ -115,7 +149,7 @@ def write_prepared(out: Path, splits: dict[str, list], answers: list[str],
 
 
 def read_task_splits(data: DataConfig, task: str, seed: int) -> tuple[dict[str, list], list[str]]:
-    """Records per split (train, val and, when present, test) and the answer list (VQA).
+    """Records per split (train, val and, when present, test) and the answer list (VQA, NLVR2).
 
     easy-VQA carves val from train by image. So does xvlm-json when no val file is given.
     """
@@ -124,10 +158,12 @@ def read_task_splits(data: DataConfig, task: str, seed: int) -> tuple[dict[str, 
     if problems:
         field, message = problems[0]
         raise DataError(f"data {field}: {message}")
-    if task == "retrieval":
+    if task in ("retrieval", "captioning"):
         return read_retrieval_splits(data, seed), []
+    if task == "nlvr2":
+        return read_nlvr2_splits(data, seed), list(NLVR2_ANSWERS)
     if task != "vqa":
-        raise DataError(f"prepare reads VQA and retrieval data so far, not task {task!r}")
+        raise DataError(f"prepare reads VQA, NLVR2, retrieval and captioning data, not task {task!r}")
     if data.source == "easy-vqa":
         return read_easy_vqa(data.val_fraction, seed), easy_vqa_answers()
     splits = {"train": read_vqa(list(data.train), data.image_root, require_answers=True)}
@@ -141,7 +177,10 @@ def read_task_splits(data: DataConfig, task: str, seed: int) -> tuple[dict[str, 
 
 
 def read_retrieval_splits(data: DataConfig, seed: int) -> dict[str, list]:
-    """Train pairs; val and test as images with all their captions."""
+    """Train pairs; val and test as images with all their captions (retrieval and captioning).
+
+    A val carved from the train pairs holds pairs, one per caption, not images with captions.
+    """
     if data.source == "easy-vqa":
         return read_easy_vqa_retrieval(data.val_fraction, seed)
     splits = {"train": read_pairs(list(data.train), data.image_root)}
@@ -150,6 +189,24 @@ def read_retrieval_splits(data: DataConfig, seed: int) -> dict[str, list]:
     else:
         splits["train"], splits["val"] = _carve_val(splits["train"], data.val_fraction, seed)
     splits["test"] = read_retrieval_eval(list(data.test), data.image_root)
+    return splits
+
+
+def read_nlvr2_splits(data: DataConfig, seed: int) -> dict[str, list[Nlvr2Record]]:
+    """Train, val and test statements about image pairs.
+
+    A val carved from train moves whole groups of images that share pairs
+    (`split_off_pairs_by_image`), so no image serves both splits and no pair is dropped.
+    """
+    if data.source == "easy-vqa":
+        return read_easy_vqa_nlvr2(data.val_fraction, seed)
+    splits = {"train": read_nlvr2(list(data.train), data.image_root)}
+    if data.val:
+        splits["val"] = read_nlvr2(list(data.val), data.image_root)
+    else:
+        splits["train"], splits["val"] = _carve_val(splits["train"], data.val_fraction, seed,
+                                                    split_off_pairs_by_image)
+    splits["test"] = read_nlvr2(list(data.test), data.image_root)
     return splits
 
 
@@ -183,9 +240,28 @@ def limit_examples(records: list, limit: int | None, seed: int, stream: int) -> 
     return [records[index] for index in sorted(chosen.tolist())]
 
 
-def unique_images(splits: dict[str, list[VqaRecord]]) -> list[str]:
-    """Every image path once, in order of first use over the splits."""
-    return list(dict.fromkeys(record["image"] for records in splits.values() for record in records))
+def unique_images(splits: dict[str, list]) -> list[str]:
+    """Every image path once, in order of first use over the splits (left before right)."""
+    return list(dict.fromkeys(image for records in splits.values() for record in records
+                              for image in record_images(record)))
+
+
+def record_images(record: VqaRecord | PairRecord | RetrievalRecord | Nlvr2Record) -> list[str]:
+    """The images a record shows: two for NLVR2, one otherwise."""
+    return record["images"] if "images" in record else [record["image"]]
+
+
+def reference_captions(records: list, image_row: dict[str, int]) -> dict[str, list[str]]:
+    """Every caption of each image, keyed by its image row as a string (a JSON key), in order.
+
+    Records are images with their captions or, in a val carved from train, single pairs; an
+    image listed twice keeps the captions of both.
+    """
+    references: dict[str, list[str]] = {}
+    for record in records:
+        captions = record["captions"] if "captions" in record else [record["caption"]]
+        references.setdefault(str(image_row[record["image"]]), []).extend(captions)
+    return references
 
 
 def decode_images(paths: list[str], size: int) -> torch.Tensor:
@@ -211,11 +287,12 @@ def encode_split(
     max_text_len: int,
 ) -> dict[str, torch.Tensor]:
     """Tensors of one split: image rows, padded token ids and mask; for questions (VQA) also
-    soft targets and question ids."""
+    soft targets and question ids, for statements (NLVR2) one-hot targets and row indices."""
     count = len(records)
-    questions = bool(records) and "question" in records[0]
+    text_key = next((key for key in ("question", "sentence") if records and key in records[0]),
+                    "caption")
     encoded = tokenizer(
-        [record["question"] if questions else record["caption"] for record in records],
+        [record[text_key] for record in records],
         padding="max_length",
         truncation=True,
         max_length=max_text_len,
@@ -224,15 +301,23 @@ def encode_split(
     )
     input_ids = torch.tensor(encoded["input_ids"], dtype=torch.int32).reshape(count, max_text_len)
     mask = torch.tensor(encoded["attention_mask"], dtype=torch.uint8).reshape(count, max_text_len)
+    if text_key == "sentence":
+        rows = [[image_row[image] for image in r["images"]] for r in records]
+        image_index = torch.tensor(rows, dtype=torch.int64).reshape(count, 2)
+    else:
+        image_index = torch.tensor([image_row[r["image"]] for r in records], dtype=torch.int64)
     tensors = {
-        "image_index": torch.tensor([image_row[r["image"]] for r in records], dtype=torch.int64),
+        "image_index": image_index,
         "input_ids": input_ids,
         "attention_mask": mask,
     }
-    if questions:
+    if text_key == "question":
         tensors["targets"] = target_scores(records, answer_index)
         tensors["question_id"] = torch.tensor([r["question_id"] for r in records],
                                               dtype=torch.int64)
+    elif text_key == "sentence":
+        tensors["targets"] = label_targets(records, answer_index)
+        tensors["question_id"] = torch.arange(count, dtype=torch.int64)
     return tensors
 
 
@@ -244,6 +329,14 @@ def target_scores(records: list[VqaRecord], answer_index: dict[str, int]) -> tor
             if answer in answer_index:
                 targets[row, answer_index[answer]] = score
     return torch.from_numpy(targets).to(torch.float16)
+
+
+def label_targets(records: list[Nlvr2Record], answer_index: dict[str, int]) -> torch.Tensor:
+    """float16 [N, 2] one-hot over `NLVR2_ANSWERS`: a true statement scores "true"."""
+    targets = torch.zeros((len(records), len(answer_index)), dtype=torch.float16)
+    columns = [answer_index[NLVR2_ANSWERS[int(record["label"])]] for record in records]
+    targets[torch.arange(len(records)), torch.tensor(columns, dtype=torch.int64)] = 1.0
+    return targets
 
 
 def _prepare_tokenizer(given: str | None, vocab_size: int, texts: list[str],
@@ -260,10 +353,10 @@ def _prepare_tokenizer(given: str | None, vocab_size: int, texts: list[str],
     return tokenizer
 
 
-def _carve_val(
-    records: list[VqaRecord], fraction: float, seed: int
-) -> tuple[list[VqaRecord], list[VqaRecord]]:
+def _carve_val(records: list, fraction: float, seed: int,
+               split_off: Callable[[list, float, int], tuple[list, list]] = split_off_by_image
+               ) -> tuple[list, list]:
     try:
-        return split_off_by_image(records, fraction, seed)
+        return split_off(records, fraction, seed)
     except ValueError as error:
         raise DataError(f"data train: cannot carve a val split ({error})") from error

@@ -31,6 +31,15 @@ class RetrievalRecord(TypedDict):
     captions: list[str]
 
 
+class Nlvr2Record(TypedDict):
+    """One NLVR2 example: a sentence about two images (`images[0]` is the left one) and whether
+    it is true of them."""
+
+    images: list[str]
+    sentence: str
+    label: bool
+
+
 Record = TypeVar("Record", VqaRecord, PairRecord, RetrievalRecord)
 
 
@@ -61,4 +70,41 @@ def split_off_by_image(
     held = held_out_images([record["image"] for record in records], fraction, seed)
     kept = [record for record in records if record["image"] not in held]
     carved = [record for record in records if record["image"] in held]
+    return kept, carved
+
+
+def split_off_pairs_by_image(
+    records: list[Nlvr2Record], fraction: float, seed: int
+) -> tuple[list[Nlvr2Record], list[Nlvr2Record]]:
+    """Move the records of a seeded `fraction` of the image groups into a second list.
+
+    Images that share a record, directly or through other records, form a group, and a group
+    moves whole: no image lands on both sides and no record is dropped. NLVR2 draws its pairs
+    from sets of related images, so its groups are those sets. A group is held out when its
+    first image (in sorted order) is among `held_out_images` of the groups' first images; data
+    that links every image into one group cannot be split, and raises ValueError.
+    Both lists keep the input order.
+    """
+    parent: dict[str, str] = {}
+
+    def root(image: str) -> str:
+        parent.setdefault(image, image)
+        while parent[image] != image:
+            parent[image] = parent[parent[image]]  # path halving keeps the chains short
+            image = parent[image]
+        return image
+
+    for record in records:
+        first, *others = record["images"]
+        for other in others:
+            # The smaller path is the root, so each group is named by its first image.
+            low, high = sorted((root(first), root(other)))
+            parent[high] = low
+    groups = {root(image) for image in parent}
+    if len(groups) < 2:
+        raise ValueError(f"the records link their images into {len(groups)} group(s), which "
+                         "cannot be split into two non-empty parts")
+    held = held_out_images(groups, fraction, seed)
+    kept = [record for record in records if root(record["images"][0]) not in held]
+    carved = [record for record in records if root(record["images"][0]) in held]
     return kept, carved

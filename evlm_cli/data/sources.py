@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 SOURCES = ("easy-vqa", "xvlm-json")
-# Its questions, and captions derived from its images (`data.captions`).
-EASY_VQA_TASKS = ("vqa", "retrieval")
+# Its questions, and captions (`data.captions`) and statements about image pairs
+# (`data.nlvr2`) derived from its images.
+EASY_VQA_TASKS = ("vqa", "nlvr2", "retrieval", "captioning")
 
 
 def source_problems(source: str, task: str, train, test, image_root,
@@ -16,11 +17,12 @@ def source_problems(source: str, task: str, train, test, image_root,
     """
     if source == "easy-vqa":
         if task not in EASY_VQA_TASKS:
-            return [("source", f"easy-vqa has data for {' and '.join(EASY_VQA_TASKS)} only; "
+            return [("source", f"easy-vqa has data for {_listed(EASY_VQA_TASKS)} only; "
                                f"task {task} needs xvlm-json")]
         return []
     if source != "xvlm-json":
         return [("source", f"unknown source {source!r} (expected one of: {', '.join(SOURCES)})")]
+    # Every task reads train and test files of images under image_root.
     problems = [(field, "required when the source is xvlm-json")
                 for field, value in (("train", train), ("test", test), ("image_root", image_root))
                 if absent(value)]
@@ -34,3 +36,8 @@ def absent(value) -> bool:
     if isinstance(value, list | tuple):
         return not value
     return value is None or value == ""
+
+
+def _listed(names: tuple[str, ...]) -> str:
+    """The names as prose lists them: a; a and b; a, b and c."""
+    return " and ".join(filter(None, (", ".join(names[:-1]), names[-1])))

@@ -5,8 +5,12 @@ VQA files hold a list of entries
 `answer` repeats VQAv2-style (one entry per annotator) and is absent in test files.
 Retrieval and pre-training files hold `{"image": ..., "caption": ...}` entries (X-VLM's and
 ALBEF's): a train entry's caption is one string or, in some pre-training files, a list of
-them; an evaluation entry lists every caption that matches its image. Other keys (`image_id`)
-are ignored. NLVR2 and captioning readers belong next to these.
+them; an evaluation entry lists every caption that matches its image. Captioning needs no
+reader of its own: X-VLM's COCO Karpathy files are the same two shapes, `{"image": ...,
+"caption": str}` per train pair and `{"image": ..., "caption": [str, ...]}` per val/test image,
+so `read_pairs` and `read_retrieval_eval` read them. NLVR2 files hold `{"images": [left,
+right], "sentence": str, "label": "True" | "False"}`. Other keys (`image_id`, for one) are
+ignored.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from evlm_cli.data.records import PairRecord, RetrievalRecord, VqaRecord
+from evlm_cli.data.records import Nlvr2Record, PairRecord, RetrievalRecord, VqaRecord
 from evlm_cli.errors import DataError
 
 PathLike = str | os.PathLike
@@ -87,6 +91,26 @@ def read_retrieval_eval(files: Sequence[PathLike], image_root: PathLike) -> list
     return records
 
 
+def read_nlvr2(files: Sequence[PathLike], image_root: PathLike) -> list[Nlvr2Record]:
+    """Read NLVR2 entries from `files` in order: two images (left, right), a sentence, its truth."""
+    images = _ImageChecker(image_root)
+    records: list[Nlvr2Record] = []
+    for entry, where in _entries(files, ("images", "sentence", "label")):
+        pair, sentence = entry["images"], entry["sentence"]
+        if not isinstance(pair, list) or not all(isinstance(image, str) for image in pair):
+            raise DataError(f"{where}: 'images' must be a list of two image paths")
+        if len(pair) != 2:
+            raise DataError(f"{where}: 'images' must list two images (left, right), got {len(pair)}")
+        if not isinstance(sentence, str) or not sentence.strip():
+            raise DataError(f"{where}: 'sentence' must be a non-empty string")
+        records.append(Nlvr2Record(
+            images=[images.path(image, where) for image in pair],
+            sentence=sentence,
+            label=_label(entry["label"], where),
+        ))
+    return records
+
+
 class _ImageChecker:
     """Joins image paths to the image root and checks that each file exists, once per file."""
 
@@ -150,6 +174,19 @@ def _answers(value: Any, required: bool, where: str) -> list[str]:
     if required and not answers:
         raise DataError(f"{where}: 'answer' is empty")
     return answers
+
+
+def _label(value: Any, where: str) -> bool:
+    # X-VLM writes NLVR2's labels as the strings "True" and "False"; other exports write JSON
+    # booleans or 0/1.
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise DataError(f"{where}: 'label' must be \"True\" or \"False\" (or true/false, or 1/0), "
+                    f"got {value!r}")
 
 
 def _question_id(value: Any, where: str) -> int:

@@ -1,7 +1,11 @@
-"""Batches from a prepared directory: dtypes, normalisation, order, and sharding across ranks."""
+"""Batches from a prepared directory: dtypes, normalisation, order, sharding across ranks, NLVR2's
+image pairs and captioning's references."""
+
+import json
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from evlm_cli.config import DataConfig, build
@@ -113,3 +117,62 @@ def test_images_are_normalised_with_the_mean_and_std_prepare_recorded(prepared, 
     pixels = load_file(copy / "images.safetensors")["images"][raw["image_index"][:4]].float() / 255
     mean, std = torch.tensor([0.4, 0.5, 0.6]).view(3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1)
     assert torch.allclose(split.gather(torch.arange(4))["images"], (pixels - mean) / std, atol=1e-5)
+
+
+# NLVR2 pairs and caption references, from tiny X-VLM JSON -------------------------------------
+
+PAIR_COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+
+
+def prepare_xvlm(tmp_path, task, entries, tokenizer):
+    """Prepare `entries` (the same list as train, val and test) for `task` from four plain images."""
+    root = tmp_path / "images"
+    root.mkdir()
+    for index, color in enumerate(PAIR_COLORS):
+        Image.new("RGB", (SIZE, SIZE), color).save(root / f"{index}.png")
+    file = tmp_path / "entries.json"
+    file.write_text(json.dumps(entries))
+    data = {
+        "source": "xvlm-json", "train": [str(file)], "val": [str(file)], "test": [str(file)],
+        "image_root": str(root), "answer_list": None, "image_size": SIZE, "max_text_len": 8,
+        "limit": None, "val_fraction": 0.1,
+    }
+    out = tmp_path / "prepared"
+    prepare(build(DataConfig, data), task, 0, out, tokenizer)
+    return out
+
+
+def test_nlvr2_batches_carry_both_images(tmp_path, easy_vqa_tokenizer):
+    pairs = [(0, 1), (1, 0), (2, 3), (3, 0), (1, 2)]
+    entries = [{"images": [f"{left}.png", f"{right}.png"], "sentence": "is it red?",
+                "label": index % 2 == 0} for index, (left, right) in enumerate(pairs)]
+    split = PreparedData(prepare_xvlm(tmp_path, "nlvr2", entries, easy_vqa_tokenizer)).split("val")
+    assert len(split) == 5
+    batch = split.gather(torch.tensor([0, 3, 4]))
+    assert batch["images"].shape == (3, 2, 3, SIZE, SIZE) and batch["images"].dtype == torch.float32
+    assert batch["image_index"].shape == (3, 2)
+    assert batch["targets"].shape == (3, 2) and batch["targets"].argmax(1).tolist() == [1, 0, 1]
+    assert batch["question_id"].tolist() == [0, 3, 4]
+    # each image slot shows its image: red is (1, -1, -1) normalised, and so on
+    expected = torch.tensor([PAIR_COLORS[i] for pair in (pairs[0], pairs[3], pairs[4]) for i in pair])
+    shown = batch["images"].mean(dim=(3, 4)).reshape(6, 3)
+    assert torch.allclose(shown, expected / 127.5 - 1, atol=1e-6)
+    assert torch.equal(split.images_of(batch["image_index"][:, 0]), batch["images"][:, 0])
+    assert split[1]["images"].shape == (2, 3, SIZE, SIZE)
+    sizes = [len(b["targets"]) for b in split.batches(batch_size=2, shuffle=True, seed=0)]
+    assert sizes == [2, 2, 1]
+
+
+def test_references_come_back_by_image_row(tmp_path, easy_vqa_tokenizer, prepared):
+    entries = [{"image": "2.png", "caption": ["a blue one", "blue"]},
+               {"image": "0.png", "caption": ["a red one"]}]
+    data = PreparedData(prepare_xvlm(tmp_path, "captioning", entries, easy_vqa_tokenizer))
+    references = data.references("test")
+    rows = data.split("test").image_index.tolist()
+    assert references == {rows[0]: ["a blue one", "blue"], rows[2]: ["a red one"]}
+    assert data.references("val") == references
+    with pytest.raises(DataError, match=r"no reference captions for split 'train' \(has val, test\)"):
+        data.references("train")
+    with pytest.raises(DataError, match=r"references\.json: missing; .*captioning task only "
+                                        r"\(this is 'vqa' data\)"):
+        PreparedData(prepared).references("test")

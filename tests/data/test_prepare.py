@@ -1,4 +1,5 @@
-"""prepare() on easy-VQA and on X-VLM VQA JSON: files, shapes, dtypes, splits, soft targets, errors."""
+"""prepare() on easy-VQA and on X-VLM JSON (VQA, NLVR2, captions): files, shapes, dtypes, splits,
+targets, references, errors."""
 
 import json
 from pathlib import Path
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 from evlm_cli.config import DataConfig, build
 from evlm_cli.data.prepare import limit_examples, prepare, read_task_splits
+from evlm_cli.data.records import split_off_pairs_by_image
 from evlm_cli.data.tokenizer import load_tokenizer
 from evlm_cli.errors import DataError
 
@@ -194,6 +196,7 @@ def test_xvlm_vqa_soft_scores(xvlm_files):
     assert test["image_index"][0] == train["image_index"][1]
     meta = json.loads((out / "meta.json").read_text())
     assert meta["splits"]["test"]["labelled"] is False and meta["splits"]["val"]["labelled"] is True
+    assert not (out / "references.json").exists()  # reference captions are captioning's
     images = load_file(out / "images.safetensors")["images"]
     assert images.shape == (3, 3, SIZE, SIZE)  # 40 and 20 pixel sources resized
     red = images[train["image_index"][0]].float().mean(dim=(1, 2))
@@ -258,3 +261,181 @@ def test_teacher_vocabulary_is_used(xvlm_files):
     assert summary["vocab_size"] == 30522
     ids = load_file(tmp_path / "out" / "train.safetensors")["input_ids"][0]
     assert ids[:5].tolist() == [101, 2054, 3609, 1029, 102]  # [CLS] what color ? [SEP]
+
+
+# X-VLM NLVR2 JSON ----------------------------------------------------------------------------
+
+COLORS = {"a": (255, 0, 0), "b": (0, 255, 0), "c": (0, 0, 255), "d": (255, 255, 0),
+          "e": (255, 255, 255), "f": (0, 0, 0)}
+
+
+def write_color_images(root: Path) -> None:
+    """One plain image per letter of COLORS, of assorted sizes (prepare resizes them)."""
+    for index, (name, color) in enumerate(COLORS.items()):
+        write_png(root / f"{name}.png", (SIZE, 40, 20)[index % 3], color)
+
+
+def color_of(images: torch.Tensor, row) -> tuple[int, ...]:
+    return tuple(images[row].float().mean(dim=(1, 2)).round().int().tolist())
+
+
+def statement(left, right, sentence, label):
+    return {"images": [f"{left}.png", f"{right}.png"], "sentence": sentence, "label": label}
+
+
+@pytest.fixture
+def nlvr2_files(tmp_path):
+    root = tmp_path / "images"
+    write_color_images(root)
+    train = [
+        statement("a", "b", "the left shape is red", "True"),
+        statement("b", "a", "the left shape is red", "False"),
+        statement("c", "d", "there is a blue shape", True),
+        statement("d", "c", "there is no yellow shape", 0),
+    ]
+    files = {
+        "train": write_json(tmp_path / "nlvr2_train.json", train),
+        "val": write_json(tmp_path / "nlvr2_val.json",
+                          [statement("e", "f", "one shape is white", "True")]),
+        "test": write_json(tmp_path / "nlvr2_test.json",
+                           [statement("a", "f", "both shapes are black", "False")]),
+    }
+    return tmp_path, root, files
+
+
+def test_xvlm_nlvr2_pairs_point_at_both_images_with_one_hot_targets(nlvr2_files):
+    tmp_path, root, files = nlvr2_files
+    out = tmp_path / "prepared"
+    summary = prep({**xvlm_spec(root, files), "task": "nlvr2"}, out)
+    assert summary["splits"] == {"train": 4, "val": 1, "test": 1}
+    assert summary["num_images"] == 6 and summary["num_answers"] == 2
+    assert json.loads((out / "answers.json").read_text()) == ["false", "true"]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["task"] == "nlvr2" and meta["num_answers"] == 2
+    assert {name: info["images"] for name, info in meta["splits"].items()} == {
+        "train": 4, "val": 2, "test": 2}
+    images = load_file(out / "images.safetensors")["images"]
+    train = load_file(out / "train.safetensors")
+    assert train["image_index"].dtype == torch.int64 and train["image_index"].shape == (4, 2)
+    shown = [[color_of(images, row) for row in pair] for pair in train["image_index"].tolist()]
+    assert shown == [[COLORS["a"], COLORS["b"]], [COLORS["b"], COLORS["a"]],
+                     [COLORS["c"], COLORS["d"]], [COLORS["d"], COLORS["c"]]]
+    assert train["targets"].dtype == torch.float16 and train["targets"].shape == (4, 2)
+    assert train["targets"].tolist() == [[0, 1], [1, 0], [0, 1], [1, 0]]  # [false, true]
+    assert train["question_id"].dtype == torch.int64 and train["question_id"].tolist() == [0, 1, 2, 3]
+    tokenizer = load_tokenizer(out / "tokenizer")
+    expected = tokenizer("there is a blue shape", padding="max_length", truncation=True,
+                         max_length=TEXT_LEN)
+    assert train["input_ids"][2].tolist() == expected["input_ids"]
+    assert train["attention_mask"][2].tolist() == expected["attention_mask"]
+    test = load_file(out / "test.safetensors")
+    assert test["image_index"].shape == (1, 2) and test["targets"].tolist() == [[1, 0]]
+    assert test["image_index"][0, 0] == train["image_index"][0, 0]  # a.png is stored once
+    val = load_file(out / "val.safetensors")
+    assert [color_of(images, row) for row in val["image_index"][0]] == [COLORS["e"], COLORS["f"]]
+
+
+def test_xvlm_nlvr2_without_val_file_carves_whole_image_groups(nlvr2_files):
+    tmp_path, root, files = nlvr2_files
+    del files["val"]
+    out = tmp_path / "out"
+    summary = prep({**xvlm_spec(root, files, val_fraction=0.5), "task": "nlvr2"}, out)
+    assert summary["splits"] == {"train": 2, "val": 2, "test": 1}  # {a, b} and {c, d}
+    train = set(load_file(out / "train.safetensors")["image_index"].flatten().tolist())
+    val = set(load_file(out / "val.safetensors")["image_index"].flatten().tolist())
+    assert len(train) == len(val) == 2 and not train & val
+
+
+def test_xvlm_nlvr2_linked_into_one_group_cannot_carve_val(nlvr2_files):
+    tmp_path, root, files = nlvr2_files
+    del files["val"]
+    write_json(files["train"], [statement("a", "b", "x", "True"), statement("b", "c", "y", "False")])
+    with pytest.raises(DataError, match=r"data train: cannot carve a val split \(the records "
+                                        r"link their images into 1 group"):
+        prep({**xvlm_spec(root, files), "task": "nlvr2"}, tmp_path / "out")
+
+
+def test_bad_nlvr2_label_names_file_and_index(nlvr2_files):
+    tmp_path, root, files = nlvr2_files
+    write_json(files["test"], [statement("a", "f", "x", "True"), statement("a", "f", "x", "maybe")])
+    with pytest.raises(DataError, match=r"nlvr2_test\.json: entry 1: 'label' must be"):
+        prep({**xvlm_spec(root, files), "task": "nlvr2"}, tmp_path / "out")
+
+
+def test_pair_split_moves_groups_of_linked_images_whole():
+    links = [("a", "b"), ("c", "d"), ("b", "e"), ("f", "g"), ("h", "i"), ("e", "a"), ("j", "k")]
+    records = [{"images": list(pair), "sentence": "s", "label": True} for pair in links]
+    kept, carved = split_off_pairs_by_image(records, 0.5, seed=0)
+    assert kept and carved and len(kept) + len(carved) == len(records)
+    assert [r for r in records if r in kept] == kept  # input order kept
+    kept_images = {image for record in kept for image in record["images"]}
+    carved_images = {image for record in carved for image in record["images"]}
+    assert not kept_images & carved_images
+    # a, b and e are linked through two records, so all three of their records move together
+    assert len([r for r in carved if r["images"][0] in "abe"]) in (0, 3)
+    assert (kept, carved) == split_off_pairs_by_image(records, 0.5, seed=0)
+    assert len(carved) in (2, 4)  # 2 of the 5 groups; {a, b, e} has three records, the rest one
+
+
+# X-VLM captioning JSON (COCO Karpathy) ------------------------------------------------------
+
+LONG = "a very long caption that runs on and on past the text length " * 3
+
+
+@pytest.fixture
+def caption_files(tmp_path):
+    root = tmp_path / "images"
+    write_color_images(root)
+    train = [{"image": "a.png", "caption": "a red square", "image_id": 1},
+             {"image": "a.png", "caption": "red all over", "image_id": 1},
+             {"image": "b.png", "caption": "a green square", "image_id": 2}]
+    val = [{"image": "c.png", "caption": ["a blue square", "blue"], "image_id": 3}]
+    test = [{"image": "d.png", "caption": ["yellow", LONG, "a yellow square"], "image_id": 4},
+            {"image": "b.png", "caption": ["green again"], "image_id": 2}]
+    files = {name: write_json(tmp_path / f"coco_karpathy_{name}.json", entries)
+             for name, entries in (("train", train), ("val", val), ("test", test))}
+    return tmp_path, root, files
+
+
+def test_xvlm_captions_write_retrieval_rows_and_raw_references(caption_files):
+    tmp_path, root, files = caption_files
+    out = tmp_path / "prepared"
+    summary = prep({**xvlm_spec(root, files), "task": "captioning"}, out)
+    assert summary["splits"] == {"train": 3, "val": 2, "test": 4}  # a row per caption
+    assert summary["num_answers"] == 0 and json.loads((out / "answers.json").read_text()) == []
+    images = load_file(out / "images.safetensors")["images"]
+    rows = {}
+    for split in ("train", "val", "test"):
+        tensors = load_file(out / f"{split}.safetensors")
+        assert set(tensors) == {"image_index", "input_ids", "attention_mask"}  # no targets
+        assert tensors["image_index"].dtype == torch.int64
+        assert tensors["input_ids"].shape == (summary["splits"][split], TEXT_LEN)
+        rows[split] = tensors["image_index"].tolist()
+    shown = {split: [color_of(images, row) for row in rows[split]] for split in rows}
+    assert shown["train"] == [COLORS["a"], COLORS["a"], COLORS["b"]]
+    assert shown["val"] == [COLORS["c"]] * 2
+    assert shown["test"] == [COLORS["d"]] * 3 + [COLORS["b"]]
+    references = json.loads((out / "references.json").read_text())
+    assert references == {
+        "val": {str(rows["val"][0]): ["a blue square", "blue"]},
+        "test": {str(rows["test"][0]): ["yellow", LONG, "a yellow square"],
+                 str(rows["test"][3]): ["green again"]},
+    }  # untruncated, though the long caption's tokens are cut at TEXT_LEN
+
+
+def test_caption_references_follow_the_limit_and_a_carved_val(caption_files):
+    tmp_path, root, files = caption_files
+    out = tmp_path / "limited"
+    prep({**xvlm_spec(root, files, limit=1), "task": "captioning"}, out)
+    test_rows = set(load_file(out / "test.safetensors")["image_index"].tolist())
+    references = json.loads((out / "references.json").read_text())
+    assert {int(row) for row in references["test"]} == test_rows and len(test_rows) == 1
+    del files["val"]
+    out = tmp_path / "carved"
+    prep({**xvlm_spec(root, files, val_fraction=0.5), "task": "captioning"}, out)
+    images = load_file(out / "images.safetensors")["images"]
+    references = json.loads((out / "references.json").read_text())["val"]
+    expected = {COLORS["a"]: ["a red square", "red all over"], COLORS["b"]: ["a green square"]}
+    assert len(references) == 1  # one of the two train images, with every caption it has
+    (row, captions), = references.items()
+    assert captions == expected[color_of(images, int(row))]

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from evlm_cli.data.xvlm_json import read_pairs, read_retrieval_eval, read_vqa
+from evlm_cli.data.xvlm_json import read_nlvr2, read_pairs, read_retrieval_eval, read_vqa
 from evlm_cli.errors import DataError
 
 READERS = {"pairs": read_pairs, "eval": read_retrieval_eval}
@@ -99,3 +99,74 @@ def test_vqa_reader_checks_entries_too(tmp_path, root):
     ]
     with pytest.raises(DataError, match=r"vqa\.json: entry 0: missing key 'answer'"):
         read_vqa([file], root, require_answers=True)
+
+
+def test_karpathy_caption_files_read_as_pairs_and_evaluation_images(tmp_path, root):
+    # X-VLM's COCO Karpathy captioning files: a caption per train entry, a list per val/test
+    # image, and an image_id the readers ignore.
+    train = write(tmp_path / "coco_karpathy_train.json", [
+        {"image": "coco/c.jpg", "caption": "two cats on a sofa", "image_id": "c"},
+        {"image": "coco/c.jpg", "caption": "a pair of cats", "image_id": "c"},
+        {"image": "a.jpg", "caption": "a dog runs", "image_id": "a"},
+    ])
+    test = write(tmp_path / "coco_karpathy_test.json", [
+        {"image": "b.jpg", "caption": ["a red car", "a car parked", "a red vehicle"],
+         "image_id": "b"},
+    ])
+    assert read_pairs([train], root) == [
+        {"image": str(root / "coco/c.jpg"), "caption": "two cats on a sofa"},
+        {"image": str(root / "coco/c.jpg"), "caption": "a pair of cats"},
+        {"image": str(root / "a.jpg"), "caption": "a dog runs"},
+    ]
+    assert read_retrieval_eval([test], root) == [
+        {"image": str(root / "b.jpg"), "captions": ["a red car", "a car parked", "a red vehicle"]},
+    ]
+
+
+# NLVR2 ----------------------------------------------------------------------------------------
+
+def nlvr2_entry(label="True", images=("a.jpg", "b.jpg"), sentence="both dogs run"):
+    return {"images": list(images), "sentence": sentence, "label": label,
+            "identifier": "train-1-0-0"}
+
+
+def test_nlvr2_reads_pairs_in_order_with_every_label_spelling(tmp_path, root):
+    first = write(tmp_path / "nlvr2_train.json", [
+        nlvr2_entry("True"),
+        nlvr2_entry("False", images=("b.jpg", "./a.jpg")),
+        nlvr2_entry(True, images=("coco/c.jpg", "a.jpg"), sentence="one cat"),
+    ])
+    second = write(tmp_path / "more.json", [nlvr2_entry(0), nlvr2_entry(1), nlvr2_entry(False),
+                                            nlvr2_entry("true")])
+    records = read_nlvr2([first, second], root)
+    assert records[:3] == [
+        {"images": [str(root / "a.jpg"), str(root / "b.jpg")], "sentence": "both dogs run",
+         "label": True},
+        {"images": [str(root / "b.jpg"), str(root / "a.jpg")], "sentence": "both dogs run",
+         "label": False},
+        {"images": [str(root / "coco/c.jpg"), str(root / "a.jpg")], "sentence": "one cat",
+         "label": True},
+    ]
+    assert [record["label"] for record in records[3:]] == [False, True, False, True]
+
+
+BAD_NLVR2_ENTRIES = [
+    (nlvr2_entry("yes"), r"entry 1: 'label' must be \"True\" or \"False\" .*got 'yes'"),
+    (nlvr2_entry(2), r"entry 1: 'label' must be .*got 2"),
+    (nlvr2_entry(1.0), r"entry 1: 'label' must be .*got 1\.0"),
+    (nlvr2_entry(None), r"entry 1: 'label' must be .*got None"),
+    (nlvr2_entry(images=("a.jpg",)), r"entry 1: 'images' must list two images .*got 1"),
+    (nlvr2_entry(images=("a.jpg", "b.jpg", "a.jpg")), r"entry 1: 'images' must list two .*got 3"),
+    ({**nlvr2_entry(), "images": "a.jpg"}, r"entry 1: 'images' must be a list of two image paths"),
+    (nlvr2_entry(images=("a.jpg", 4)), r"entry 1: 'images' must be a list of two image paths"),
+    (nlvr2_entry(images=("a.jpg", "gone.jpg")), r"entry 1: image .*gone\.jpg not found"),
+    (nlvr2_entry(sentence=" "), r"entry 1: 'sentence' must be a non-empty string"),
+    ({"images": ["a.jpg", "b.jpg"], "sentence": "x"}, r"entry 1: missing key 'label'"),
+]
+
+
+@pytest.mark.parametrize(("entry", "message"), BAD_NLVR2_ENTRIES)
+def test_bad_nlvr2_entry_names_file_and_index(tmp_path, root, entry, message):
+    file = write(tmp_path / "bad.json", [nlvr2_entry(), entry])
+    with pytest.raises(DataError, match=r"bad\.json: " + message):
+        read_nlvr2([file], root)
