@@ -1,14 +1,16 @@
-"""Retrieval scoring reuses each encoded image and caption: it must rank as the full model does."""
+"""Scoring: retrieval reuses each encoded image and caption, so it must rank as the full model
+does; captions are generated in batches, so each must be what its image alone gets."""
 
 import pytest
 import torch
 
-from evlm_cli.config import PairsConfig
+from evlm_cli.config import DataConfig, PairsConfig
 from evlm_cli.data.loader import PreparedData
-from evlm_cli.data.prepare import prepare_pairs
+from evlm_cli.data.prepare import prepare, prepare_pairs
 from evlm_cli.models.config import make_config
+from evlm_cli.models.generate import greedy_decode
 from evlm_cli.models.vlm import VLM
-from evlm_cli.recipe.scoring import retrieval_recalls
+from evlm_cli.recipe.scoring import evaluate_report, generate_captions, retrieval_recalls
 from evlm_cli.tasks.retrieval import rerank_top_k, retrieval_metrics
 
 
@@ -51,3 +53,45 @@ def test_retrieval_recalls_equal_a_full_forward_per_pair(pairs):
     assert got_itc == pytest.approx(expected_itc, abs=1e-6)
     assert got_itm == pytest.approx(expected_itm, abs=1e-6)
     assert got_itm != got_itc  # re-ranking changed something, so the check above has teeth
+
+
+@pytest.fixture(scope="module")
+def captioning(pairs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("captioning")
+    prepare(DataConfig(source="easy-vqa", train=(), val=(), test=(), image_root=None,
+                       answer_list=None, image_size=16, max_text_len=16, limit=12,
+                       val_fraction=0.1), "captioning", 0, out, pairs.directory / "tokenizer")
+    return PreparedData(out)
+
+
+def caption_model(data: PreparedData) -> VLM:
+    torch.manual_seed(0)
+    return VLM(make_config(vision=dict(layers=1, width=16, heads=2, ffn=32),
+                           text=dict(layers=1, width=16, heads=2, ffn=32),
+                           fusion=dict(layers=1, width=16, heads=2, ffn=32), image_size=16,
+                           patch_size=8, vocab_size=data.meta["vocab_size"], max_positions=16,
+                           heads=["mlm"], embed_dim=8)).eval()
+
+
+def test_each_image_gets_the_caption_it_would_get_alone(captioning):
+    model, cpu = caption_model(captioning), torch.device("cpu")
+    references = captioning.references("val")
+    batched = generate_captions(model, captioning, "val", 5, cpu, max_len=6)
+    assert sorted(batched) == sorted(references) and len(batched) > 5  # several batches
+    tokenizer = captioning.tokenizer()
+    split = captioning.split("val")
+    for row, caption in batched.items():
+        tokens = greedy_decode(model, split.images_of(torch.tensor([row])),
+                               bos_id=tokenizer.cls_token_id, eos_id=tokenizer.sep_token_id,
+                               pad_id=tokenizer.pad_token_id, max_len=6)
+        assert caption == tokenizer.decode(tokens[0], skip_special_tokens=True)
+    beams = generate_captions(model, captioning, "val", 5, cpu, beam_size=3, max_len=6)
+    assert beams.keys() == batched.keys()
+
+
+def test_the_caption_report_headlines_the_chosen_metric(captioning):
+    model, cpu = caption_model(captioning), torch.device("cpu")
+    report = evaluate_report(model, captioning, "val", "captioning", 8, cpu, metric="bleu",
+                             max_len=6, meteor=False)
+    assert report["value"] == report["scores"]["bleu_4"]
+    assert "meteor" not in report["scores"] and {"cider", "rouge_l"} <= set(report["scores"])
