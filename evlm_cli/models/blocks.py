@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,21 +25,22 @@ def activation(name: str):
 
 
 def additive_mask(mask: Tensor | None, dtype: torch.dtype, causal: bool = False,
-                  length: int | None = None, device: torch.device | None = None
+                  length: int | None = None, device: torch.device | None = None, past: int = 0
                   ) -> Tensor | None:
     """[B, Lk] keep-mask (1 = attend) -> [B, 1, 1, Lk] additive mask, as BERT does.
 
-    `causal` also hides every later position from each query ([B or 1, 1, L, L]): a decoder
-    (captioning) predicts each token from the ones before it only.
+    `causal` also hides every later position from each query ([B or 1, 1, L, Lk]): a decoder
+    (captioning) predicts each token from the ones before it only. With `past` keys cached from
+    earlier decoder steps, the L = Lk - past queries are the positions after them.
     """
     additive = None
     if mask is not None:
         additive = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
     if causal:
-        length = mask.shape[1] if mask is not None else length
+        keys = mask.shape[1] if mask is not None else past + length
         device = mask.device if mask is not None else device
-        later = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
-        future = torch.zeros(length, length, dtype=dtype, device=later.device).masked_fill(
+        later = torch.ones(keys - past, keys, dtype=torch.bool, device=device).triu(past + 1)
+        future = torch.zeros(later.shape, dtype=dtype, device=later.device).masked_fill(
             later, torch.finfo(dtype).min)[None, None]
         # Both minima together would overflow to -inf and turn a padded row's softmax to NaN.
         additive = future if additive is None else (additive + future).clamp(
@@ -47,11 +48,31 @@ def additive_mask(mask: Tensor | None, dtype: torch.dtype, causal: bool = False,
     return additive
 
 
+@dataclass
+class KeyValues:
+    """One attention sublayer's keys and values [rows, heads, positions, head_dim] from earlier
+    decoder steps (none yet, or none ever when the sublayer has no heads)."""
+
+    key: Tensor | None = None
+    value: Tensor | None = None
+
+    def extend(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Append the new positions' keys and values; return all of them."""
+        if self.key is not None:
+            key, value = torch.cat([self.key, key], dim=2), torch.cat([self.value, value], dim=2)
+        self.key, self.value = key, value
+        return key, value
+
+
 class Attention(nn.Module):
     """Multi-head attention with any number of heads, including none.
 
     The output bias is a separate parameter so that it survives when every head is pruned.
     A head gate of shape [heads] scales each head's context before the output projection.
+
+    With a `cache`, self-attention (no `kv`) appends the new positions' keys and values to the
+    cached ones, and cross-attention projects `kv` once and reuses it at every later step (its
+    `kv` is then not read): a decoder's image does not change while it writes.
     """
 
     def __init__(self, width: int, heads: int, head_dim: int, kv_width: int | None = None):
@@ -67,13 +88,20 @@ class Attention(nn.Module):
         self.out_bias = nn.Parameter(torch.zeros(width))
 
     def forward(self, x: Tensor, kv: Tensor | None = None, mask: Tensor | None = None,
-                head_gate: Tensor | None = None, need_weights: bool = False):
+                head_gate: Tensor | None = None, need_weights: bool = False,
+                cache: KeyValues | None = None):
         if not self.heads:
             return torch.zeros_like(x) + self.out_bias, None  # not a view: see MLP.forward
-        kv = x if kv is None else kv
         B, L, _ = x.shape
         split = lambda t: t.view(B, t.shape[1], self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.q(x)), split(self.k(kv)), split(self.v(kv))
+        q = split(self.q(x))
+        if kv is not None and cache is not None and cache.key is not None:
+            k, v = cache.key, cache.value
+        else:
+            source = x if kv is None else kv
+            k, v = split(self.k(source)), split(self.v(source))
+            if cache is not None:
+                k, v = cache.extend(k, v)
         probs = None
         if need_weights:
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
@@ -113,6 +141,14 @@ class MLP(nn.Module):
 
 
 @dataclass
+class LayerCache:
+    """A Block's cached keys and values: its self-attention's and its cross-attention's."""
+
+    attn: KeyValues = field(default_factory=KeyValues)
+    cross: KeyValues = field(default_factory=KeyValues)
+
+
+@dataclass
 class LayerOutput:
     hidden: Tensor
     attention: Tensor | None = None
@@ -144,18 +180,20 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None, kv: Tensor | None = None,
                 kv_mask: Tensor | None = None, gates: Gates | None = None, prefix: str = "",
-                need_weights: bool = False) -> LayerOutput:
+                need_weights: bool = False, cache: LayerCache | None = None) -> LayerOutput:
         g = (lambda unit: gates.get(f"{prefix}.{unit}")) if gates else (lambda unit: None)  # noqa: E731
         x, attn = self._sublayer(
             x, self.norm1,
-            lambda h: self.attn(h, mask=mask, head_gate=g("heads"), need_weights=need_weights),
+            lambda h: self.attn(h, mask=mask, head_gate=g("heads"), need_weights=need_weights,
+                                cache=cache.attn if cache is not None else None),
             g("attn_layer"))
         cross = None
         if self.cross is not None:
             x, cross = self._sublayer(
                 x, self.norm_cross,
                 lambda h: self.cross(h, kv=kv, mask=kv_mask, head_gate=g("cross_heads"),
-                                     need_weights=need_weights),
+                                     need_weights=need_weights,
+                                     cache=cache.cross if cache is not None else None),
                 g("cross_layer"))
         x, _ = self._sublayer(x, self.norm2, lambda h: (self.mlp(h, g("ffn")), None), g("ffn_layer"))
         return LayerOutput(x, attn, cross)
@@ -169,6 +207,28 @@ class EncoderOutput:
     cross_attentions: list[Tensor | None] | None = None
 
 
+@dataclass
+class DecoderCache:
+    """What one Encoder's earlier decoder steps computed, so that a step feeds only its new
+    tokens: each layer's keys and values, and how many positions they cover."""
+
+    layers: list[LayerCache] = field(default_factory=list)  # filled by the first step
+    length: int = 0
+
+    def reorder(self, rows: Tensor) -> None:
+        """Row i continues the hypothesis of row `rows[i]` (beam search re-selecting beams),
+        which must be a row of the same image.
+
+        Only the self-attention keys and values move. The cross-attention ones are the image's,
+        the same for every row of an image (beam search picks parents among an image's own
+        beams), so copying them would move every image token of every layer at each step for
+        nothing.
+        """
+        for layer in self.layers:
+            if layer.attn.key is not None:
+                layer.attn.key, layer.attn.value = layer.attn.key[rows], layer.attn.value[rows]
+
+
 class Encoder(nn.Module):
     """A stack of Blocks named `name` (its gates are looked up as "{name}.{layer}.{unit}")."""
 
@@ -180,14 +240,26 @@ class Encoder(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None, kv: Tensor | None = None,
                 kv_mask: Tensor | None = None, gates: Gates | None = None,
                 output_hidden: bool = False, output_attentions: bool = False,
-                causal: bool = False) -> EncoderOutput:
+                causal: bool = False, cache: DecoderCache | None = None) -> EncoderOutput:
+        """`x` [B, L, width]. With a `cache` (causal only), `x` holds the positions after the
+        cached ones, and `mask`, if given, covers the cached positions and then these."""
         hidden = [x] if output_hidden else None
         attns = [] if output_attentions else None
         crosses = [] if output_attentions else None
-        mask = additive_mask(mask, x.dtype, causal, x.shape[1], x.device)
+        past = 0
+        if cache is not None:
+            if not causal:
+                raise ValueError("a decoder cache needs causal=True: earlier positions cannot "
+                                 "see the new ones")
+            if not cache.layers:
+                cache.layers = [LayerCache() for _ in self.layers]
+            past = cache.length
+            cache.length += x.shape[1]
+        mask = additive_mask(mask, x.dtype, causal, x.shape[1], x.device, past)
         kv_mask = additive_mask(kv_mask, x.dtype)
         for i, layer in enumerate(self.layers):
-            out = layer(x, mask, kv, kv_mask, gates, f"{self.name}.{i}", output_attentions)
+            out = layer(x, mask, kv, kv_mask, gates, f"{self.name}.{i}", output_attentions,
+                        cache.layers[i] if cache is not None else None)
             x = out.hidden
             if output_hidden:
                 hidden.append(x)

@@ -7,20 +7,35 @@ look like BERT's `[CLS] w1 .. wn [SEP] [PAD]..`, so [CLS] begins and [SEP] ends 
 Both searches return the tokens after the begin token, [B, T] with T <= max_len: each row ends
 at its first end token (included) and is padded with `pad_id` after it, or runs to max_len.
 
-There is no key/value cache: every step reruns the whole prefix through the text and fusion
-encoders, and the fusion layers project the image tokens to keys and values again (the image
-itself is encoded once). That is quadratic in the caption length, which short captions can
-afford; a cache needs `blocks.Attention` to take and return past keys and values, and copying
-the block wiring here to get one would drift from the blocks it copies.
+Each step feeds only the newest token: the text and fusion encoders keep every layer's keys
+and values of the prefix (`blocks.DecoderCache`), and the fusion layers project the image
+tokens to keys and values once. `use_cache=False` reruns the whole prefix at every step
+instead, the plain definition that the tests hold the cached decoder to.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 
-from evlm_cli.models.blocks import Gates
+from evlm_cli.models.blocks import DecoderCache, Gates
 from evlm_cli.models.vlm import VLM
+
+
+@dataclass
+class PrefixCache:
+    """The text and fusion encoders' caches of the prefixes decoded so far, a row per
+    hypothesis."""
+
+    text: DecoderCache = field(default_factory=DecoderCache)
+    fusion: DecoderCache = field(default_factory=DecoderCache)
+
+    def reorder(self, rows: Tensor) -> None:
+        """Row i continues row `rows[i]`, a row of the same image (see DecoderCache.reorder)."""
+        self.text.reorder(rows)
+        self.fusion.reorder(rows)
 
 
 def _check(model: VLM, max_len: int) -> None:
@@ -33,19 +48,23 @@ def _check(model: VLM, max_len: int) -> None:
 
 
 def _next_token_logits(model: VLM, prefix: Tensor, image_tokens: Tensor,
-                       gates: Gates | None) -> Tensor:
-    """Scores [rows, V] of the token after each row of `prefix` [rows, t]."""
-    # An explicit all-ones mask: every prefix token is real (tokens after an end are never read
-    # by the rows that matter, since attention is causal).
-    mask = torch.ones_like(prefix)
-    text = model.encode_text(prefix, mask, gates=gates, causal=True).last
-    fused = model.fuse(text, mask, image_tokens, gates=gates, causal=True).last
+                       gates: Gates | None, cache: PrefixCache | None) -> Tensor:
+    """Scores [rows, V] of the token after each row of `prefix` [rows, t]; with a cache, only
+    the tokens it has not seen yet are run."""
+    text_cache = fusion_cache = None
+    if cache is not None:
+        prefix, text_cache, fusion_cache = prefix[:, cache.text.length:], cache.text, cache.fusion
+    # No padding mask: every prefix token is real (tokens after an end are never read by the
+    # rows that matter, since attention is causal).
+    text = model.encode_text(prefix, None, gates=gates, causal=True, cache=text_cache).last
+    fused = model.fuse(text, None, image_tokens, gates=gates, causal=True,
+                       cache=fusion_cache).last
     return model.mlm_logits(fused[:, -1])
 
 
 @torch.inference_mode()
 def greedy_decode(model: VLM, images: Tensor, *, bos_id: int, eos_id: int, pad_id: int,
-                  max_len: int, gates: Gates | None = None) -> Tensor:
+                  max_len: int, gates: Gates | None = None, use_cache: bool = True) -> Tensor:
     """The most likely next token at every step, until each row has produced `eos_id` or
     `max_len` tokens. Returns long [B, T <= max_len] (see the module docstring)."""
     _check(model, max_len)
@@ -53,8 +72,9 @@ def greedy_decode(model: VLM, images: Tensor, *, bos_id: int, eos_id: int, pad_i
     rows = images.shape[0]
     prefix = torch.full((rows, 1), bos_id, dtype=torch.long, device=images.device)
     ended = torch.zeros(rows, dtype=torch.bool, device=images.device)
+    cache = PrefixCache() if use_cache else None
     for _ in range(max_len):
-        token = _next_token_logits(model, prefix, image_tokens, gates).argmax(-1)
+        token = _next_token_logits(model, prefix, image_tokens, gates, cache).argmax(-1)
         token = token.masked_fill(ended, pad_id)
         prefix = torch.cat([prefix, token[:, None]], dim=1)
         ended |= token == eos_id
@@ -66,7 +86,7 @@ def greedy_decode(model: VLM, images: Tensor, *, bos_id: int, eos_id: int, pad_i
 @torch.inference_mode()
 def beam_search(model: VLM, images: Tensor, *, bos_id: int, eos_id: int, pad_id: int,
                 max_len: int, beam_size: int, gates: Gates | None = None,
-                length_penalty: float = 1.0) -> Tensor:
+                length_penalty: float = 1.0, use_cache: bool = True) -> Tensor:
     """The best finished hypothesis per image under beam search, as fairseq runs it.
 
     A hypothesis of n generated tokens (its end token included) with summed log-probability s
@@ -112,10 +132,11 @@ def beam_search(model: VLM, images: Tensor, *, bos_id: int, eos_id: int, pad_id:
     done = torch.zeros(images_n, dtype=torch.bool, device=device)
     rank = torch.arange(2 * k, device=device).expand(images_n, -1)
     rows = torch.arange(images_n, device=device)
+    cache = PrefixCache() if use_cache else None
 
     for step in range(max_len):
         length = step + 1  # generated tokens in each extension
-        logits = _next_token_logits(model, live.flatten(0, 1), image_tokens, gates)
+        logits = _next_token_logits(model, live.flatten(0, 1), image_tokens, gates, cache)
         log_probs = logits.float().log_softmax(-1).view(images_n, k, vocab)
         sums, index = (live_sums[..., None] + log_probs).flatten(1).topk(2 * k, dim=1)
         parent, token = index // vocab, index % vocab
@@ -147,6 +168,8 @@ def beam_search(model: VLM, images: Tensor, *, bos_id: int, eos_id: int, pad_id:
         done |= (finished >= k) | ~can_still_win
         if done.all():
             break
+        if cache is not None:  # each live row continues its parent's cached prefix
+            cache.reorder((rows[:, None] * k + parent.gather(1, keep)).flatten())
     return best_tokens[:, : int(best_lengths.max())]
 
 

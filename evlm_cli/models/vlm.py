@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from evlm_cli.models.blocks import Encoder, EncoderOutput, Gates
+from evlm_cli.models.blocks import DecoderCache, Encoder, EncoderOutput, Gates
 from evlm_cli.models.config import ENCODERS, EncoderConfig, VisionConfig, VLMConfig
 from evlm_cli.models.groups import PrunableGroup
 
@@ -80,8 +80,11 @@ class TextEmbeddings(nn.Module):
         self.token_type = nn.Embedding(cfg.type_vocab_size, width)
         self.norm = nn.LayerNorm(width, eps=eps)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    def forward(self, input_ids: Tensor, position_offset: int = 0) -> Tensor:
+        """`position_offset`: the position of the first token (a decoder step's, after the
+        cached ones)."""
+        positions = torch.arange(position_offset, position_offset + input_ids.shape[1],
+                                 device=input_ids.device)
         x = self.word(input_ids) + self.position(positions)[None] + self.token_type.weight[0]
         return self.norm(x)
 
@@ -195,14 +198,18 @@ class VLM(nn.Module):
         return VLMOutput(vision, text, fusion, attention_mask, fusion_mask)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                    **opts) -> EncoderOutput:
-        """The text encoder alone (ITC ranks by it without the image)."""
-        return self.text(self.embeddings(input_ids), mask=attention_mask, **opts)
+                    cache: DecoderCache | None = None, **opts) -> EncoderOutput:
+        """The text encoder alone (ITC ranks by it without the image). With a `cache`
+        (causal=True), `input_ids` are the tokens after the cached ones."""
+        offset = cache.length if cache is not None else 0
+        return self.text(self.embeddings(input_ids, offset), mask=attention_mask, cache=cache,
+                         **opts)
 
     def fuse(self, text_tokens: Tensor, attention_mask: Tensor | None, image_tokens: Tensor,
              **opts) -> EncoderOutput:
         """The fusion encoder over encoded text, cross-attending to encoded image tokens
-        (`causal=True`: each text position sees only the ones before it, as a decoder)."""
+        (`causal=True`: each text position sees only the ones before it, as a decoder; a
+        `cache=DecoderCache` then feeds only the new positions, see `Encoder.forward`)."""
         return self.fusion(self.text_to_fusion(text_tokens), mask=attention_mask, kv=image_tokens,
                            **opts)
 

@@ -1,10 +1,12 @@
 """Caption generation: greedy search against a brute-force decoder, beam search against greedy,
-and a sliced model against the gated model it came from."""
+the cached decoder against the uncached one, and a sliced model against the gated model it came
+from."""
 
 import pytest
 import torch
 
 from evlm_cli.compress.slice import slice_model
+from evlm_cli.models.blocks import DecoderCache
 from evlm_cli.models.generate import beam_search, decode_texts, greedy_decode
 from evlm_cli.models.vlm import VLM
 from tests.compress.test_slice import random_gates
@@ -174,16 +176,73 @@ def test_max_len_beyond_the_text_positions_is_refused():
         greedy_decode(captioner(), images(1), max_len=MAX_LEN + 2, **TOKENS)
 
 
+def pruned_gates(model: VLM) -> dict[str, torch.Tensor]:
+    """Random gates that empty decoder sublayers, so that the sliced model has a fusion
+    self-attention and a cross-attention with nothing to cache, and text FFNs of no width.
+
+    With seed 3, zero layer gates already empty fusion.0's cross-attention and text.1's FFN
+    (text.0's FFN is emptied by random_gates), and captions still differ by image."""
+    gates = random_gates(model, 0.4, seed=3)
+    gates["fusion.1.heads"] = torch.zeros(3)
+    return gates
+
+
+def generate(model: VLM, pixels: torch.Tensor, beam_size: int, **kw) -> torch.Tensor:
+    if beam_size == 0:
+        return greedy_decode(model, pixels, max_len=MAX_LEN, **TOKENS, **kw)
+    return beam_search(model, pixels, max_len=MAX_LEN, beam_size=beam_size, **TOKENS, **kw)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("beam_size", [0, 1, 3])  # 0: greedy decoding
+def test_the_cached_decoder_generates_what_the_uncached_one_does(beam_size, gated):
+    model, pixels = captioner(), images()
+    gates = pruned_gates(model) if gated else None
+    uncached = generate(model, pixels, beam_size, gates=gates, use_cache=False)
+    assert torch.equal(generate(model, pixels, beam_size, gates=gates), uncached)
+    lengths = {len(caption_of(row)) for row in uncached}
+    assert len(lengths) > 1  # some rows end (and are padded) while others still run
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_cached_steps_give_the_full_prefix_logits(padded):
+    """Fed in chunks of 1, 3 and 1 tokens (several new tokens attend causally among themselves),
+    the cached encoders give every position the logits of one causal pass over the whole
+    sequence; a keep-mask covers the cached positions and then the new ones."""
+    model, pixels = captioner(), images(2)
+    gates = pruned_gates(model)
+    ids = torch.randint(4, 40, (2, 5), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, 2] = 0  # not position 0: a query seeing no real key averages over all it sees
+    with torch.no_grad():
+        full = model.logits("captioning", model(pixels, ids, mask, gates=gates, causal=True))
+        image_tokens = model.vision(pixels, gates=gates).last
+        text_cache, fusion_cache = DecoderCache(), DecoderCache()
+        for start, end in ((0, 1), (1, 4), (4, 5)):
+            seen = mask[:, :end] if padded else None
+            text = model.encode_text(ids[:, start:end], seen, gates=gates, causal=True,
+                                     cache=text_cache).last
+            fused = model.fuse(text, seen, image_tokens, gates=gates, causal=True,
+                               cache=fusion_cache).last
+            torch.testing.assert_close(model.mlm_logits(fused), full[:, start:end],
+                                       rtol=1e-5, atol=1e-5)
+        assert text_cache.length == fusion_cache.length == 5
+        with pytest.raises(ValueError, match="needs causal=True"):
+            model.encode_text(ids[:, :1], cache=DecoderCache())
+
+
 def test_a_sliced_model_generates_what_the_gated_model_did():
     model, pixels = captioner(), images()
-    gates = random_gates(model, 0.4, seed=3)
+    gates = pruned_gates(model)
     sliced = slice_model(model, gates)
-    gated = greedy_decode(model, pixels, max_len=MAX_LEN, gates=gates, **TOKENS)
-    assert torch.equal(greedy_decode(sliced, pixels, max_len=MAX_LEN, **TOKENS), gated)
-    assert not torch.equal(greedy_decode(model, pixels, max_len=MAX_LEN, **TOKENS), gated)
-    gated_beam = beam_search(model, pixels, max_len=MAX_LEN, beam_size=3, gates=gates, **TOKENS)
-    assert torch.equal(beam_search(sliced, pixels, max_len=MAX_LEN, beam_size=3, **TOKENS),
-                       gated_beam)
+    text, fusion = sliced.config.text.encoder, sliced.config.fusion
+    assert fusion.heads[1] == fusion.cross_heads[0] == text.ffn[0] == text.ffn[1] == 0
+    for beam_size in (0, 3):
+        gated = generate(model, pixels, beam_size, gates=gates, use_cache=False)
+        assert torch.equal(generate(sliced, pixels, beam_size), gated)
+        assert torch.equal(generate(sliced, pixels, beam_size, use_cache=False), gated)
+    assert not torch.equal(generate(model, pixels, 0), generate(model, pixels, 0, gates=gates))
 
 
 class WordTokenizer:
