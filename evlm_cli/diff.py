@@ -111,6 +111,10 @@ def result_rows(m: dict) -> list[tuple[str, object]]:
         rows.append((f"latency {bs.replace('_', ' ')} (ms)", lat["student"]))
         rows.append((f"teacher latency {bs.replace('_', ' ')} (ms)", lat["teacher"]))
         rows.append((f"speedup {bs.replace('_', ' ')}", m["speedup"][bs]))
+    for bs, lat in m.get("generation_ms", {}).items():
+        rows.append((f"caption {bs.replace('_', ' ')} (ms)", lat["student"]))
+        rows.append((f"teacher caption {bs.replace('_', ' ')} (ms)", lat["teacher"]))
+        rows.append((f"caption speedup {bs.replace('_', ' ')}", m["generation_speedup"][bs]))
     rows.append(("sparsity overall", m["sparsity"]["overall"]))
     rows += [(f"sparsity {e}", m["sparsity"].get(e)) for e in ENCODERS]
     return rows
@@ -132,6 +136,10 @@ def summary_table(run: dict) -> str:
         label = f"latency {bs.replace('_', ' ')} (ms)"
         lines.append(f"  {label:<24}{lat['teacher']:>12.2f}{lat['student']:>12.2f}"
                      f"   speedup {m['speedup'][bs]:.2f}x")
+    for bs, lat in m.get("generation_ms", {}).items():  # captioning: whole captions
+        label = f"caption {bs.replace('_', ' ')} (ms)"
+        lines.append(f"  {label:<24}{lat['teacher']:>12.2f}{lat['student']:>12.2f}"
+                     f"   speedup {m['generation_speedup'][bs]:.2f}x")
     sp = m["sparsity"]
     lines.append(f"  {'sparsity (prunable)':<24}{'':>12}{sp['overall']:>12.3f}   "
                  + ", ".join(f"{e} {sp[e]:.3f}" for e in ENCODERS if e in sp))

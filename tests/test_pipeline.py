@@ -80,6 +80,9 @@ def test_run_rerun_partial_reruns_and_sharing(project):
     caption_keys = {"bleu_4", "meteor", "rouge_l", "cider"}
     assert caption_keys <= set(captions["scores"]) and caption_keys <= set(captions["teacher_scores"])
     assert captions["value"] == captions["scores"]["cider"]
+    # a captioner's cost is a whole caption: both models timed writing one, interleaved
+    assert set(captions["generation_ms"]["batch_1"]) == {"teacher", "student"}
+    assert "caption batch 1 (ms)" in first.stdout
     assert "CIDEr" in first.stdout and "METEOR" in first.stdout  # the summary shows all four
     retrieval = json.loads((project / "runs/tiny_itr/evaluate/metrics.json").read_text())
     assert set(retrieval["recall"]) >= {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"}

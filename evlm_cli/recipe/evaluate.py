@@ -14,6 +14,7 @@ from evlm_cli.deploy.onnx import FP32_FILE, INT8_FILE, OnnxModel
 from evlm_cli.io import atomic_write_json
 from evlm_cli.layout import MODEL_WEIGHTS
 from evlm_cli.models.checkpoint import load_model
+from evlm_cli.models.generate import greedy_decode
 from evlm_cli.models.vlm import VLM, TaskLogits, param_breakdown, prunable_param_count
 from evlm_cli.recipe.scoring import (
     Forward,
@@ -21,10 +22,13 @@ from evlm_cli.recipe.scoring import (
     evaluate_report,
     fixed_batch,
 )
+from evlm_cli.tasks import TASKS
 from evlm_cli.train import setup
 
 # Evaluation draws nothing at random; its params carry no seed.
 EVAL_SEED = 0
+# An end token no model can produce: timed captions all run to full length.
+NO_TOKEN = -1
 
 
 def size_report(model: VLM, model_dir: Path, data: PreparedData) -> dict:
@@ -54,6 +58,24 @@ def test_report(model: VLM, data: PreparedData, task: str, ev: EvaluateConfig,
     """The task metric on the test split, as the evaluate section asks for it."""
     return evaluate_report(model, data, "test", task, ev.batch_size, device, ev.k_test,
                            metric=ev.metric, beam_size=ev.beam_size, max_len=ev.max_len)
+
+
+def generation_report(models: dict[str, VLM], data: PreparedData, ev: EvaluateConfig) -> dict:
+    """Median ms to write a caption for each image of a batch (greedy, KV cache), per batch
+    size, the models interleaved. No caption ends early, so every model writes the same number
+    of tokens (`evaluate.max_len`) and the times compare like for like."""
+    tokenizer = data.tokenizer()
+    ids = dict(bos_id=tokenizer.cls_token_id, eos_id=NO_TOKEN, pad_id=tokenizer.pad_token_id,
+               max_len=ev.max_len or data.meta["max_text_len"] - 1)
+    out = {}
+    for bs in ev.latency.batch_sizes:
+        images = fixed_batch(data, bs)[0]
+        calls = {name: (lambda m=m, x=images: greedy_decode(m, x, **ids))
+                 for name, m in models.items()}
+        res = measure_latency(calls, repeats=ev.latency.repeats, warmup=ev.latency.warmup,
+                              threads=ev.latency.threads)
+        out[f"batch_{bs}"] = {name: r["median_ms"] for name, r in res.items()}
+    return out
 
 
 def run_teacher_eval(params: Params, *, prepared: Path, teacher: Path, metrics: Path) -> dict:
@@ -86,6 +108,13 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
                               "student": TaskLogits(student_model, task), **exported},
                              data, ev.latency)
     speedup = {bs: r["teacher"] / r["student"] for bs, r in latency.items()}
+    writing = {}
+    if TASKS[task].generative:  # what a captioner costs: a whole caption, not one pass
+        generation = generation_report({"teacher": teacher_model, "student": student_model},
+                                       data, ev)
+        writing = {"generation_ms": generation,
+                   "generation_speedup": {bs: r["teacher"] / r["student"]
+                                          for bs, r in generation.items()}}
     # The teacher's size and FLOPs were measured by teacher_eval, from the same teacher.
     s_size = size_report(student_model, student, data)
     mask_info = json.loads(Path(masks).read_text())
@@ -107,6 +136,7 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
         "teacher_size_bytes": t_metrics["size_bytes"],
         "latency_ms": latency,
         "speedup": speedup,
+        **writing,
         "sparsity": sparsity_report(mask_info),
     }
     if exported:
