@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from functools import cache
@@ -422,6 +423,9 @@ def scope_problems(spec: dict) -> Iterator[tuple[Where, str]]:
     if spec["name"] in RESERVED_NAMES:
         yield ("name",), (f"name: {quote(spec['name'])} is reserved for the stages specs share; "
                           "pick another")
+    if spec["task"] == "captioning" and shutil.which("java") is None:
+        yield ("task",), ("task: captioning's metrics (pycocoevalcap's tokenizer and METEOR) "
+                          "need Java: put a JRE 8 or newer on PATH")
     if spec.get("export") is not None and spec["task"] != "vqa":
         yield ("export",), (f"export: the {spec['task']} task cannot be exported yet (only "
                             "vqa's single scoring graph is); set export: null")
@@ -487,6 +491,13 @@ def shape_problems(spec: dict) -> Iterator[tuple[Where, str]]:
         yield ([("data", "max_text_len"), ("pairs", "max_text_len")],
                f"data.max_text_len: {data['max_text_len']} is more than pairs.max_text_len "
                f"{pairs['max_text_len']}, the teacher's text positions")
+    max_len = spec["evaluate"]["max_len"]
+    if (spec["task"] == "captioning" and max_len is not None and max_len >= pairs["max_text_len"]
+            and teacher["init"]["text"] is None):
+        # A caption of max_len tokens follows its begin token: max_len + 1 positions.
+        yield ([("evaluate", "max_len"), ("pairs", "max_text_len")],
+               f"evaluate.max_len: {max_len} tokens after the begin token need more than "
+               f"pairs.max_text_len {pairs['max_text_len']}, the teacher's text positions")
     patch, size = teacher["vision"]["patch_size"], spec["data"]["image_size"]
     if size % patch:
         yield ([("teacher", "vision", "patch_size"), ("data", "image_size")],

@@ -431,3 +431,15 @@ def test_export_without_its_packages_names_the_extra(monkeypatch, tmp_path):
         load_spec(path)
     assert error.value.problems == [
         f"{path}:3: export: needs the package onnxruntime: pip install 'evlm[export]'"]
+
+
+def test_captioning_without_java_is_refused_before_anything_runs(monkeypatch):
+    import evlm_cli.spec as spec_module
+
+    monkeypatch.setattr(spec_module.shutil, "which", lambda name: None)
+    with pytest.raises(InvalidSpecError) as error:
+        validate_spec_text("name: caps\ntask: captioning\n", "caps.yaml")
+    assert [str(p) for p in error.value.problems] == [
+        "caps.yaml:2: task: captioning's metrics (pycocoevalcap's tokenizer and METEOR) need "
+        "Java: put a JRE 8 or newer on PATH"]
+    validate_spec_text("name: v\ntask: vqa\n", "v.yaml")  # other tasks do not need it

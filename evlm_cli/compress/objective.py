@@ -1,8 +1,9 @@
 """The training objective of every stage: task loss + weighted distillation terms + sparsity penalty.
 
 Two kinds of task step feed it. VQA and NLVR2 classify one forward pass, and captioning
-predicts each next token in one causal pass. Pre-training and retrieval contrast: ITC over the two unimodal encoders, ITM on positive pairs and hard negatives, and
-(pre-training) MLM through the fusion encoder. Either way the step returns the forward pass
+predicts each next token in one causal pass. Pre-training and retrieval contrast: ITC over
+the two unimodal encoders, ITM on positive pairs and hard negatives, and (pre-training) MLM
+through the fusion encoder. Either way the step returns the forward pass
 whose hidden states and attention maps KD compares, the task terms, and the logits KD
 compares. The teacher replays the student's random choices (negatives, masked tokens), so
 both are asked the same questions.
@@ -109,7 +110,7 @@ def contrast_step(model: VLM, batch: dict[str, Tensor], weights: dict[str, float
 class Objective:
     """Task loss + weighted distillation terms (+ the sparsity penalty when pruning).
 
-    `task` is a task name ("vqa", "retrieval") or "pretrain". `task_weights` weighs the
+    `task` is a task name ("vqa", "nlvr2", "retrieval", "captioning") or "pretrain". `task_weights` weighs the
     contrastive terms (itc, itm, mlm) of pre-training and retrieval into the task term.
     `modules` holds what it trains besides the student (the learned hidden-state projections),
     for the optimiser and the checkpoint.

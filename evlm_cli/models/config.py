@@ -88,7 +88,7 @@ class VLMConfig:
     text: TextConfig
     fusion: EncoderConfig
     heads: list[str] = field(default_factory=lambda: ["itm", "itc"])
-    num_answers: int = 0  # size of the VQA answer list, when the "vqa" head is present
+    num_answers: int = 0  # outputs of the "vqa" or "nlvr2" classifier: the task's answer list
     embed_dim: int = 256  # ITC projection width
     pool: str = "cls"  # what the task heads read: "cls" (the first fused token) or "max" (over tokens)
 

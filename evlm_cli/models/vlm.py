@@ -125,7 +125,8 @@ def build_heads(cfg: VLMConfig) -> nn.ModuleDict:
             heads["vqa"] = nn.Sequential(nn.Linear(w, 2 * w), nn.GELU(), nn.LayerNorm(2 * w),
                                          nn.Linear(2 * w, cfg.num_answers))
         elif name == "nlvr2":
-            # Reads the two fused [CLS] states (one per image) side by side, as X-VLM's does.
+            # Reads the two pooled fusion outputs (one per image) side by side, as X-VLM's reads
+            # the two fused [CLS] states (pool "cls").
             heads["nlvr2"] = nn.Sequential(nn.Linear(2 * w, 2 * w), nn.GELU(), nn.LayerNorm(2 * w),
                                            nn.Linear(2 * w, max(cfg.num_answers, 2)))
         elif name == "itm":
@@ -251,6 +252,9 @@ class VLM(nn.Module):
         if task == "vqa":
             return self.heads["vqa"](self.pooled(out))
         if task == "nlvr2":
+            if out.fusion.last.shape[0] != 2 * out.text.last.shape[0]:
+                raise ValueError("nlvr2 reads a text fused with two images: pass images as "
+                                 "[B, 2, 3, H, W]")
             pooled = self.pooled(out)
             return self.heads["nlvr2"](pooled.reshape(pooled.shape[0] // 2, -1))
         if task in ("itm", "retrieval"):

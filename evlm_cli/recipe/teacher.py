@@ -72,8 +72,16 @@ def task_teacher(params: Params, data: PreparedData, pretrained: Path) -> tuple[
         if missing:
             raise CheckpointError(f"task_teacher.checkpoint {tt.checkpoint}: has no {missing[0]} "
                                   f"head for task {task.name}")
-        require_vocabulary(model, data.meta["vocab_size"],
-                           f"task_teacher.checkpoint {tt.checkpoint}", "the prepared data's tokenizer")
+        source = f"task_teacher.checkpoint {tt.checkpoint}"
+        require_vocabulary(model, data.meta["vocab_size"], source, "the prepared data's tokenizer")
+        positions, needed = model.config.text.max_positions, data.meta["max_text_len"]
+        if positions < needed:
+            raise CheckpointError(f"{source}: has {positions} text positions, the task data "
+                                  f"{needed} (data.max_text_len)")
+        if task.example_scores is not None and model.config.num_answers != data.num_answers:
+            raise CheckpointError(f"{source}: its {task.name} head scores "
+                                  f"{model.config.num_answers} answers, the task data has "
+                                  f"{data.num_answers}")
         return model, False
     return with_heads(load_model(pretrained), list(task.heads), num_answers=data.num_answers), True
 

@@ -8,7 +8,7 @@ from evlm_cli.config import DataConfig, PairsConfig
 from evlm_cli.data.loader import PreparedData
 from evlm_cli.data.prepare import prepare, prepare_pairs
 from evlm_cli.models.config import make_config
-from evlm_cli.models.generate import greedy_decode
+from evlm_cli.models.generate import beam_search, greedy_decode
 from evlm_cli.models.vlm import VLM
 from evlm_cli.recipe.scoring import evaluate_report, generate_captions, retrieval_recalls
 from evlm_cli.tasks.retrieval import rerank_top_k, retrieval_metrics
@@ -78,6 +78,7 @@ def test_each_image_gets_the_caption_it_would_get_alone(captioning):
     references = captioning.references("val")
     batched = generate_captions(model, captioning, "val", 5, cpu, max_len=6)
     assert sorted(batched) == sorted(references) and len(batched) > 5  # several batches
+    assert len(set(batched.values())) > 1  # images get different captions: a mix-up would show
     tokenizer = captioning.tokenizer()
     split = captioning.split("val")
     for row, caption in batched.items():
@@ -86,12 +87,16 @@ def test_each_image_gets_the_caption_it_would_get_alone(captioning):
                                pad_id=tokenizer.pad_token_id, max_len=6)
         assert caption == tokenizer.decode(tokens[0], skip_special_tokens=True)
     beams = generate_captions(model, captioning, "val", 5, cpu, beam_size=3, max_len=6)
-    assert beams.keys() == batched.keys()
+    for row, caption in beams.items():
+        tokens = beam_search(model, split.images_of(torch.tensor([row])), beam_size=3,
+                             bos_id=tokenizer.cls_token_id, eos_id=tokenizer.sep_token_id,
+                             pad_id=tokenizer.pad_token_id, max_len=6)
+        assert caption == tokenizer.decode(tokens[0], skip_special_tokens=True)
 
 
 def test_the_caption_report_headlines_the_chosen_metric(captioning):
     model, cpu = caption_model(captioning), torch.device("cpu")
     report = evaluate_report(model, captioning, "val", "captioning", 8, cpu, metric="bleu",
                              max_len=6, meteor=False)
-    assert report["value"] == report["scores"]["bleu_4"]
+    assert report["value"] == report["scores"]["bleu_4"] != report["scores"]["cider"]
     assert "meteor" not in report["scores"] and {"cider", "rouge_l"} <= set(report["scores"])

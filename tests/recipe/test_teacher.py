@@ -1,0 +1,46 @@
+"""An imported task teacher is checked against the task and its data before anything trains."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from evlm_cli.errors import CheckpointError
+from evlm_cli.models.checkpoint import save_model
+from evlm_cli.models.config import make_config
+from evlm_cli.models.vlm import VLM
+from evlm_cli.recipe.teacher import task_teacher
+
+
+def saved(tmp_path, heads, num_answers=0, positions=16):
+    torch.manual_seed(0)
+    model = VLM(make_config(vision=dict(layers=1, width=16, heads=2, ffn=32),
+                            text=dict(layers=1, width=16, heads=2, ffn=32),
+                            fusion=dict(layers=1, width=16, heads=2, ffn=32), image_size=16,
+                            patch_size=8, vocab_size=40, max_positions=positions, heads=heads,
+                            num_answers=num_answers))
+    save_model(model, tmp_path / "teacher")
+    return tmp_path / "teacher"
+
+
+def imported(task, checkpoint, answers=2, max_text_len=16):
+    params = SimpleNamespace(task=task, task_teacher=SimpleNamespace(checkpoint=checkpoint))
+    data = SimpleNamespace(meta={"vocab_size": 40, "max_text_len": max_text_len},
+                           num_answers=answers)
+    return task_teacher(params, data, pretrained=None)
+
+
+def test_a_fitting_task_teacher_is_used_as_it_is(tmp_path):
+    model, train = imported("nlvr2", saved(tmp_path, ["nlvr2"], num_answers=2))
+    assert not train and "nlvr2" in model.heads
+
+
+@pytest.mark.parametrize("task, heads, answers, positions, expected", [
+    ("captioning", ["itc", "itm"], 0, 16, "has no mlm head for task captioning"),
+    ("nlvr2", ["nlvr2"], 2, 8, "has 8 text positions, the task data 16"),
+    ("vqa", ["vqa"], 5, 16, "its vqa head scores 5 answers, the task data has 2"),
+])
+def test_a_task_teacher_that_does_not_fit_is_refused(tmp_path, task, heads, answers, positions,
+                                                     expected):
+    with pytest.raises(CheckpointError, match=expected):
+        imported(task, saved(tmp_path, heads, answers, positions))
