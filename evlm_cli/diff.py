@@ -16,6 +16,10 @@ from evlm_cli.pipeline import FINAL_KIND
 DETAILS = ("recall", "scores")
 # The caption metrics the summary shows, as the captioning literature writes them.
 CAPTION_LABELS = {"bleu_4": "BLEU-4", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr"}
+# Timed work, teacher next to student: (label, metrics.json times, their speedups). Every task
+# times one pass; captioning also whole captions.
+TIMINGS = (("latency", "latency_ms", "speedup"),
+           ("caption", "generation_ms", "generation_speedup"))
 
 
 def load_run(name: str, root: Path = Path("."), require_metrics: bool = True) -> dict:
@@ -107,14 +111,13 @@ def result_rows(m: dict) -> list[tuple[str, object]]:
     for group in DETAILS:
         for key, value in m.get(group, {}).items():
             rows += [(key, value), (f"teacher {key}", m[f"teacher_{group}"][key])]
-    for bs, lat in m["latency_ms"].items():
-        rows.append((f"latency {bs.replace('_', ' ')} (ms)", lat["student"]))
-        rows.append((f"teacher latency {bs.replace('_', ' ')} (ms)", lat["teacher"]))
-        rows.append((f"speedup {bs.replace('_', ' ')}", m["speedup"][bs]))
-    for bs, lat in m.get("generation_ms", {}).items():
-        rows.append((f"caption {bs.replace('_', ' ')} (ms)", lat["student"]))
-        rows.append((f"teacher caption {bs.replace('_', ' ')} (ms)", lat["teacher"]))
-        rows.append((f"caption speedup {bs.replace('_', ' ')}", m["generation_speedup"][bs]))
+    for label, times, speedups in TIMINGS:
+        for bs, lat in m.get(times, {}).items():
+            batch = bs.replace("_", " ")
+            rows.append((f"{label} {batch} (ms)", lat["student"]))
+            rows.append((f"teacher {label} {batch} (ms)", lat["teacher"]))
+            rows.append(((f"{label} speedup" if label != "latency" else "speedup") + f" {batch}",
+                         m[speedups][bs]))
     rows.append(("sparsity overall", m["sparsity"]["overall"]))
     rows += [(f"sparsity {e}", m["sparsity"].get(e)) for e in ENCODERS]
     return rows
@@ -132,14 +135,11 @@ def summary_table(run: dict) -> str:
              f"  {'params (M)':<24}{m['teacher_params'] / 1e6:>12.2f}{m['params'] / 1e6:>12.2f}",
              f"  {'GFLOPs / example':<24}{m['teacher_gflops_per_example']:>12.3f}"
              f"{m['gflops_per_example']:>12.3f}"]
-    for bs, lat in m["latency_ms"].items():
-        label = f"latency {bs.replace('_', ' ')} (ms)"
-        lines.append(f"  {label:<24}{lat['teacher']:>12.2f}{lat['student']:>12.2f}"
-                     f"   speedup {m['speedup'][bs]:.2f}x")
-    for bs, lat in m.get("generation_ms", {}).items():  # captioning: whole captions
-        label = f"caption {bs.replace('_', ' ')} (ms)"
-        lines.append(f"  {label:<24}{lat['teacher']:>12.2f}{lat['student']:>12.2f}"
-                     f"   speedup {m['generation_speedup'][bs]:.2f}x")
+    for name, times, speedups in TIMINGS:
+        for bs, lat in m.get(times, {}).items():
+            label = f"{name} {bs.replace('_', ' ')} (ms)"
+            lines.append(f"  {label:<24}{lat['teacher']:>12.2f}{lat['student']:>12.2f}"
+                         f"   speedup {m[speedups][bs]:.2f}x")
     sp = m["sparsity"]
     lines.append(f"  {'sparsity (prunable)':<24}{'':>12}{sp['overall']:>12.3f}   "
                  + ", ".join(f"{e} {sp[e]:.3f}" for e in ENCODERS if e in sp))

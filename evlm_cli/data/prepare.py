@@ -19,7 +19,8 @@ Layout of the output directory:
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,8 @@ PIXEL_STD = (0.5, 0.5, 0.5)
 NLVR2_ANSWERS = ("false", "true")
 # The evaluation splits whose reference captions a captioning task keeps.
 REFERENCE_SPLITS = ("val", "test")
+# An xvlm-json reader: (annotation files, image root) -> records.
+Reader = Callable[[Sequence[str], str], list]
 
 
 def prepare(data: DataConfig, task: str, seed: int, out_dir: Path, tokenizer: Path) -> dict:
@@ -166,14 +169,27 @@ def read_task_splits(data: DataConfig, task: str, seed: int) -> tuple[dict[str, 
         raise DataError(f"prepare reads VQA, NLVR2, retrieval and captioning data, not task {task!r}")
     if data.source == "easy-vqa":
         return read_easy_vqa(data.val_fraction, seed), easy_vqa_answers()
-    splits = {"train": read_vqa(list(data.train), data.image_root, require_answers=True)}
-    if data.val:
-        splits["val"] = read_vqa(list(data.val), data.image_root, require_answers=True)
-    else:
-        splits["train"], splits["val"] = _carve_val(splits["train"], data.val_fraction, seed)
-    if data.test:
-        splits["test"] = read_vqa(list(data.test), data.image_root, require_answers=False)
+    labelled = partial(read_vqa, require_answers=True)
+    splits = read_xvlm_splits(data, seed, labelled, labelled,
+                              partial(read_vqa, require_answers=False))
     return splits, read_answer_list(data.answer_list)
+
+
+def read_xvlm_splits(data: DataConfig, seed: int, read_train: Reader, read_eval: Reader,
+                     read_test: Reader | None = None,
+                     split_off: Callable[[list, float, int], tuple[list, list]] = split_off_by_image
+                     ) -> dict[str, list]:
+    """An xvlm-json task's splits: train, val from its files or carved from train by
+    `split_off`, and test when given. `read_eval` reads val (and test, unless `read_test`)."""
+    splits = {"train": read_train(list(data.train), data.image_root)}
+    if data.val:
+        splits["val"] = read_eval(list(data.val), data.image_root)
+    else:
+        splits["train"], splits["val"] = _carve_val(splits["train"], data.val_fraction, seed,
+                                                    split_off)
+    if data.test:
+        splits["test"] = (read_test or read_eval)(list(data.test), data.image_root)
+    return splits
 
 
 def read_retrieval_splits(data: DataConfig, seed: int) -> dict[str, list]:
@@ -183,13 +199,7 @@ def read_retrieval_splits(data: DataConfig, seed: int) -> dict[str, list]:
     """
     if data.source == "easy-vqa":
         return read_easy_vqa_retrieval(data.val_fraction, seed)
-    splits = {"train": read_pairs(list(data.train), data.image_root)}
-    if data.val:
-        splits["val"] = read_retrieval_eval(list(data.val), data.image_root)
-    else:
-        splits["train"], splits["val"] = _carve_val(splits["train"], data.val_fraction, seed)
-    splits["test"] = read_retrieval_eval(list(data.test), data.image_root)
-    return splits
+    return read_xvlm_splits(data, seed, read_pairs, read_retrieval_eval)
 
 
 def read_nlvr2_splits(data: DataConfig, seed: int) -> dict[str, list[Nlvr2Record]]:
@@ -200,14 +210,8 @@ def read_nlvr2_splits(data: DataConfig, seed: int) -> dict[str, list[Nlvr2Record
     """
     if data.source == "easy-vqa":
         return read_easy_vqa_nlvr2(data.val_fraction, seed)
-    splits = {"train": read_nlvr2(list(data.train), data.image_root)}
-    if data.val:
-        splits["val"] = read_nlvr2(list(data.val), data.image_root)
-    else:
-        splits["train"], splits["val"] = _carve_val(splits["train"], data.val_fraction, seed,
-                                                    split_off_pairs_by_image)
-    splits["test"] = read_nlvr2(list(data.test), data.image_root)
-    return splits
+    return read_xvlm_splits(data, seed, read_nlvr2, read_nlvr2,
+                            split_off=split_off_pairs_by_image)
 
 
 def read_pair_splits(pairs: PairsConfig, seed: int) -> dict[str, list[PairRecord]]:

@@ -18,6 +18,7 @@ from evlm_cli.models.generate import greedy_decode
 from evlm_cli.models.vlm import VLM, TaskLogits, param_breakdown, prunable_param_count
 from evlm_cli.recipe.scoring import (
     Forward,
+    decoder_ids,
     evaluate_forward,
     evaluate_report,
     fixed_batch,
@@ -64,18 +65,11 @@ def generation_report(models: dict[str, VLM], data: PreparedData, ev: EvaluateCo
     """Median ms to write a caption for each image of a batch (greedy, KV cache), per batch
     size, the models interleaved. No caption ends early, so every model writes the same number
     of tokens (`evaluate.max_len`) and the times compare like for like."""
-    tokenizer = data.tokenizer()
-    ids = dict(bos_id=tokenizer.cls_token_id, eos_id=NO_TOKEN, pad_id=tokenizer.pad_token_id,
-               max_len=ev.max_len or data.meta["max_text_len"] - 1)
-    out = {}
-    for bs in ev.latency.batch_sizes:
-        images = fixed_batch(data, bs)[0]
-        calls = {name: (lambda m=m, x=images: greedy_decode(m, x, **ids))
-                 for name, m in models.items()}
-        res = measure_latency(calls, repeats=ev.latency.repeats, warmup=ev.latency.warmup,
-                              threads=ev.latency.threads)
-        out[f"batch_{bs}"] = {name: r["median_ms"] for name, r in res.items()}
-    return out
+    ids = {**decoder_ids(data, ev.max_len), "eos_id": NO_TOKEN}
+    # Timed on the same fixed batches as one pass: the images only, the text unread.
+    writers = {name: (lambda images, input_ids, mask, m=m: greedy_decode(m, images, **ids))
+               for name, m in models.items()}
+    return latency_report(writers, data, ev.latency)
 
 
 def run_teacher_eval(params: Params, *, prepared: Path, teacher: Path, metrics: Path) -> dict:

@@ -75,9 +75,7 @@ def generate_captions(model: VLM, data: PreparedData, split: str, batch_size: in
     """
     rows = torch.tensor(sorted(data.references(split)), dtype=torch.long)
     tokenizer = data.tokenizer()
-    ids = dict(bos_id=tokenizer.cls_token_id, eos_id=tokenizer.sep_token_id,
-               pad_id=tokenizer.pad_token_id,
-               max_len=max_len or data.meta["max_text_len"] - 1)
+    ids = decoder_ids(data, max_len)
     images = data.split(split)
     captions = {}
     for chunk in rows.split(batch_size):
@@ -87,6 +85,14 @@ def generate_captions(model: VLM, data: PreparedData, split: str, batch_size: in
         texts = decode_texts(tokens.cpu(), tokenizer, ids["eos_id"], ids["pad_id"])
         captions.update(zip(chunk.tolist(), texts, strict=True))
     return captions
+
+
+def decoder_ids(data: PreparedData, max_len: int | None = None) -> dict:
+    """The decoding settings of the prepared tokenizer: [CLS] begins a caption, [SEP] ends it,
+    and `max_len` (tokens after the begin token) defaults to what the prepared text holds."""
+    tokenizer = data.tokenizer()
+    return dict(bos_id=tokenizer.cls_token_id, eos_id=tokenizer.sep_token_id,
+                pad_id=tokenizer.pad_token_id, max_len=max_len or data.meta["max_text_len"] - 1)
 
 
 def caption_scores(model: VLM, data: PreparedData, split: str, batch_size: int,
