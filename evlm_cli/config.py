@@ -162,6 +162,7 @@ class PretrainConfig:
 
     weights: PretrainWeights
     mask_prob: float
+    hard_negatives: float
     train: OptimConfig
 
 
@@ -206,6 +207,7 @@ class PruneConfig:
     target_sparsity: float
     units: tuple[str, ...]
     warmup_fraction: float
+    min_keep: float
     droprate_init: float
     gate_lr: float
     lagrangian_lr: float

@@ -143,6 +143,7 @@ def summary_table(run: dict) -> str:
     sp = m["sparsity"]
     lines.append(f"  {'sparsity (prunable)':<24}{'':>12}{sp['overall']:>12.3f}   "
                  + ", ".join(f"{e} {sp[e]:.3f}" for e in ENCODERS if e in sp))
+    lines += [f"  warning: {line}" for line in m.get("warnings", [])]
     if "size_bytes" in m:
         lines.append(f"  {'file size (MB)':<24}{m['teacher_size_bytes'] / 1e6:>12.2f}"
                      f"{m['size_bytes'] / 1e6:>12.2f}")

@@ -443,7 +443,12 @@ def scope_problems(spec: dict) -> Iterator[tuple[Where, str]]:
         if spec["resources"][key] > 1:
             yield ("resources", key), (f"resources.{key}: {spec['resources'][key]} is not "
                                        "implemented yet (multi-process training): use 1")
-    units = spec["prune"]["units"]
+    prune = spec["prune"]
+    if prune["mode"] == "modal-adaptive" and prune["min_keep"] > 1 - prune["target_sparsity"] + 1e-9:
+        yield [("prune", "min_keep"), ("prune", "target_sparsity")], (
+            f"prune.min_keep: {prune['min_keep']:g} is more than 1 - target_sparsity = "
+            f"{1 - prune['target_sparsity']:g}; no encoder could keep that much")
+    units = prune["units"]
     if "heads" not in units and "ffn" not in units:
         yield ("prune", "units"), "prune.units: needs heads or ffn (layers alone prune nothing)"
     elif "layers" in units and not {"heads", "ffn"} <= set(units):

@@ -1,6 +1,6 @@
 """`evlm diff` tables line results up by what they measure, not by position."""
 
-from evlm_cli.diff import diff_rows, render
+from evlm_cli.diff import diff_rows, render, summary_table
 
 
 def _run(name: str, batch_sizes: list[int], lr: float) -> dict:
@@ -24,3 +24,14 @@ def test_rows_align_by_label_when_runs_measured_different_batch_sizes():
     assert by_label["finetune.lr"] == ["0.0001", "0.0003"]
     assert "name" not in by_label  # only differing params, and never the name
     assert render(header, rows, "markdown").splitlines()[1] == "|---|---|---|"
+
+
+def test_summary_shows_the_prune_warnings_under_the_sparsity():
+    run = _run("a", [1], 1e-4)
+    run["params"].update(task="vqa", prune={"mode": "modal-adaptive", "target_sparsity": 0.9})
+    assert "warning" not in summary_table(run)
+    run["metrics"]["warnings"] = ["the text encoder keeps 0.050 of its prunable parameters"]
+    lines = summary_table(run).splitlines()
+    at = next(i for i, line in enumerate(lines) if "sparsity (prunable)" in line)
+    assert lines[at + 1] == ("  warning: the text encoder keeps 0.050 of its prunable "
+                             "parameters")

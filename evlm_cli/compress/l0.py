@@ -131,9 +131,10 @@ class L0Gates(nn.Module):
         return self()
 
     @torch.no_grad()
-    def deterministic_values(self) -> dict[str, Tensor]:
-        """Eval-time gate values: test-time estimator on the top-k units, exact 0 elsewhere."""
-        masks = self.deterministic_masks()
+    def deterministic_values(self, masks: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Eval-time gate values: the test-time estimator (at least MIN_KEPT_VALUE) on the kept
+        units, exact 0 elsewhere. The kept units are `masks`, by default `deterministic_masks`."""
+        masks = self.deterministic_masks() if masks is None else masks
         out = {}
         for g in self.groups:
             value = test_time_value(self.log_alpha_of(g.name)).clamp(min=MIN_KEPT_VALUE)
@@ -154,6 +155,65 @@ class L0Gates(nn.Module):
             own[g.name] = mask
         return {name: (mask & own[self.parent[name]] if name in self.parent else mask)
                 for name, mask in own.items()}
+
+    @torch.no_grad()
+    def masks_within(self, budgets: dict[str | None, int],
+                     floors: dict[str, int] | None = None) -> dict[str, Tensor]:
+        """Keep-masks that keep as many prunable parameters as each budget allows, no more.
+
+        `budgets` maps a scope to the parameters it may keep: None is every encoder together,
+        an encoder name that encoder alone; the scopes must not overlap. `floors` maps an
+        encoder to the parameters it keeps at least, whatever its scores: its best units are
+        taken first, until the floor is reached or passed by part of a unit. Then every scope
+        takes units in order of `log_alpha`, best first; a unit that would overrun the budget
+        is skipped for smaller ones after it, so a budget is missed, from below, by less than
+        the smallest unit left out, and is never overrun (not even by a floor). A unit under a
+        dropped sublayer gate (P(gate != 0) < 0.5) comes after every other unit; if one is
+        still taken, the sublayer is kept.
+        """
+        floors = floors or {}
+        scopes = {enc: (None if None in budgets else enc) for enc in self.encoders}
+        if set(budgets) != set(scopes.values()):
+            raise ValueError(f"budgets must cover every encoder once: got scopes {list(budgets)}")
+        layer_on = {g.name: bool(self.prob_nonzero(g.name)[0] >= 0.5)
+                    for g in self.groups if g.is_layer_gate}
+        # (sublayer kept, log_alpha) orders the units, best first; the sort is stable, so ties
+        # fall to model order.
+        units = [(g, i, layer_on.get(self.parent.get(g.name), True), float(a))
+                 for g in self.groups if not g.is_layer_gate
+                 for i, a in enumerate(self.log_alpha_of(g.name).tolist())]
+        units.sort(key=lambda u: (not u[2], -u[3]))
+        taken: set[tuple[str, int]] = set()
+        used = dict.fromkeys(budgets, 0)
+
+        def take(g: PrunableGroup, i: int) -> bool:
+            scope = scopes[g.encoder]
+            if (g.name, i) in taken or used[scope] + g.unit_params > budgets[scope]:
+                return False
+            taken.add((g.name, i))
+            used[scope] += g.unit_params
+            return True
+
+        for enc, floor in floors.items():
+            have = 0
+            for g, i, _, _ in units:
+                if have >= floor:
+                    break
+                if g.encoder == enc and take(g, i):
+                    have += g.unit_params
+        for g, i, _, _ in units:
+            take(g, i)
+        device = self.log_alpha_of(self.groups[0].name).device
+        masks = {}
+        for g in self.groups:
+            if not g.is_layer_gate:
+                masks[g.name] = torch.tensor([(g.name, i) in taken for i in range(g.size)],
+                                             dtype=torch.bool, device=device)
+        for name, on in layer_on.items():
+            children = [m for child, m in masks.items() if self.parent.get(child) == name]
+            masks[name] = torch.tensor([on or any(bool(m.any()) for m in children)],
+                                       device=device)
+        return masks
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -262,21 +322,33 @@ class SparsityConstraint(nn.Module):
       how much each encoder keeps;
     - "uniform": one Lagrangian per encoder, each on that encoder's own sparsity (same target);
     - "none": no pruning; `loss` is 0 and `uses_gates` is False (the model runs ungated).
+
+    In modal-adaptive mode `min_keep` is a floor: each encoder keeps at least that share of its
+    prunable parameters, so a global budget cannot wipe a modality out (MULTIFLOW, CVPR 2024,
+    saw global pruning do so). During training an encoder below its floor pays a one-sided
+    penalty with its own ascent lambdas; `final_masks` enforces it exactly.
     Only the lambdas are registered here; the gates belong to whoever trains them.
     """
 
-    def __init__(self, gates: L0Gates, mode: str, target: float, warmup_fraction: float = 0.0):
+    def __init__(self, gates: L0Gates, mode: str, target: float, warmup_fraction: float = 0.0,
+                 min_keep: float = 0.0):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"pruning mode: expected one of {', '.join(MODES)}, got {mode!r}")
         if not 0.0 <= target < 1.0:
             raise ValueError(f"target sparsity: expected a number in [0, 1), got {target}")
+        if mode == "modal-adaptive" and not 0.0 <= min_keep <= 1.0 - target + 1e-9:
+            raise ValueError(f"min_keep: expected a share in [0, 1 - target] = [0, "
+                             f"{1.0 - target:g}], got {min_keep}")
         # Bypass Module registration: the gates' parameters must stay out of this module's
         # parameters() so that the ascent optimiser sees the lambdas only.
         object.__setattr__(self, "gates", gates)
         self.mode, self.target, self.warmup_fraction = mode, target, warmup_fraction
+        self.min_keep = min_keep if mode == "modal-adaptive" else 0.0
         scopes = {"modal-adaptive": ["global"], "uniform": list(gates.encoders), "none": []}[mode]
         self.lagrangians = nn.ModuleDict({scope: Lagrangian() for scope in scopes})
+        self.floors = nn.ModuleDict({enc: Lagrangian() for enc in gates.encoders}
+                                    if self.min_keep > 0 else {})
 
     @property
     def uses_gates(self) -> bool:
@@ -293,7 +365,38 @@ class SparsityConstraint(nn.Module):
         for scope, lagrangian in self.lagrangians.items():
             encoder = None if scope == "global" else scope
             total = total + lagrangian.penalty(self.gates.expected_sparsity(encoder), target)
+        for encoder, lagrangian in self.floors.items():
+            # Zero while the encoder keeps its floor: the penalty only pushes back up.
+            over = torch.relu(self.gates.expected_sparsity(encoder) - (1.0 - self.min_keep))
+            total = total + lagrangian.penalty(over, 0.0)
         return total
+
+    def budgets(self) -> tuple[dict[str | None, int], dict[str, int]]:
+        """The parameters each scope may keep at the target, and each encoder's floor."""
+        def keep(share: float, encoder: str | None) -> int:
+            return math.floor(share * self.gates.total_params(encoder) + 1e-9)
+
+        if self.mode == "modal-adaptive":
+            budgets = {None: keep(1.0 - self.target, None)}
+        else:
+            budgets = {enc: keep(1.0 - self.target, enc) for enc in self.gates.encoders}
+        floors = {enc: keep(self.min_keep, enc) for enc in self.gates.encoders} if self.min_keep > 0 else {}
+        return budgets, floors
+
+    @torch.no_grad()
+    def final_masks(self) -> dict[str, Tensor]:
+        """The keep-masks the model is sliced with: the target met whether or not training
+        converged (`L0Gates.masks_within`), units chosen by their gates within it."""
+        if not self.uses_gates:
+            raise ValueError("mode 'none' has no gates to choose from")
+        return self.gates.masks_within(*self.budgets())
+
+    @torch.no_grad()
+    def training_gap(self) -> float:
+        """How far training's expected sparsity ended from the target: overall in
+        modal-adaptive mode, the largest gap of an encoder in uniform mode."""
+        scopes = [None] if self.mode == "modal-adaptive" else list(self.gates.encoders)
+        return max(abs(float(self.gates.expected_sparsity(s)) - self.target) for s in scopes)
 
     def ascent_optimizer(self, lr: float) -> torch.optim.Optimizer | None:
         """The lambdas' optimiser (gradient ascent); None in mode "none"."""
@@ -314,4 +417,6 @@ class SparsityConstraint(nn.Module):
         for scope, lagrangian in self.lagrangians.items():
             row[f"lambda_1/{scope}"] = lagrangian.lambda_1.item()
             row[f"lambda_2/{scope}"] = lagrangian.lambda_2.item()
+        for encoder, lagrangian in self.floors.items():
+            row[f"lambda_1/floor_{encoder}"] = lagrangian.lambda_1.item()
         return row

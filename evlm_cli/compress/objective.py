@@ -60,11 +60,12 @@ def classify_step(model: VLM, batch: dict[str, Tensor], task: str, gates: Gates 
 
 def contrast_step(model: VLM, batch: dict[str, Tensor], weights: dict[str, float],
                   masking: Masking | None, gates: Gates | None, opts: dict,
-                  choices: dict[str, Tensor] | None = None) -> Step:
+                  choices: dict[str, Tensor] | None = None, hard_share: float = 1.0) -> Step:
     """ITC, ITM with hard negatives and MLM on a batch of image-text pairs.
 
     Terms with weight 0 are not computed. `choices` (the student's draws) replays the same
-    negatives and masks for the teacher; without it they are drawn here.
+    negatives and masks for the teacher; without it they are drawn here, `hard_share` of
+    the negatives in proportion to ITC similarity, the rest evenly.
     """
     images, ids, mask = model_inputs(batch)
     image_ids = batch["image_index"]
@@ -81,7 +82,7 @@ def contrast_step(model: VLM, batch: dict[str, Tensor], weights: dict[str, float
     if weights.get("itm"):
         if "negative_text" not in drawn:
             drawn["negative_text"], drawn["negative_image"] = objectives.sample_hard_negatives(
-                sim.detach().float(), image_ids)
+                sim.detach().float(), image_ids, hard_share=hard_share)
         neg_text, neg_image = drawn["negative_text"], drawn["negative_image"]
         # Each image with a wrong caption, then each caption with a wrong image.
         negatives = model.fuse(torch.cat([text.last[neg_text], text.last]),
@@ -111,7 +112,8 @@ class Objective:
     """Task loss + weighted distillation terms (+ the sparsity penalty when pruning).
 
     `task` is a task name ("vqa", "nlvr2", "retrieval", "captioning") or "pretrain". `task_weights` weighs the
-    contrastive terms (itc, itm, mlm) of pre-training and retrieval into the task term.
+    contrastive terms (itc, itm, mlm) of pre-training and retrieval into the task term, and
+    `hard_negatives` is the share of ITM negatives drawn by ITC similarity (the rest evenly).
     `modules` holds what it trains besides the student (the learned hidden-state projections),
     for the optimiser and the checkpoint.
     """
@@ -119,14 +121,15 @@ class Objective:
     def __init__(self, student: VLM, task: str, weights: LossWeights, temperature: float,
                  teacher: VLM | None = None, layer_maps: dict[str, list[int]] | None = None,
                  gates: nn.Module | None = None, constraint: nn.Module | None = None,
-                 task_weights: dict[str, float] | None = None, masking: Masking | None = None):
+                 task_weights: dict[str, float] | None = None, masking: Masking | None = None,
+                 hard_negatives: float = 1.0):
         self.student, self.task, self.weights, self.temperature = student, task, weights, temperature
         self.contrastive = task == "pretrain" or TASKS[task].contrastive
         if self.contrastive:
             self.task_weights = dict(task_weights or TASKS[task].terms)
             if self.task_weights.get("mlm") and masking is None:
                 raise ValueError("MLM needs the tokenizer's masking settings")
-        self.masking = masking
+        self.masking, self.hard_negatives = masking, hard_negatives
         use_teacher = teacher is not None and any((weights.logits, weights.hidden, weights.attention))
         self.teacher = [teacher] if use_teacher else []
         self.gates, self.constraint = gates, constraint
@@ -145,7 +148,7 @@ class Objective:
              choices: dict[str, Tensor] | None = None) -> Step:
         if self.contrastive:
             return contrast_step(model, batch, self.task_weights, self.masking, gates, opts,
-                                 choices)
+                                 choices, self.hard_negatives)
         return classify_step(model, batch, self.task, gates, opts)
 
     def __call__(self, batch: dict[str, Tensor], step: int, total: int) -> tuple[Tensor, dict]:

@@ -29,7 +29,8 @@ def run_distill(params: Params, *, pairs: Path, teacher: Path, model: Path, log:
     if d.enabled:
         objective = Objective(student, "pretrain", d.weights, d.temperature, teacher_model,
                               layer_maps, task_weights=to_dict(pt.weights),
-                              masking=masking(data, pt.mask_prob))
+                              masking=masking(data, pt.mask_prob),
+                              hard_negatives=pt.hard_negatives)
         run = make_run("distill", data.split("train"), d.train, params.seed,
                        modules={"student": student, **objective.modules},
                        optims=[Optim(adamw(list(student.parameters()) + objective.parameters(),

@@ -132,6 +132,7 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
         "speedup": speedup,
         **writing,
         "sparsity": sparsity_report(mask_info),
+        "warnings": mask_info.get("warnings", []),
     }
     if exported:
         # Each exported file is its own row: the int8 figures never stand in for the fp32 ones.

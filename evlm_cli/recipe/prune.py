@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -20,6 +21,29 @@ from evlm_cli.recipe.scoring import evaluate_task
 from evlm_cli.tasks import TASKS
 from evlm_cli.train import Optim, adamw, empty_log, finish, fit, make_run, setup
 
+# Training that ends further than this from the target gets a warning: the final selection
+# still meets the target, but it then overrules the gates on many units.
+GAP_WARNING = 0.02
+# An encoder keeping less than this above its floor is reported as at its floor.
+NEAR_FLOOR = 0.01
+
+
+def budget_warnings(report: dict, mode: str, target: float, min_keep: float) -> list[str]:
+    """What a user should know about how the target was met (see `GAP_WARNING`, `NEAR_FLOOR`)."""
+    warnings = []
+    if report["training_gap"] > GAP_WARNING:
+        scope = "overall" if mode == "modal-adaptive" else "in the furthest encoder"
+        warnings.append(f"training ended {report['training_gap']:.3f} from the target "
+                        f"{target:g} {scope}; the final selection met it, overruling the gates "
+                        "(train longer, or raise lagrangian_lr)")
+    if mode == "modal-adaptive" and min_keep > 0:
+        for enc, info in report["encoders"].items():
+            kept = 1.0 - info["sparsity"]
+            if kept < min_keep + NEAR_FLOOR:
+                warnings.append(f"the {enc} encoder keeps {kept:.3f} of its prunable "
+                                f"parameters, at its floor min_keep {min_keep:g}")
+    return warnings
+
 
 def run_prune(params: Params, *, prepared: Path, student: Path, teacher: Path, model: Path,
               masks: Path, log: Path) -> dict:
@@ -36,7 +60,8 @@ def run_prune(params: Params, *, prepared: Path, student: Path, teacher: Path, m
     layer_maps = json.loads((Path(student) / "layer_map.json").read_text())
     gates = L0Gates(student_model.prunable_groups(p.units), droprate_init=p.droprate_init)
     gates.to(device)
-    constraint = SparsityConstraint(gates, p.mode, p.target_sparsity, p.warmup_fraction)
+    constraint = SparsityConstraint(gates, p.mode, p.target_sparsity, p.warmup_fraction,
+                                    min_keep=p.min_keep)
     objective = Objective(student_model, params.task, p.weights, p.temperature, teacher_model,
                           layer_maps, gates=gates, constraint=constraint)
     run = None
@@ -52,17 +77,22 @@ def run_prune(params: Params, *, prepared: Path, student: Path, teacher: Path, m
                        inputs=(student, teacher, prepared))
         fit(run)
     gates.eval()
-    values = gates.deterministic_values() if constraint.uses_gates else {}
+    kept_units = constraint.final_masks() if constraint.uses_gates else {}
+    values = gates.deterministic_values(kept_units) if constraint.uses_gates else {}
     student_model.eval()
     sliced = slice_model(student_model, values)
-    report = gates.summary(gates.deterministic_masks()) if constraint.uses_gates else {}
+    report = gates.summary(kept_units) if constraint.uses_gates else {}
     before, after = param_breakdown(student_model)["total"], param_breakdown(sliced)["total"]
     if constraint.uses_gates:
-        kept = gates.kept_params_from_masks(gates.deterministic_masks())
+        report["training_gap"] = constraint.training_gap()
+        report["warnings"] = budget_warnings(report, p.mode, p.target_sparsity, p.min_keep)
+        for line in report["warnings"]:
+            print(f"warning: prune: {line}", file=sys.stderr)
+        kept = gates.kept_params_from_masks(kept_units)
         predicted = before - (gates.total_params() - kept)
         if predicted != after:  # a bug, not a user error, but never ship a model we cannot account for
             raise TrainingError(f"prune: sliced model has {after} parameters, masks predict {predicted}")
-    report.update({"mode": p.mode, "target_sparsity": p.target_sparsity,
+    report.update({"mode": p.mode, "target_sparsity": p.target_sparsity, "min_keep": p.min_keep,
                    "params_before": before, "params_after": after,
                    "shape": {e: {"heads": c.heads, "ffn": c.ffn, "cross_heads": c.cross_heads}
                              for e, c in (("vision", sliced.config.vision.encoder),

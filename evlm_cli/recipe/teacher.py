@@ -48,7 +48,8 @@ def run_teacher_pretrain(params: Params, *, pairs: Path, model: Path, log: Path)
         vocab_size=data.meta["vocab_size"], max_text_len=data.meta["max_text_len"])
     teacher.to(device)
     objective = Objective(teacher, "pretrain", TASK_ONLY, 1.0, task_weights=to_dict(pt.weights),
-                          masking=masking(data, pt.mask_prob))
+                          masking=masking(data, pt.mask_prob),
+                          hard_negatives=pt.hard_negatives)
     run = make_run("teacher_pretrain", data.split("train"), pt.train, params.seed,
                    modules={"model": teacher},
                    optims=[Optim(param_groups(teacher, pretrained, pt.train, t.init.lr_scale))],

@@ -61,29 +61,47 @@ def _draw_device(generator: torch.Generator | None, like: Tensor) -> torch.devic
     return generator.device if generator is not None else like.device
 
 
-@torch.no_grad()
-def sample_hard_negatives(
-    sim_i2t: Tensor, image_ids: Tensor, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
-    """ALBEF's hard negative mining: (a negative text per image, a negative image per text).
+def negative_probs(sim_i2t: Tensor, image_ids: Tensor, hard_share: float = 1.0) -> Tensor:
+    """Each row's distribution over its negatives [B, B]: `hard_share` of the mass as
+    softmax(sim) over the negatives (ALBEF's hard negatives), the rest spread evenly over them.
 
-    Each row draws one index with probability softmax(sim) over that row, renormalised over its
-    negatives: examples with a different image id. The positives, the example itself included,
-    can never be drawn. Both results are int64 tensors of shape [B] with no gradient.
+    A negative is an example with a different image id; positives, the example itself
+    included, get probability 0. A batch of one image has no negatives (ValueError).
     """
+    if not 0.0 <= hard_share <= 1.0:
+        raise ValueError(f"hard_share must lie in [0, 1], got {hard_share}")
     positive = _positive_mask(image_ids, _square(sim_i2t))
-    if not (~positive).any(dim=1).all():
+    negative = ~positive
+    if not negative.any(dim=1).all():
         raise ValueError(
             "hard negative mining needs at least two different images in a batch, but every "
             f"example shows image id {image_ids[0].item()}; mix images within each batch"
         )
-    device = _draw_device(generator, sim_i2t)
     # Masking the logits before the softmax keeps the negatives' weights exact even when a
     # positive's similarity is so large that the plain softmax would round the others to 0.
-    sim = sim_i2t.detach().float().masked_fill(positive, float("-inf"))
+    hard = F.softmax(sim_i2t.detach().float().masked_fill(positive, float("-inf")), dim=1)
+    even = negative.float() / negative.sum(dim=1, keepdim=True)
+    return hard_share * hard + (1.0 - hard_share) * even
+
+
+@torch.no_grad()
+def sample_hard_negatives(
+    sim_i2t: Tensor, image_ids: Tensor, generator: torch.Generator | None = None,
+    hard_share: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """ALBEF's hard negative mining: (a negative text per image, a negative image per text).
+
+    Each row draws one index from `negative_probs` of that row (image to text) or column
+    (text to image). With `hard_share` 1 every draw is ALBEF's; below 1 some negatives are
+    drawn evenly, so ITM also sees easy ones. Once ITC has learnt, hard negatives alone
+    differ from the positive in one small detail, and on a small budget ITM never starts
+    (easy-VQA pairs: its loss stayed at the constant predictor's until half the negatives
+    were even). Both results are int64 tensors of shape [B] with no gradient.
+    """
+    device = _draw_device(generator, sim_i2t)
     negatives = []
-    for rows in (sim, sim.t()):
-        probs = F.softmax(rows, dim=1).to(device)
+    for rows in (sim_i2t, sim_i2t.t()):
+        probs = negative_probs(rows, image_ids, hard_share).to(device)
         drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         negatives.append(drawn.to(sim_i2t.device))
     return negatives[0], negatives[1]

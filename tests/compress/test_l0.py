@@ -182,32 +182,33 @@ class TwoModalityNet(nn.Module):
                                     gates["text.0.ffn"] * torch.relu(self.text(x_text))], -1))
 
 
-def train_two_modalities(mode, steps=600, inputs=6, hidden=16):
-    """The label depends on the vision input only; returns the trained gates."""
+def train_two_modalities(mode, steps=600, inputs=6, hidden=16, target=0.5, min_keep=0.0):
+    """The label depends on the vision input only; returns the trained gates and constraint."""
     torch.manual_seed(0)
     true_weights = torch.randn(inputs, 1)
     net = TwoModalityNet(inputs, hidden)
     per_neuron = inputs + 2  # its row of W, its bias, its column of the head
     gates = L0Gates([PrunableGroup("vision.0.ffn", "vision", "ffn", 0, hidden, per_neuron),
                      PrunableGroup("text.0.ffn", "text", "ffn", 0, hidden, per_neuron)])
-    constraint = SparsityConstraint(gates, mode, target=0.5, warmup_fraction=0.5)
+    constraint = SparsityConstraint(gates, mode, target=target, warmup_fraction=0.5,
+                                    min_keep=min_keep)
     optimizers = [torch.optim.Adam(net.parameters(), lr=3e-2),
                   torch.optim.Adam(gates.parameters(), lr=0.1), constraint.ascent_optimizer(0.1)]
     for step in range(steps):
         x_vision, x_text = torch.randn(64, inputs), torch.randn(64, inputs)
         task = ((net(x_vision, x_text, gates()) - x_vision @ true_weights) ** 2).mean()
         step_all(optimizers, task + constraint.loss(step, steps), gates)
-    return gates
+    return gates, constraint
 
 
 def test_modal_adaptive_prunes_the_useless_modality_more():
-    gates = train_two_modalities("modal-adaptive")
+    gates, _ = train_two_modalities("modal-adaptive")
     vision, text = gates.expected_sparsity("vision").item(), gates.expected_sparsity("text").item()
     assert vision < text - 0.2
     assert gates.expected_sparsity().item() == pytest.approx(0.5, abs=0.03)
 
 
 def test_uniform_reaches_target_in_each_encoder():
-    gates = train_two_modalities("uniform")
+    gates, _ = train_two_modalities("uniform")
     assert gates.expected_sparsity("vision").item() == pytest.approx(0.5, abs=0.03)
     assert gates.expected_sparsity("text").item() == pytest.approx(0.5, abs=0.03)

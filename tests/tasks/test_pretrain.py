@@ -13,6 +13,7 @@ from evlm_cli.tasks.pretrain import (
     itm_loss,
     mask_tokens,
     mlm_loss,
+    negative_probs,
     sample_hard_negatives,
 )
 
@@ -102,6 +103,37 @@ def test_hard_negatives_follow_the_similarity():
     assert text_counts[2] / draws == pytest.approx(hardest, abs=0.02)
     assert image_counts[0] / draws == pytest.approx(hardest, abs=0.02)
     assert text_counts[1] / draws == pytest.approx((1 - hardest) / 2, abs=0.02)
+
+
+def test_a_share_of_even_negatives_mixes_in_by_hand():
+    sim = torch.zeros(3, 3)
+    sim[0, 1] = math.log(4.0)  # row 0's negatives 1 and 2 weigh 4 : 1 under the softmax
+    image_ids = torch.tensor([0, 1, 2])
+    probs = negative_probs(sim, image_ids, hard_share=0.5)
+    # half of (0.8, 0.2) plus half of (0.5, 0.5)
+    assert probs[0].tolist() == pytest.approx([0.0, 0.65, 0.35])
+    assert negative_probs(sim, image_ids, hard_share=0.0)[0].tolist() == pytest.approx(
+        [0.0, 0.5, 0.5])
+    assert negative_probs(sim, image_ids)[0].tolist() == pytest.approx([0.0, 0.8, 0.2])
+    # Positives stay impossible whatever the share: two captions of image 7.
+    probs = negative_probs(torch.randn(4, 4), torch.tensor([7, 7, 8, 9]), hard_share=0.3)
+    assert probs[0, :2].tolist() == [0.0, 0.0] and probs[1, :2].tolist() == [0.0, 0.0]
+    assert probs.sum(dim=1).tolist() == pytest.approx([1.0] * 4)
+    with pytest.raises(ValueError, match="hard_share"):
+        negative_probs(sim, image_ids, hard_share=1.5)
+
+
+def test_even_draws_follow_the_mixed_distribution():
+    generator = torch.Generator().manual_seed(0)
+    sim = torch.zeros(4, 4)
+    sim[0, 2] = 8.0  # alone, the hard draw would almost always pick text 2
+    draws, counts = 3000, torch.zeros(4)
+    for _ in range(draws):
+        texts, _ = sample_hard_negatives(sim, torch.arange(4), generator, hard_share=0.25)
+        counts[texts[0]] += 1
+    expected = negative_probs(sim, torch.arange(4), hard_share=0.25)[0]
+    assert expected[1] == pytest.approx(0.75 / 3, abs=1e-3)
+    assert (counts / draws).tolist() == pytest.approx(expected.tolist(), abs=0.025)
 
 
 def test_hard_negatives_are_reproducible_with_a_generator():
