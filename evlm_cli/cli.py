@@ -134,7 +134,9 @@ def compile_specs(specs: tuple[str, ...]) -> None:
 def diff(runs: tuple[str, ...], fmt: str, plot_path: str | None) -> None:
     """Compare runs side by side: params, metric, retention, sparsity per modality, speed.
 
-    Each RUN is a run name (a folder under runs/) or a spec file.
+    Each RUN is a run name (a folder under runs/), a spec file, or NAME@REV: the run as
+    committed at a git revision (its params.yaml and metrics.json are git-tracked), e.g.
+    `evlm diff vqa_50pct@HEAD~3 vqa_50pct`.
     """
     names = [spec["name"] for spec in load_specs(tuple(r for r in runs if is_spec_file(r)))]
     names = iter(names)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -23,7 +24,12 @@ TIMINGS = (("latency", "latency_ms", "speedup"),
 
 
 def load_run(name: str, root: Path = Path("."), require_metrics: bool = True) -> dict:
-    """A run's resolved params and final metrics (None when unfinished and not required)."""
+    """A run's resolved params and final metrics (None when unfinished and not required).
+
+    `NAME@REV` reads them as committed at git revision REV (`load_run_at`).
+    """
+    if "@" in name:
+        return load_run_at(name, root, require_metrics)
     folder = root / RUNS / name
     metrics_path = folder / FINAL_KIND / "metrics.json"
     params_path = folder / "params.yaml"
@@ -38,6 +44,51 @@ def load_run(name: str, root: Path = Path("."), require_metrics: bool = True) ->
     elif require_metrics:
         raise EvlmError(f"{metrics_path}: missing; the run has not finished (evlm run its spec)")
     return {"name": name, "params": yaml.safe_load(params_path.read_text()), "metrics": metrics}
+
+
+def load_run_at(ref: str, root: Path = Path("."), require_metrics: bool = True) -> dict:
+    """`NAME@REV`: run NAME's params.yaml and metrics.json as git revision REV holds them.
+
+    Both are git-tracked (see .gitignore), so a commit records a finished run's results; the
+    run is named `ref` in tables. Errors name the revision or the missing file.
+    """
+    name, _, rev = ref.partition("@")
+    if not name or not rev or rev.startswith("-"):
+        raise EvlmError(f"{ref}: expected NAME@REV, a run name and a git revision "
+                        "(e.g. vqa_50pct@HEAD~3)")
+    found = _git(["rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], root)
+    if found.returncode:
+        why = found.stderr.strip().splitlines()[-1] if found.stderr.strip() else (
+            f"no commit {rev!r} in this repository")
+        raise EvlmError(f"{ref}: {why}")
+    commit = found.stdout.strip()
+    folder = RUNS / name
+
+    def committed(path: Path) -> str | None:
+        shown = _git(["show", f"{commit}:./{path.as_posix()}"], root)
+        return None if shown.returncode else shown.stdout
+
+    params_text = committed(folder / "params.yaml")
+    if params_text is None:
+        raise EvlmError(f"{ref}: revision {rev} ({commit[:10]}) has no run {name} "
+                        f"({folder / 'params.yaml'} is not committed there)")
+    metrics_path = folder / FINAL_KIND / "metrics.json"
+    metrics_text = committed(metrics_path)
+    if metrics_text is None and require_metrics:
+        raise EvlmError(f"{ref}: {metrics_path} is not committed at revision {rev} "
+                        f"({commit[:10]}): the run had not finished there")
+    try:
+        metrics = None if metrics_text is None else json.loads(metrics_text)
+    except json.JSONDecodeError as e:
+        raise EvlmError(f"{ref}: {metrics_path} at {rev}: invalid JSON ({e})") from None
+    return {"name": ref, "params": yaml.safe_load(params_text), "metrics": metrics}
+
+
+def _git(args: list[str], root: Path) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise EvlmError("NAME@REV needs git, which is not on PATH") from None
 
 
 def key_settings(params: dict) -> list[tuple[str, str]]:
