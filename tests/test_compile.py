@@ -2,6 +2,8 @@
 
 import copy
 import json
+import shlex
+import subprocess
 
 import yaml
 
@@ -139,3 +141,31 @@ def test_export_is_a_stage_only_when_the_spec_asks_and_evaluate_then_reads_it():
     assert with_export["export"]["params"] == [{"runs/tiny_vqa/params.yaml": ["task", "export"]}]
     without = {s.kind.name: s.to_dvc() for s in plan(tiny(export=None))}
     assert "export" not in without and "--onnx" not in without["evaluate"]["cmd"]
+
+
+HOSTILE = "$(touch pwned) `touch pwned2`; touch pwned3 'q\" *"
+
+
+def test_hostile_paths_never_reach_a_shell(tmp_path):
+    """Spec paths with shell syntax, in a project folder named with it: every stage command,
+    run by /bin/sh as DVC runs it, passes exactly its arguments and executes nothing else."""
+    root = tmp_path / HOSTILE
+    root.mkdir()
+    spec = tiny(**{"data.source": "xvlm-json", "data.train": [f"ann/{HOSTILE}.json"],
+                   "data.test": [f"ann/{HOSTILE}-test.json"], "data.image_root": f"img/{HOSTILE}",
+                   "data.answer_list": f"{HOSTILE}.json"})
+    compile_specs([spec], root)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "evlm"
+    fake.write_text('#!/usr/bin/env python3\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n')
+    fake.chmod(0o755)
+    stages = stages_of(root)
+    assert any(f"ann/{HOSTILE}.json" in v["deps"] for v in stages.values())  # the paths are deps
+    for name, stage in stages.items():
+        # Spec strings reach a stage through its params file, never through its command.
+        assert "touch" not in stage["cmd"] and str(root) not in stage["cmd"], name
+        ran = subprocess.run(["/bin/sh", "-c", stage["cmd"]], cwd=root, capture_output=True,
+                             text=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, check=True)
+        assert json.loads(ran.stdout) == shlex.split(stage["cmd"])[1:], name
+    assert not list(tmp_path.rglob("pwned*"))
