@@ -13,7 +13,7 @@ from evlm_cli.diff import diff_json, diff_rows, load_run, plot, render, show_tex
 from evlm_cli.errors import EvlmError
 from evlm_cli.layout import RUNS
 from evlm_cli.pipeline import FINAL_KIND, KINDS
-from evlm_cli.runner import StageFailed, ensure_dvc_project, repro, stage_status
+from evlm_cli.runner import StageFailed, ensure_dvc_project, project_lock, repro, stage_status
 from evlm_cli.spec import load_schema, load_spec
 
 # click's own usage errors already exit with 2; ours match them.
@@ -93,20 +93,21 @@ def run(specs: tuple[str, ...], force: bool) -> None:
     (same data, teacher and distillation settings) run once.
     """
     resolved = load_specs(specs)  # before anything is written
-    initialised = ensure_dvc_project(Path("."))
-    if initialised:
-        click.echo(f"evlm run: {initialised}")
-    compile_specs_to_dvc(resolved)
-    names = [s["name"] for s in resolved]
-    log = RUNS / (names[0] if len(names) == 1 else "_multi") / "run.log"
-    try:
-        repro([f"{n}-{FINAL_KIND}" for n in names], log, force=force)
-    except StageFailed as failed:
-        click.echo(f"evlm run: {failed}", err=True)
-        click.get_current_context().exit(1)
-    except KeyboardInterrupt:
-        click.echo("evlm run: interrupted; stages stopped. Run again to resume.", err=True)
-        click.get_current_context().exit(130)
+    with project_lock(say=lambda line: click.echo(line, err=True)):
+        initialised = ensure_dvc_project(Path("."))
+        if initialised:
+            click.echo(f"evlm run: {initialised}")
+        compile_specs_to_dvc(resolved)
+        names = [s["name"] for s in resolved]
+        log = RUNS / (names[0] if len(names) == 1 else "_multi") / "run.log"
+        try:
+            repro([f"{n}-{FINAL_KIND}" for n in names], log, force=force)
+        except StageFailed as failed:
+            click.echo(f"evlm run: {failed}", err=True)
+            click.get_current_context().exit(1)
+        except KeyboardInterrupt:
+            click.echo("evlm run: interrupted; stages stopped. Run again to resume.", err=True)
+            click.get_current_context().exit(130)
     for name in names:
         click.echo("")
         click.echo(summary_table(load_run(name)))
@@ -119,7 +120,9 @@ def compile_specs(specs: tuple[str, ...]) -> None:
 
     Stages of specs not named here are left in place, so `dvc repro` keeps working on them.
     """
-    plans = compile_specs_to_dvc(load_specs(specs))
+    resolved = load_specs(specs)
+    with project_lock(say=lambda line: click.echo(line, err=True)):
+        plans = compile_specs_to_dvc(resolved)
     for stages in plans:
         click.echo(f"{stages[-1].name.rsplit('-', 1)[0]}: " + ", ".join(s.name for s in stages))
     click.echo("wrote dvc.yaml")

@@ -18,7 +18,7 @@ import yaml
 from evlm_cli.codedeps import fingerprint_text
 from evlm_cli.config import PATH_KEYS
 from evlm_cli.io import atomic_write_text
-from evlm_cli.layout import CODE_DIR, RUNS, SHARED, STATE, WORK_ROOT
+from evlm_cli.layout import CODE_DIR, PROJECT_LOCK, RUNS, SHARED, STATE, WORK_ROOT
 from evlm_cli.packaged import MINILM
 from evlm_cli.pipeline import KINDS, StageKind, tracked_sections
 
@@ -149,9 +149,11 @@ def merge(existing: dict, specs: list[dict], plans: list[list[Stage]]) -> dict:
 
 def write_code_fingerprints(root: Path = Path(".")) -> None:
     """One file per kind listing the modules its stages run and their hashes."""
-    ignore = root / STATE / ".gitignore"  # resume checkpoints are large and never versioned
-    if not ignore.exists():
-        atomic_write_text(ignore, f"{WORK_ROOT.relative_to(STATE)}/\n")
+    # Resume checkpoints are large and never versioned; nor is the project lock.
+    ignore = root / STATE / ".gitignore"
+    wanted = f"{WORK_ROOT.relative_to(STATE)}/\n{PROJECT_LOCK.relative_to(STATE)}\n"
+    if not ignore.exists() or ignore.read_text() != wanted:
+        atomic_write_text(ignore, wanted)
     for kind in KINDS.values():
         path = root / code_file(kind.name)
         text = fingerprint_text(kind.module)

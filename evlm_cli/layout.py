@@ -11,6 +11,8 @@ SHARED = RUNS / "shared"
 STATE = Path(".evlm")
 WORK_ROOT = STATE / "work"
 CODE_DIR = STATE / "code"
+# Held while `evlm run` or `evlm compile` writes dvc.yaml and runs its stages.
+PROJECT_LOCK = STATE / "project.lock"
 # The name a spec may not take: it would collide with runs/shared/.
 RESERVED_NAMES = ("shared",)
 # What a model directory holds: its config (the per-layer shape) and its weights.

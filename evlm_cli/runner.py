@@ -2,15 +2,50 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from evlm_cli.errors import EvlmError
+from evlm_cli.layout import PROJECT_LOCK
+
+
+@contextlib.contextmanager
+def project_lock(root: Path = Path("."), say: Callable[[str], None] = print) -> Iterator[None]:
+    """One evlm at a time in a project: a second `evlm run` waits, saying for whom.
+
+    Two runs at once would rewrite dvc.yaml under each other (each compiles its own specs
+    in) and race DVC for its lock. The lock is an flock, so the kernel frees it when its
+    holder exits, however it ends: a killed run never leaves the project locked.
+    """
+    path = root / PROJECT_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another evlm"
+            say(f"evlm: waiting for {holder} to finish in this project ({path})")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"evlm (pid {os.getpid()})")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            handle.flush()
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class StageFailed(Exception):

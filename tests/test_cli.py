@@ -1,8 +1,10 @@
 """Tests of the `evlm` command line: output lines, exit status, no traceback, --debug."""
 
+import fcntl
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +152,30 @@ def test_a_folder_inside_a_dvc_project_is_refused(in_tmp_dir):
     with pytest.raises(EvlmError, match="inside the DVC project"):
         ensure_dvc_project(in_tmp_dir / "sub")
     assert not (in_tmp_dir / "sub" / ".dvc").exists()
+
+
+def test_a_second_evlm_waits_for_the_first_and_says_so(in_tmp_dir):
+    """While one evlm holds the project (here: this test), `evlm compile` waits with a message
+    naming the holder and writes nothing; once it is released, the compile completes."""
+    shutil.copy(ROOT / "tests/specs/tiny_vqa.yaml", in_tmp_dir / "tiny.yaml")
+    lock = in_tmp_dir / ".evlm" / "project.lock"
+    lock.parent.mkdir()
+    err_path = in_tmp_dir / "stderr.txt"
+    with open(lock, "w") as held, open(err_path, "w") as err_file:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("evlm (pid 4242)")
+        held.flush()
+        second = subprocess.Popen([str(Path(sys.executable).parent / "evlm"), "compile",
+                                   "tiny.yaml"], cwd=in_tmp_dir, stdout=subprocess.DEVNULL,
+                                  stderr=err_file, text=True)
+        deadline = time.monotonic() + 60  # it imports torch before it reaches the lock
+        while "waiting for" not in err_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "waiting for evlm (pid 4242) to finish in this project" in err_path.read_text()
+        time.sleep(1.0)
+        assert second.poll() is None  # still waiting, and nothing written
+        assert not (in_tmp_dir / "dvc.yaml").exists()
+        fcntl.flock(held, fcntl.LOCK_UN)
+        assert second.wait(timeout=120) == 0, err_path.read_text()
+    assert (in_tmp_dir / "dvc.yaml").is_file()
+    assert lock.read_text() == ""  # its holder cleared it on release

@@ -49,7 +49,7 @@ def test_stage_names_params_and_deps(tmp_path):
     assert "evlm_cli.compress.l0" not in code["teacher"]  # pruning code never reruns the teacher
     assert teacher["deps"][0] == ".evlm/code/teacher.json"
     # resume checkpoints stay out of git in a user's project; the fingerprints may go in
-    assert (tmp_path / ".evlm/.gitignore").read_text() == "work/\n"
+    assert (tmp_path / ".evlm/.gitignore").read_text() == "work/\nproject.lock\n"
     assert prune["metrics"] == [{"runs/tiny_vqa/prune/masks.json": {"cache": False}}]
     assert stages["tiny_vqa-evaluate"]["metrics"] == [
         {"runs/tiny_vqa/evaluate/metrics.json": {"cache": False}}]
