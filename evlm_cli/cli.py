@@ -155,7 +155,8 @@ def diff(runs: tuple[str, ...], fmt: str, plot_path: str | None) -> None:
 @main.command()
 @click.argument("target", metavar="SPEC_OR_RUN")
 def show(target: str) -> None:
-    """Show one run: its resolved spec's key settings, stage status and metrics.
+    """Show one run: its resolved spec's key settings, stage status, metrics and the
+    per-layer allocation of kept heads and FFN neurons.
 
     SPEC_OR_RUN is a spec file or a run name (a folder under runs/). The status says which
     stages are up to date and which `evlm run` would rerun, and why.

@@ -17,6 +17,12 @@ from evlm_cli.pipeline import FINAL_KIND
 DETAILS = ("recall", "scores")
 # The caption metrics the summary shows, as the captioning literature writes them.
 CAPTION_LABELS = {"bleu_4": "BLEU-4", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr"}
+# The prune stage's account of what it kept, per encoder and layer (`L0Gates.summary`).
+MASKS = Path("prune") / "masks.json"
+# Shades of the allocation heatmap, from nothing kept to all: a cell's share picks one.
+SHADES = " ░▒▓█"
+# Unit kinds in the order the heatmap lists them, with their labels.
+UNIT_LABELS = {"heads": "heads", "cross_heads": "cross heads", "ffn": "ffn"}
 # Timed work, teacher next to student: (label, metrics.json times, their speedups). Every task
 # times one pass; captioning also whole captions.
 TIMINGS = (("latency", "latency_ms", "speedup"),
@@ -43,7 +49,15 @@ def load_run(name: str, root: Path = Path("."), require_metrics: bool = True) ->
             raise EvlmError(f"{metrics_path}: invalid JSON ({e})") from None
     elif require_metrics:
         raise EvlmError(f"{metrics_path}: missing; the run has not finished (evlm run its spec)")
-    return {"name": name, "params": yaml.safe_load(params_path.read_text()), "metrics": metrics}
+    masks_path = folder / MASKS
+    masks = None
+    if masks_path.is_file():
+        try:
+            masks = json.loads(masks_path.read_text())
+        except json.JSONDecodeError as e:
+            raise EvlmError(f"{masks_path}: invalid JSON ({e})") from None
+    return {"name": name, "params": yaml.safe_load(params_path.read_text()), "metrics": metrics,
+            "masks": masks}
 
 
 def load_run_at(ref: str, root: Path = Path("."), require_metrics: bool = True) -> dict:
@@ -81,7 +95,13 @@ def load_run_at(ref: str, root: Path = Path("."), require_metrics: bool = True) 
         metrics = None if metrics_text is None else json.loads(metrics_text)
     except json.JSONDecodeError as e:
         raise EvlmError(f"{ref}: {metrics_path} at {rev}: invalid JSON ({e})") from None
-    return {"name": ref, "params": yaml.safe_load(params_text), "metrics": metrics}
+    masks_text = committed(folder / MASKS)
+    try:
+        masks = None if masks_text is None else json.loads(masks_text)
+    except json.JSONDecodeError:
+        masks = None  # the allocation is a detail: a run without it still compares
+    return {"name": ref, "params": yaml.safe_load(params_text), "metrics": metrics,
+            "masks": masks}
 
 
 def _git(args: list[str], root: Path) -> subprocess.CompletedProcess:
@@ -120,6 +140,32 @@ def key_settings(params: dict) -> list[tuple[str, str]]:
     ]
 
 
+def allocation_lines(masks: dict) -> list[str]:
+    """The kept heads and FFN neurons of each layer, per encoder, as a compact text heatmap:
+    one row per encoder and unit kind, one cell per layer, a shade and `kept/total`."""
+    if "encoders" not in masks:
+        return []
+    lines = [f"  allocation: kept per layer, shaded '{SHADES[1:]}' from a few to all"]
+    for encoder, info in masks["encoders"].items():
+        for unit, label in UNIT_LABELS.items():
+            cells = []
+            for layer in info["layers"]:
+                if unit not in layer:
+                    continue
+                kept, total = layer[unit]["kept"], layer[unit]["total"]
+                cells.append(f"{_shade(kept, total)} {kept:>3}/{total:<3}")
+            if cells:
+                lines.append(f"    {encoder:<7}{label:<12}" + "  ".join(cells))
+    return lines
+
+
+def _shade(kept: int, total: int) -> str:
+    """Blank for none, full for all, and thirds of the way between in three shades."""
+    if kept == 0 or kept == total:
+        return SHADES[0] if kept == 0 else SHADES[-1]
+    return SHADES[1 + min(2, 3 * kept // total)]
+
+
 def show_text(run: dict, status: dict[str, list[str]]) -> str:
     """`evlm show`: key settings, each stage's status, then the summary table when finished."""
     lines = [f"{run['name']}", "  settings"]
@@ -132,6 +178,8 @@ def show_text(run: dict, status: dict[str, list[str]]) -> str:
     lines.append("")
     lines.append(summary_table(run) if run["metrics"] else
                  "  no metrics yet: `evlm run` its spec to finish the run")
+    if run.get("masks"):
+        lines += ["", *allocation_lines(run["masks"])]
     return "\n".join(lines)
 
 

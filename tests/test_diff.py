@@ -1,6 +1,6 @@
 """`evlm diff` tables line results up by what they measure, not by position."""
 
-from evlm_cli.diff import diff_rows, render, summary_table
+from evlm_cli.diff import allocation_lines, diff_rows, render, summary_table
 
 
 def _run(name: str, batch_sizes: list[int], lr: float) -> dict:
@@ -35,3 +35,19 @@ def test_summary_shows_the_prune_warnings_under_the_sparsity():
     at = next(i for i, line in enumerate(lines) if "sparsity (prunable)" in line)
     assert lines[at + 1] == ("  warning: the text encoder keeps 0.050 of its prunable "
                              "parameters")
+
+
+def test_allocation_heatmap_lists_each_layer_kept_of_total():
+    layer = lambda i, heads, ffn: {"layer": i, "heads": {"kept": heads, "total": 4},  # noqa: E731
+                                   "ffn": {"kept": ffn, "total": 12}}
+    masks = {"encoders": {"vision": {"layers": [layer(0, 4, 12), layer(1, 0, 5)]},
+                          "fusion": {"layers": [{**layer(0, 1, 8),
+                                                 "cross_heads": {"kept": 3, "total": 4}}]}}}
+    lines = allocation_lines(masks)
+    assert lines[0].startswith("  allocation")
+    rows = {" ".join(line.split()[:2]): line for line in lines[1:]}
+    assert rows["vision heads"].split()[2:] == ["█", "4/4", "0/4"]
+    assert rows["vision ffn"].split()[2:] == ["█", "12/12", "▒", "5/12"]
+    assert rows["fusion cross"].split()[3:] == ["▓", "3/4"]
+    assert rows["fusion heads"].split()[2:] == ["░", "1/4"]
+    assert allocation_lines({"mode": "none"}) == []

@@ -112,6 +112,11 @@ def test_run_rerun_partial_reruns_and_sharing(project):
     assert ran(sh([*EVLM, "run", str(other)], project).stdout) == {"prune", "finetune", "export",
                                                                    "evaluate"}
 
+    # Each target is met to within 0.005 of the prunable parameters, in the sliced model.
+    for name, target in (("tiny_vqa", 0.3), ("tiny_sweep", 0.6)):
+        metrics = json.loads((project / f"runs/{name}/evaluate/metrics.json").read_text())
+        assert abs(metrics["sparsity"]["overall"] - target) <= 0.005, name
+
     # DVC's own views work on what evlm compiled
     assert "tiny_sweep-evaluate" in sh([sys.executable, "-m", "dvc", "dag"], project).stdout
     shown = sh([sys.executable, "-m", "dvc", "metrics", "show"], project).stdout
@@ -127,6 +132,7 @@ def test_run_rerun_partial_reruns_and_sharing(project):
     # the longest stage name still stands apart from its status
     assert re.search(r"shared-teacher_pretrain-[0-9a-f]{8}\s+up to date", shown)
     assert "retention" in shown
+    assert "allocation:" in shown and re.search(r"vision\s+heads\s+\S+\s+\d+/2", shown)
 
 
 def changed_stages(project: Path, package: Path) -> set[str]:
