@@ -171,6 +171,7 @@ class TaskTeacherConfig:
     """The task teacher: fine-tuned from the pre-trained teacher, or imported finished."""
 
     checkpoint: str | None  # an evlm task model, used as it is
+    lr_scale: float  # the pre-trained tensors' learning rate, as a share of train.lr
     train: OptimConfig
 
 

@@ -96,9 +96,12 @@ def run_teacher(params: Params, *, prepared: Path, pretrained: Path, model: Path
     summary = {"imported": not train}
     if train:
         teacher.to(device)
+        # The pre-trained tensors (all but a fresh task head) may train slower than the head.
+        pretrained_names = set(load_model(pretrained).state_dict())
         run = make_run("teacher", data.split("train"), tt.train, params.seed,
                        modules={"model": teacher},
-                       optims=[Optim(adamw(teacher.parameters(), tt.train))],
+                       optims=[Optim(param_groups(teacher, pretrained_names, tt.train,
+                                                  tt.lr_scale))],
                        loss=Objective(teacher, params.task, TASK_ONLY, 1.0), device=device,
                        log_path=log, key=(tt,), inputs=(prepared, pretrained))
         summary["last_step"] = fit(run)

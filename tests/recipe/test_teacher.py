@@ -5,11 +5,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from evlm_cli.config import OptimConfig
 from evlm_cli.errors import CheckpointError
-from evlm_cli.models.checkpoint import save_model
+from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.config import make_config
-from evlm_cli.models.vlm import VLM
-from evlm_cli.recipe.teacher import task_teacher
+from evlm_cli.models.vlm import VLM, with_heads
+from evlm_cli.recipe.teacher import param_groups, task_teacher
 
 
 def saved(tmp_path, heads, num_answers=0, positions=16):
@@ -44,3 +45,19 @@ def test_a_task_teacher_that_does_not_fit_is_refused(tmp_path, task, heads, answ
                                                      expected):
     with pytest.raises(CheckpointError, match=expected):
         imported(task, saved(tmp_path, heads, answers, positions))
+
+
+def test_a_fresh_head_trains_at_the_full_rate_and_the_pretrained_body_at_its_share(tmp_path):
+    """task_teacher.lr_scale: what run_teacher builds from the pre-trained model's tensors."""
+    path = saved(tmp_path, ["itc", "itm", "mlm"])
+    model = with_heads(load_model(path), ["nlvr2"], num_answers=2)
+    optim_cfg = OptimConfig(epochs=1, max_steps=None, batch_size=8, lr=1e-3, weight_decay=0.01,
+                            warmup_ratio=0.1, grad_clip=1.0, checkpoint_every=10,
+                            answer_balance=0.0)
+    opt = param_groups(model, set(load_model(path).state_dict()), optim_cfg, 0.1)
+    lr_of = {id(p): group["lr"] for group in opt.param_groups for p in group["params"]}
+    head = {id(p) for p in model.heads["nlvr2"].parameters()}
+    assert len(lr_of) == len(list(model.parameters()))  # every tensor trains, once
+    assert head and all(lr_of[i] == 1e-3 for i in head)
+    assert all(lr_of[id(p)] == pytest.approx(1e-4) for p in model.parameters()
+               if id(p) not in head)
