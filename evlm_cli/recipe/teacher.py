@@ -64,8 +64,11 @@ def run_teacher_pretrain(params: Params, *, pairs: Path, model: Path, log: Path)
     return summary
 
 
-def task_teacher(params: Params, data: PreparedData, pretrained: Path) -> tuple[VLM, bool]:
-    """The task teacher before fine-tuning, and whether it still needs fine-tuning."""
+def task_teacher(params: Params, data: PreparedData, pretrained: Path
+                 ) -> tuple[VLM, set[str] | None]:
+    """The task teacher before fine-tuning, and the names of its tensors that come from the
+    pre-trained teacher (all but a fresh task head); None when it is imported finished and
+    needs no fine-tuning."""
     tt, task = params.task_teacher, TASKS[params.task]
     if tt.checkpoint is not None:
         model = load_model(tt.checkpoint)
@@ -83,8 +86,10 @@ def task_teacher(params: Params, data: PreparedData, pretrained: Path) -> tuple[
             raise CheckpointError(f"{source}: its {task.name} head scores "
                                   f"{model.config.num_answers} answers, the task data has "
                                   f"{data.num_answers}")
-        return model, False
-    return with_heads(load_model(pretrained), list(task.heads), num_answers=data.num_answers), True
+        return model, None
+    source = load_model(pretrained)
+    model = with_heads(source, list(task.heads), num_answers=data.num_answers)
+    return model, set(source.state_dict()) & set(model.state_dict())
 
 
 def run_teacher(params: Params, *, prepared: Path, pretrained: Path, model: Path, log: Path
@@ -92,12 +97,12 @@ def run_teacher(params: Params, *, prepared: Path, pretrained: Path, model: Path
     tt = params.task_teacher
     device = setup(params.seed, params.resources.threads, params.device)
     data = PreparedData(prepared)
-    teacher, train = task_teacher(params, data, pretrained)
+    teacher, pretrained_names = task_teacher(params, data, pretrained)
+    train = pretrained_names is not None
     summary = {"imported": not train}
     if train:
         teacher.to(device)
-        # The pre-trained tensors (all but a fresh task head) may train slower than the head.
-        pretrained_names = set(load_model(pretrained).state_dict())
+        # The pre-trained tensors may train slower than a fresh task head (lr_scale).
         run = make_run("teacher", data.split("train"), tt.train, params.seed,
                        modules={"model": teacher},
                        optims=[Optim(param_groups(teacher, pretrained_names, tt.train,

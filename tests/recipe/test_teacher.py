@@ -7,9 +7,9 @@ import torch
 
 from evlm_cli.config import OptimConfig
 from evlm_cli.errors import CheckpointError
-from evlm_cli.models.checkpoint import load_model, save_model
+from evlm_cli.models.checkpoint import save_model
 from evlm_cli.models.config import make_config
-from evlm_cli.models.vlm import VLM, with_heads
+from evlm_cli.models.vlm import VLM
 from evlm_cli.recipe.teacher import param_groups, task_teacher
 
 
@@ -50,11 +50,13 @@ def test_a_task_teacher_that_does_not_fit_is_refused(tmp_path, task, heads, answ
 def test_a_fresh_head_trains_at_the_full_rate_and_the_pretrained_body_at_its_share(tmp_path):
     """task_teacher.lr_scale: what run_teacher builds from the pre-trained model's tensors."""
     path = saved(tmp_path, ["itc", "itm", "mlm"])
-    model = with_heads(load_model(path), ["nlvr2"], num_answers=2)
+    params = SimpleNamespace(task="nlvr2", task_teacher=SimpleNamespace(checkpoint=None))
+    model, pretrained = task_teacher(params, SimpleNamespace(num_answers=2), pretrained=path)
+    assert pretrained and not any(name.startswith("heads.nlvr2") for name in pretrained)
     optim_cfg = OptimConfig(epochs=1, max_steps=None, batch_size=8, lr=1e-3, weight_decay=0.01,
                             warmup_ratio=0.1, grad_clip=1.0, checkpoint_every=10,
                             answer_balance=0.0)
-    opt = param_groups(model, set(load_model(path).state_dict()), optim_cfg, 0.1)
+    opt = param_groups(model, pretrained, optim_cfg, 0.1)
     lr_of = {id(p): group["lr"] for group in opt.param_groups for p in group["params"]}
     head = {id(p) for p in model.heads["nlvr2"].parameters()}
     assert len(lr_of) == len(list(model.parameters()))  # every tensor trains, once
