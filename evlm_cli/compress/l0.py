@@ -168,15 +168,15 @@ class L0Gates(nn.Module):
         takes units in order of `log_alpha`, best first; a unit that would overrun the budget
         is skipped for smaller ones after it, so a budget is missed, from below, by less than
         the smallest unit left out, and is never overrun (not even by a floor). A unit under a
-        dropped sublayer gate (P(gate != 0) < 0.5) comes after every other unit; if one is
+        sublayer gate that `deterministic_masks` drops comes after every other unit; if one is
         still taken, the sublayer is kept.
         """
         floors = floors or {}
         scopes = {enc: (None if None in budgets else enc) for enc in self.encoders}
         if set(budgets) != set(scopes.values()):
             raise ValueError(f"budgets must cover every encoder once: got scopes {list(budgets)}")
-        layer_on = {g.name: bool(self.prob_nonzero(g.name)[0] >= 0.5)
-                    for g in self.groups if g.is_layer_gate}
+        decided = self.deterministic_masks()
+        layer_on = {g.name: bool(decided[g.name][0]) for g in self.groups if g.is_layer_gate}
         # (sublayer kept, log_alpha) orders the units, best first; the sort is stable, so ties
         # fall to model order.
         units = [(g, i, layer_on.get(self.parent.get(g.name), True), float(a))
