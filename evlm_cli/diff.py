@@ -41,29 +41,34 @@ def load_run(name: str, root: Path = Path("."), require_metrics: bool = True) ->
     params_path = folder / "params.yaml"
     if not params_path.is_file():
         raise EvlmError(f"{params_path}: no such run (compile or run its spec first)")
-    metrics = None
-    if metrics_path.is_file():
-        try:
-            metrics = json.loads(metrics_path.read_text())
-        except json.JSONDecodeError as e:
-            raise EvlmError(f"{metrics_path}: invalid JSON ({e})") from None
-    elif require_metrics:
+    metrics_text = _file_text(metrics_path)
+    if metrics_text is None and require_metrics:
         raise EvlmError(f"{metrics_path}: missing; the run has not finished (evlm run its spec)")
     masks_path = folder / MASKS
-    masks = None
-    if masks_path.is_file():
-        try:
-            masks = json.loads(masks_path.read_text())
-        except json.JSONDecodeError as e:
-            raise EvlmError(f"{masks_path}: invalid JSON ({e})") from None
-    return {"name": name, "params": yaml.safe_load(params_path.read_text()), "metrics": metrics,
-            "masks": masks}
+    return {"name": name, "params": yaml.safe_load(params_path.read_text()),
+            "metrics": _json(metrics_text, str(metrics_path)),
+            "masks": _json(_file_text(masks_path), str(masks_path))}
+
+
+def _file_text(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
+
+
+def _json(text: str | None, where: str) -> dict | None:
+    """`text` parsed as JSON (None stays None); an error names `where`."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise EvlmError(f"{where}: invalid JSON ({e})") from None
 
 
 def load_run_at(ref: str, root: Path = Path("."), require_metrics: bool = True) -> dict:
-    """`NAME@REV`: run NAME's params.yaml and metrics.json as git revision REV holds them.
+    """`NAME@REV`: run NAME's params.yaml, metrics.json and masks.json as git revision REV
+    holds them.
 
-    Both are git-tracked (see .gitignore), so a commit records a finished run's results; the
+    All are git-tracked (see .gitignore), so a commit records a finished run's results; the
     run is named `ref` in tables. Errors name the revision or the missing file.
     """
     name, _, rev = ref.partition("@")
@@ -91,17 +96,9 @@ def load_run_at(ref: str, root: Path = Path("."), require_metrics: bool = True) 
     if metrics_text is None and require_metrics:
         raise EvlmError(f"{ref}: {metrics_path} is not committed at revision {rev} "
                         f"({commit[:10]}): the run had not finished there")
-    try:
-        metrics = None if metrics_text is None else json.loads(metrics_text)
-    except json.JSONDecodeError as e:
-        raise EvlmError(f"{ref}: {metrics_path} at {rev}: invalid JSON ({e})") from None
-    masks_text = committed(folder / MASKS)
-    try:
-        masks = None if masks_text is None else json.loads(masks_text)
-    except json.JSONDecodeError:
-        masks = None  # the allocation is a detail: a run without it still compares
-    return {"name": ref, "params": yaml.safe_load(params_text), "metrics": metrics,
-            "masks": masks}
+    return {"name": ref, "params": yaml.safe_load(params_text),
+            "metrics": _json(metrics_text, f"{ref}: {metrics_path} at {rev}"),
+            "masks": _json(committed(folder / MASKS), f"{ref}: {folder / MASKS} at {rev}")}
 
 
 def _git(args: list[str], root: Path) -> subprocess.CompletedProcess:
