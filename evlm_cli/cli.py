@@ -93,7 +93,7 @@ def run(specs: tuple[str, ...], force: bool) -> None:
     (same data, teacher and distillation settings) run once.
     """
     resolved = load_specs(specs)  # before anything is written
-    with project_lock(say=lambda line: click.echo(line, err=True)):
+    with project_lock():
         initialised = ensure_dvc_project(Path("."))
         if initialised:
             click.echo(f"evlm run: {initialised}")
@@ -121,7 +121,7 @@ def compile_specs(specs: tuple[str, ...]) -> None:
     Stages of specs not named here are left in place, so `dvc repro` keeps working on them.
     """
     resolved = load_specs(specs)
-    with project_lock(say=lambda line: click.echo(line, err=True)):
+    with project_lock():
         plans = compile_specs_to_dvc(resolved)
     for stages in plans:
         click.echo(f"{stages[-1].name.rsplit('-', 1)[0]}: " + ", ".join(s.name for s in stages))

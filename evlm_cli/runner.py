@@ -10,7 +10,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from evlm_cli.errors import EvlmError
@@ -18,8 +18,8 @@ from evlm_cli.layout import PROJECT_LOCK
 
 
 @contextlib.contextmanager
-def project_lock(root: Path = Path("."), say: Callable[[str], None] = print) -> Iterator[None]:
-    """One evlm at a time in a project: a second `evlm run` waits, saying for whom.
+def project_lock(root: Path = Path(".")) -> Iterator[None]:
+    """One evlm at a time in a project: a second `evlm run` waits, saying for whom (stderr).
 
     Two runs at once would rewrite dvc.yaml under each other (each compiles its own specs
     in) and race DVC for its lock. The lock is an flock, so the kernel frees it when its
@@ -33,7 +33,8 @@ def project_lock(root: Path = Path("."), say: Callable[[str], None] = print) -> 
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another evlm"
-            say(f"evlm: waiting for {holder} to finish in this project ({path})")
+            print(f"evlm: waiting for {holder} to finish in this project ({path})",
+                  file=sys.stderr, flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
         handle.seek(0)
         handle.truncate()

@@ -77,17 +77,18 @@ def run_prune(params: Params, *, prepared: Path, student: Path, teacher: Path, m
                        inputs=(student, teacher, prepared))
         fit(run)
     gates.eval()
-    kept_units = constraint.final_masks() if constraint.uses_gates else {}
-    values = gates.deterministic_values(kept_units) if constraint.uses_gates else {}
-    student_model.eval()
-    sliced = slice_model(student_model, values)
-    report = gates.summary(kept_units) if constraint.uses_gates else {}
-    before, after = param_breakdown(student_model)["total"], param_breakdown(sliced)["total"]
+    kept_units, values, report = {}, {}, {}
     if constraint.uses_gates:
-        report["training_gap"] = constraint.training_gap()
+        kept_units = constraint.final_masks()
+        values = gates.deterministic_values(kept_units)
+        report = {**gates.summary(kept_units), "training_gap": constraint.training_gap()}
         report["warnings"] = budget_warnings(report, p.mode, p.target_sparsity, p.min_keep)
         for line in report["warnings"]:
             print(f"warning: prune: {line}", file=sys.stderr)
+    student_model.eval()
+    sliced = slice_model(student_model, values)
+    before, after = param_breakdown(student_model)["total"], param_breakdown(sliced)["total"]
+    if constraint.uses_gates:
         kept = gates.kept_params_from_masks(kept_units)
         predicted = before - (gates.total_params() - kept)
         if predicted != after:  # a bug, not a user error, but never ship a model we cannot account for
