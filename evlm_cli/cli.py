@@ -9,12 +9,23 @@ import click
 
 from evlm_cli.compile import compile_specs as compile_specs_to_dvc
 from evlm_cli.compile import plan, write_code_fingerprints
-from evlm_cli.diff import diff_json, diff_rows, load_run, plot, render, show_text, summary_table
+from evlm_cli.diff import (
+    diff_json,
+    diff_rows,
+    load_group,
+    load_run,
+    load_runs,
+    members_of,
+    plot,
+    render,
+    run_summary,
+    show_text,
+)
 from evlm_cli.errors import EvlmError
 from evlm_cli.layout import RUNS
 from evlm_cli.pipeline import FINAL_KIND, KINDS
 from evlm_cli.runner import StageFailed, ensure_dvc_project, project_lock, repro, stage_status
-from evlm_cli.spec import load_schema, load_spec
+from evlm_cli.spec import load_schema, load_spec, seed_runs
 
 # click's own usage errors already exit with 2; ours match them.
 EXIT_USER_ERROR = 2
@@ -58,6 +69,28 @@ def load_specs(paths: tuple[str, ...]) -> list[dict]:
     return specs
 
 
+def parse_seeds(text: str | None) -> list[int] | None:
+    """`--seeds 0,1,2` as a list of seeds; None when not given."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise EvlmError(f"--seeds {text}: expected comma-separated integers, e.g. 0,1,2") from None
+    if any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise EvlmError(f"--seeds {text}: the seeds must be distinct and not negative")
+    return seeds
+
+
+def expand_seeds(specs: list[dict], seeds: list[int] | None) -> list[list[dict]]:
+    """Each spec's runs: itself, or one per seed (`--seeds`, else the spec's `seeds`)."""
+    return [seed_runs(spec, seeds) for spec in specs]
+
+
+SEEDS_HELP = ("Comma-separated seeds: one run per seed, named <name>-s<seed> (overrides the "
+              "spec's `seeds`; its `seed_scope` says what they vary).")
+
+
 def raise_together(errors: list[EvlmError]) -> None:
     """One EvlmError with every message; chained to the first so --debug shows where it arose."""
     if errors:
@@ -86,13 +119,18 @@ def validate(specs: tuple[str, ...]) -> None:
 @main.command()
 @click.argument("specs", nargs=-1, required=True, metavar="SPEC...")
 @click.option("--force", is_flag=True, help="Rerun every stage even if nothing changed.")
-def run(specs: tuple[str, ...], force: bool) -> None:
+@click.option("--seeds", "seeds_text", metavar="S,S,...", help=SEEDS_HELP)
+def run(specs: tuple[str, ...], force: bool, seeds_text: str | None) -> None:
     """Validate, compile into dvc.yaml, run `dvc repro` and print a summary table.
 
     Stages whose inputs did not change are not rerun; stages shared by several specs
-    (same data, teacher and distillation settings) run once.
+    (same data, teacher and distillation settings) run once. With seeds, the table gives
+    each figure's mean and standard deviation over the seeds, and each seed's.
     """
-    resolved = load_specs(specs)  # before anything is written
+    seeds = parse_seeds(seeds_text)
+    loaded = load_specs(specs)  # before anything is written
+    groups = expand_seeds(loaded, seeds)
+    resolved = [run_spec for group in groups for run_spec in group]
     with project_lock():
         initialised = ensure_dvc_project(Path("."))
         if initialised:
@@ -108,19 +146,23 @@ def run(specs: tuple[str, ...], force: bool) -> None:
         except KeyboardInterrupt:
             click.echo("evlm run: interrupted; stages stopped. Run again to resume.", err=True)
             click.get_current_context().exit(130)
-    for name in names:
+    for spec, group in zip(loaded, groups, strict=True):
         click.echo("")
-        click.echo(summary_table(load_run(name)))
+        click.echo(run_summary(load_group(spec["name"], [run_spec["name"] for run_spec in group])
+                               if len(group) > 1 else load_run(group[0]["name"])))
 
 
 @main.command("compile")
 @click.argument("specs", nargs=-1, required=True, metavar="SPEC...")
-def compile_specs(specs: tuple[str, ...]) -> None:
+@click.option("--seeds", "seeds_text", metavar="S,S,...", help=SEEDS_HELP)
+def compile_specs(specs: tuple[str, ...], seeds_text: str | None) -> None:
     """Write runs/<name>/params.yaml and merge each SPEC's stages into dvc.yaml.
 
     Stages of specs not named here are left in place, so `dvc repro` keeps working on them.
     """
-    resolved = load_specs(specs)
+    seeds = parse_seeds(seeds_text)
+    groups = expand_seeds(load_specs(specs), seeds)
+    resolved = [run_spec for group in groups for run_spec in group]
     with project_lock():
         plans = compile_specs_to_dvc(resolved)
     for stages in plans:
@@ -143,7 +185,7 @@ def diff(runs: tuple[str, ...], fmt: str, plot_path: str | None) -> None:
     """
     names = [spec["name"] for spec in load_specs(tuple(r for r in runs if is_spec_file(r)))]
     names = iter(names)
-    loaded = [load_run(next(names) if is_spec_file(r) else r) for r in runs]
+    loaded = [load_runs(next(names) if is_spec_file(r) else r) for r in runs]
     if fmt == "json":
         click.echo(diff_json(loaded))
     else:
@@ -162,11 +204,15 @@ def show(target: str) -> None:
     stages are up to date and which `evlm run` would rerun, and why.
     """
     spec = load_specs((target,))[0] if is_spec_file(target) else None
-    run = load_run(spec["name"] if spec else target, require_metrics=False)
+    run = load_runs(spec["name"] if spec else target, require_metrics=False)
     write_code_fingerprints()  # so the status sees code edited since the last compile
-    stages = [s.name for s in plan(run["params"])]
+    stages = list(dict.fromkeys(s.name for member in members_of([run])
+                                for s in plan(member["params"])))
     click.echo(show_text(run, stage_status(stages)))
-    if spec is not None and spec != run["params"]:
+    # A group of seeds is compared through its first seed's run of the spec.
+    expected = (seed_runs(spec, [run["params"]["seed"]])[0] if spec is not None and "seeds" in run
+                else spec)
+    if spec is not None and expected != run["params"]:
         click.echo(f"\n{target} differs from the compiled {RUNS / run['name'] / 'params.yaml'}: "
                    "the status above is the compiled one's; `evlm run` it to recompile")
 

@@ -97,6 +97,10 @@ def _digest(*parts) -> str:
 def plan(spec: dict) -> list[Stage]:
     """Every kind of the registry instantiated for one spec, upstream before downstream."""
     own = RUNS / spec["name"]
+    # The shared stages (data, teachers, distillation) take shared_seed when it is set: the
+    # runs of one spec's seeds share them (`spec.seed_runs`).
+    upstream_spec = spec if spec.get("shared_seed") is None else {**spec,
+                                                                  "seed": spec["shared_seed"]}
     stages: dict[str, Stage] = {}
     for kind in KINDS.values():
         if not kind.enabled(spec):
@@ -109,10 +113,10 @@ def plan(spec: dict) -> list[Stage]:
                 inputs[arg] = stages[k].outputs[o]
         if kind.shared:
             upstream = sorted({stages[k].name for k, _ in refs})
-            h = _digest(kind.name, subset(spec, tracked_sections(kind)), upstream)
+            h = _digest(kind.name, subset(upstream_spec, tracked_sections(kind)), upstream)
             folder = SHARED / f"{kind.name}-{h}"
             name, params_file, params = f"shared-{kind.name}-{h}", folder / "params.yaml", \
-                subset(spec, kind.sections)
+                subset(upstream_spec, kind.sections)
         else:
             folder = own / kind.name
             name, params_file, params = f"{spec['name']}-{kind.name}", own / "params.yaml", spec

@@ -259,6 +259,9 @@ class Params:
     name: str | None = None
     task: str | None = None
     seed: int | None = None
+    seeds: tuple[int, ...] | None = None
+    seed_scope: str | None = None
+    shared_seed: int | None = None
     device: str | None = None
     resources: Resources | None = None
     pairs: PairsConfig | None = None

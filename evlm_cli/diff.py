@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import subprocess
 from pathlib import Path
 
@@ -48,6 +50,94 @@ def load_run(name: str, root: Path = Path("."), require_metrics: bool = True) ->
     return {"name": name, "params": yaml.safe_load(params_path.read_text()),
             "metrics": _json(metrics_text, str(metrics_path)),
             "masks": _json(_file_text(masks_path), str(masks_path))}
+
+
+# A run of one seed of a spec's `seeds`: <name>-s<seed> (`spec.seed_runs`).
+SEED_RUN = re.compile(r"^(?P<base>.+)-s(?P<seed>\d+)$")
+# What the seeds varied, per seed_scope, for the summary.
+SCOPE_TEXT = {
+    "compression": "the seeds varied pruning, fine-tuning and evaluation; the data split, the "
+                   "teachers and the distilled student are shared (seed_scope compression)",
+    "all": "the seeds varied every stage: each trained its own teachers and distilled student "
+           "(seed_scope all)",
+}
+
+
+def seed_members(name: str, root: Path = Path(".")) -> list[str]:
+    """The runs <name>-s<seed> under runs/ (those with a params.yaml), in seed order."""
+    found = []
+    folder = root / RUNS
+    if folder.is_dir():
+        for path in folder.iterdir():
+            match = SEED_RUN.match(path.name)
+            if match and match["base"] == name and (path / "params.yaml").is_file():
+                found.append((int(match["seed"]), path.name))
+    return [member for _, member in sorted(found)]
+
+
+def load_group(name: str, members: list[str], root: Path = Path("."),
+               require_metrics: bool = True) -> dict:
+    """The runs of one spec's seeds, as one group named `name`: {"name", "params" (the first
+    seed's), "seeds": [run, ...]}."""
+    runs = [load_run(member, root, require_metrics) for member in members]
+    return {"name": name, "params": runs[0]["params"], "seeds": runs}
+
+
+def load_runs(name: str, root: Path = Path("."), require_metrics: bool = True) -> dict:
+    """The run `name` (see `load_run`) or, when runs/ has no such run but has its seeds'
+    runs <name>-s<seed>, their group (`load_group`)."""
+    if "@" not in name and not (root / RUNS / name / "params.yaml").is_file():
+        members = seed_members(name, root)
+        if members:
+            return load_group(name, members, root, require_metrics)
+    return load_run(name, root, require_metrics)
+
+
+def members_of(runs: list[dict]) -> list[dict]:
+    """Every single run: a group stands for its seeds' runs."""
+    return [member for run in runs for member in run.get("seeds", [run])]
+
+
+def mean_std(values: list) -> tuple[float, float] | None:
+    """The mean and the sample standard deviation (n - 1; 0 for one value) of `values`; None
+    unless every value is a number (a figure some seed lacks is not averaged)."""
+    if not values or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                             for v in values):
+        return None
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _mean_std_text(values: list) -> str:
+    found = mean_std(values)
+    return "-" if found is None else f"{_fmt(found[0])} ± {_fmt(found[1])}"
+
+
+def run_summary(run: dict) -> str:
+    """The end-of-run table of a run, or of a group of seeds."""
+    return group_table(run) if "seeds" in run else summary_table(run)
+
+
+def group_table(group: dict) -> str:
+    """The seeds of one spec: every result as mean ± std, then each seed's value."""
+    runs, params = group["seeds"], group["params"]
+    seeds = [run["params"]["seed"] for run in runs]
+    results = [dict(result_rows(run["metrics"])) for run in runs]
+    labels = list(dict.fromkeys(label for res in results for label in res))
+    header = ["", f"mean ± std (n={len(runs)})", *(f"seed {seed}" for seed in seeds)]
+    rows = [[label, _mean_std_text([res.get(label) for res in results]),
+             *(_fmt(res.get(label)) for res in results)] for label in labels]
+    scope = params.get("seed_scope") if params.get("shared_seed") is not None else "all"
+    lines = [f"{group['name']}: {len(runs)} seeds ({', '.join(map(str, seeds))}), "
+             f"{params['task']}, {params['prune']['mode']} pruning to "
+             f"{params['prune']['target_sparsity']:.0%}",
+             f"  {SCOPE_TEXT[scope or 'all']}"]
+    lines += ["  " + line for line in render(header, rows, "table").splitlines()]
+    warned = [f"  warning: seed {seed}: {line}" for seed, run in zip(seeds, runs, strict=True)
+              for line in run["metrics"].get("warnings", [])]
+    return "\n".join(lines + warned)
 
 
 def _file_text(path: Path) -> str | None:
@@ -164,7 +254,8 @@ def _shade(kept: int, total: int) -> str:
 
 
 def show_text(run: dict, status: dict[str, list[str]]) -> str:
-    """`evlm show`: key settings, each stage's status, then the summary table when finished."""
+    """`evlm show`: key settings, each stage's status, then the summary table when finished
+    (of a group of seeds: the first seed's settings and every seed's stages)."""
     lines = [f"{run['name']}", "  settings"]
     lines += [f"    {label:<16}{value}" for label, value in key_settings(run["params"])]
     lines.append("  stages")
@@ -173,10 +264,13 @@ def show_text(run: dict, status: dict[str, list[str]]) -> str:
         lines.append(f"    {stage:<{width}}" + ("up to date" if not reasons else
                                                 "would rerun: " + "; ".join(reasons)))
     lines.append("")
-    lines.append(summary_table(run) if run["metrics"] else
+    finished = all(member["metrics"] for member in members_of([run]))
+    lines.append(run_summary(run) if finished else
                  "  no metrics yet: `evlm run` its spec to finish the run")
-    if run.get("masks"):
-        lines += ["", *allocation_lines(run["masks"])]
+    for member in members_of([run]):
+        if member.get("masks"):
+            lines += ["", *([f"  {member['name']}"] if "seeds" in run else []),
+                      *allocation_lines(member["masks"])]
     return "\n".join(lines)
 
 
@@ -280,14 +374,29 @@ def diff_rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     Results line up by label, so runs measured at different latency batch sizes show "-" where
     one has no figure.
     """
-    header = ["", *(r["name"] for r in runs)]
-    results = [dict(result_rows(r["metrics"])) for r in runs]
-    labels = list(dict.fromkeys(label for res in results for label in res))
-    rows = [[label, *(_fmt(res.get(label)) for res in results)] for label in labels]
-    flat = [_flatten(r["params"]) for r in runs]
-    keys = sorted(set().union(*flat) - {"name"})
+    columns = [column for r in runs for column in _columns(r)]
+    header = ["", *(name for name, _, _ in columns)]
+    labels = list(dict.fromkeys(label for _, res, _ in columns for label in res))
+    rows = [[label, *(res.get(label, "-") for _, res, _ in columns)] for label in labels]
+    flat = [f for _, _, f in columns]
+    keys = sorted(set().union(*flat) - {"name", "shared_seed"})
     rows += [[k, *(_fmt(f.get(k)) for f in flat)] for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1]
     return header, rows
+
+
+def _columns(run: dict) -> list[tuple[str, dict[str, str], dict]]:
+    """(header, label -> shown result, flat params) per column: one for a run; for a group of
+    seeds, mean ± std first, then one per seed."""
+    if "seeds" not in run:
+        return [(run["name"], {k: _fmt(v) for k, v in result_rows(run["metrics"])},
+                 _flatten(run["params"]))]
+    singles = [column for member in run["seeds"] for column in _columns(member)]
+    results = [dict(result_rows(member["metrics"])) for member in run["seeds"]]
+    labels = dict.fromkeys(label for res in results for label in res)
+    summary = {label: _mean_std_text([res.get(label) for res in results]) for label in labels}
+    flat = {**_flatten(run["params"]),
+            "seed": ",".join(str(member["params"]["seed"]) for member in run["seeds"])}
+    return [(f"{run['name']} (mean ± std, n={len(run['seeds'])})", summary, flat), *singles]
 
 
 def render(header: list[str], rows: list[list[str]], fmt: str) -> str:
@@ -300,8 +409,25 @@ def render(header: list[str], rows: list[list[str]], fmt: str) -> str:
 
 
 def diff_json(runs: list[dict]) -> str:
-    return json.dumps({r["name"]: {"metrics": r["metrics"], "params": r["params"]} for r in runs},
-                      indent=2)
+    """Each run's metrics and params; a group of seeds as its seeds' runs and, per result,
+    {"mean", "std"}."""
+    out = {}
+    for r in runs:
+        if "seeds" not in r:
+            out[r["name"]] = {"metrics": r["metrics"], "params": r["params"]}
+            continue
+        results = [dict(result_rows(member["metrics"])) for member in r["seeds"]]
+        summary = {}
+        for label in dict.fromkeys(label for res in results for label in res):
+            found = mean_std([res.get(label) for res in results])
+            if found is not None:
+                summary[label] = {"mean": found[0], "std": found[1]}
+        out[r["name"]] = {"seeds": [member["name"] for member in r["seeds"]],
+                          "mean_std": summary,
+                          "runs": {member["name"]: {"metrics": member["metrics"],
+                                                    "params": member["params"]}
+                                   for member in r["seeds"]}}
+    return json.dumps(out, indent=2)
 
 
 def plot(runs: list[dict], path: Path) -> Path:
@@ -313,6 +439,7 @@ def plot(runs: list[dict], path: Path) -> Path:
 
     from evlm_cli.io import atomic_path
 
+    runs = members_of(runs)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     width = 0.8 / len(runs)
     for i, r in enumerate(runs):

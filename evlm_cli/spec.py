@@ -93,6 +93,29 @@ def validate_spec_text(text: str, source: str) -> dict:
     return spec
 
 
+def seed_runs(spec: dict, seeds: list[int] | None = None) -> list[dict]:
+    """The runs a resolved spec stands for: itself, or one per seed of `seeds` (else the
+    spec's own `seeds`), each named `<name>-s<seed>` with that seed.
+
+    In seed_scope compression, each run's shared stages keep the spec's seed (`shared_seed`),
+    so the runs share the data split, the teachers and the distilled student, and differ from
+    pruning on; in seed_scope all, every stage takes the run's seed.
+    """
+    chosen = spec["seeds"] if seeds is None else seeds
+    if not chosen:
+        return [spec]
+    if len(set(chosen)) != len(chosen) or any(seed < 0 for seed in chosen):
+        raise SpecError(f"{spec['name']}: seeds must be distinct non-negative integers, "
+                        f"not {list(chosen)}")
+    shared = spec["seed"] if spec["seed_scope"] == "compression" else None
+    runs = []
+    for seed in chosen:
+        run = copy.deepcopy(spec)
+        run.update(name=f"{spec['name']}-s{seed}", seed=seed, seeds=None, shared_seed=shared)
+        runs.append(run)
+    return runs
+
+
 # ---------------------------------------------------------------- YAML with lines
 
 
@@ -488,10 +511,6 @@ def shape_problems(spec: dict) -> Iterator[tuple[Where, str]]:
                     f"teacher.{encoder}.width: {width} is not a multiple of "
                     f"teacher.{encoder}.heads {heads}"))
     pairs, data = spec["pairs"], spec["data"]
-    if data["image_size"] != pairs["image_size"]:
-        yield ([("data", "image_size"), ("pairs", "image_size")],
-               f"data.image_size: {data['image_size']} must equal pairs.image_size "
-               f"{pairs['image_size']} (the teacher's positions are pre-trained at that size)")
     if data["max_text_len"] > pairs["max_text_len"] and teacher["init"]["text"] is None:
         yield ([("data", "max_text_len"), ("pairs", "max_text_len")],
                f"data.max_text_len: {data['max_text_len']} is more than pairs.max_text_len "
@@ -503,10 +522,15 @@ def shape_problems(spec: dict) -> Iterator[tuple[Where, str]]:
         yield ([("evaluate", "max_len"), ("pairs", "max_text_len")],
                f"evaluate.max_len: {max_len} tokens after the begin token need more than "
                f"pairs.max_text_len {pairs['max_text_len']}, the teacher's text positions")
-    patch, size = teacher["vision"]["patch_size"], spec["data"]["image_size"]
-    if size % patch:
-        yield ([("teacher", "vision", "patch_size"), ("data", "image_size")],
-               f"teacher.vision.patch_size: {patch} does not divide data.image_size {size}")
+    # A task at another image size than the pairs resamples the pre-trained positions to its
+    # own patch grid, so each size needs whole patches.
+    patch = teacher["vision"]["patch_size"]
+    for section in ("data", "pairs"):
+        size = spec[section]["image_size"]
+        if size % patch:
+            yield ([("teacher", "vision", "patch_size"), (section, "image_size")],
+                   f"teacher.vision.patch_size: {patch} does not divide {section}.image_size "
+                   f"{size}")
     if teacher["init"]["fusion_from_text"]:
         if teacher["init"]["text"] is None:
             yield (("teacher", "init", "fusion_from_text"),

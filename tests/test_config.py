@@ -62,7 +62,7 @@ def test_every_example_spec_builds_into_typed_params(path):
     assert isinstance(params.pretrain.train, OptimConfig)
     assert params.pretrain.weights.itm == spec["pretrain"]["weights"]["itm"]
     assert params.teacher.embed_dim == spec["teacher"]["embed_dim"]
-    assert params.pairs.image_size == params.data.image_size
+    assert params.data.image_size == spec["data"]["image_size"]
     assert params.evaluate.k_test == spec["evaluate"]["k_test"]
     assert params.evaluate.latency.batch_sizes == tuple(spec["evaluate"]["latency"]["batch_sizes"])
     # back to plain data, the typed config says what the spec said (floats for numbers)
@@ -139,14 +139,14 @@ def test_configs_are_frozen_and_have_no_defaults_of_their_own():
 
 def test_the_librarys_choices_are_the_schemas_enums():
     from evlm_cli.compress.l0 import MODES
-    from evlm_cli.data.sources import SOURCES
+    from evlm_cli.data.sources import PAIR_SOURCES, SOURCES
     from evlm_cli.models.config import POOLS
     from evlm_cli.spec import METRICS_BY_TASK
 
     schema = load_schema()
     props = schema["properties"]
     assert set(SOURCES) == set(props["data"]["properties"]["source"]["enum"])
-    assert set(SOURCES) == set(props["pairs"]["properties"]["source"]["enum"])
+    assert set(PAIR_SOURCES) == set(props["pairs"]["properties"]["source"]["enum"])
     assert set(MODES) == set(props["prune"]["properties"]["mode"]["enum"])
     assert set(POOLS) == set(props["teacher"]["properties"]["pool"]["enum"])
     assert set(METRICS_BY_TASK) == set(props["task"]["enum"])

@@ -24,7 +24,8 @@ from evlm_cli.spec import (
 
 ROOT = Path(__file__).resolve().parent.parent
 # A shipped spec's name starts with its task's short name.
-TASK_OF_PREFIX = {"vqa": "vqa", "itr": "retrieval", "nlvr2": "nlvr2", "caption": "captioning"}
+TASK_OF_PREFIX = {"vqa": "vqa", "itr": "retrieval", "nlvr2": "nlvr2", "caption": "captioning",
+                  "mosaic": "vqa"}
 TEST_SPECS = Path(__file__).resolve().parent / "specs"
 BAD_SPECS = sorted((TEST_SPECS / "bad").glob("*.yaml"))
 SHIPPED_SPECS = sorted((ROOT / "specs").glob("*.yaml"))
@@ -125,6 +126,15 @@ def test_shipped_specs_are_valid_and_named_after_their_file(spec_file):
     spec = load_spec(spec_file)
     assert spec["name"] == spec_file.stem
     assert spec["task"] == TASK_OF_PREFIX[spec_file.stem.split("_")[0]]
+
+
+def test_the_mosaic_spec_shares_the_default_specs_teacher_pretraining_and_student():
+    from evlm_cli.compile import plan
+
+    shared = lambda path: {s.name for s in plan(load_spec(path)) if s.kind.name in  # noqa: E731
+                           ("prepare_pairs", "teacher_pretrain", "distill")}
+    mosaic = shared(ROOT / "specs" / "mosaic_vqa_90pct.yaml")
+    assert len(mosaic) == 3 and mosaic == shared(ROOT / "specs" / "vqa_50pct.yaml")
 
 
 def test_shipped_specs_of_different_tasks_share_the_task_agnostic_stages():

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ from transformers import BertTokenizerFast
 from evlm_cli.config import DataConfig, PairsConfig
 from evlm_cli.data.captions import read_easy_vqa_pairs, read_easy_vqa_retrieval
 from evlm_cli.data.easy_vqa import easy_vqa_answers, read_easy_vqa
+from evlm_cli.data.mosaic import ANSWERS as MOSAIC_ANSWERS
+from evlm_cli.data.mosaic import read_easy_vqa_mosaic
 from evlm_cli.data.nlvr2 import read_easy_vqa_nlvr2
 from evlm_cli.data.records import (
     Nlvr2Record,
@@ -75,16 +78,18 @@ def prepare(data: DataConfig, task: str, seed: int, out_dir: Path, tokenizer: Pa
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    full_splits, answers = read_task_splits(data, task, seed)
-    text = load_tokenizer(tokenizer)
-    save_tokenizer(text, out / "tokenizer")  # a prepared folder is self-contained
-    limited = {name: limit_examples(records, data.limit, seed, SPLITS.index(name))
-               for name, records in full_splits.items()}
-    references = ({name: limited[name] for name in REFERENCE_SPLITS if name in limited}
-                  if task == "captioning" else None)
-    return write_prepared(out, {name: _rows(records) for name, records in limited.items()},
-                          answers, text, data.image_size, data.max_text_len,
-                          {"source": data.source, "task": task}, references)
+    # Sources that render their images (mosaics) write them here; they are decoded below.
+    with TemporaryDirectory(prefix="evlm-render-") as scratch:
+        full_splits, answers = read_task_splits(data, task, seed, Path(scratch))
+        text = load_tokenizer(tokenizer)
+        save_tokenizer(text, out / "tokenizer")  # a prepared folder is self-contained
+        limited = {name: limit_examples(records, data.limit, seed, SPLITS.index(name))
+                   for name, records in full_splits.items()}
+        references = ({name: limited[name] for name in REFERENCE_SPLITS if name in limited}
+                      if task == "captioning" else None)
+        return write_prepared(out, {name: _rows(records) for name, records in limited.items()},
+                              answers, text, data.image_size, data.max_text_len,
+                              {"source": data.source, "task": task}, references)
 
 
 def prepare_pairs(pairs: PairsConfig, seed: int, out_dir: Path) -> dict:
@@ -151,10 +156,13 @@ def write_prepared(out: Path, splits: dict[str, list], answers: list[str],
     }
 
 
-def read_task_splits(data: DataConfig, task: str, seed: int) -> tuple[dict[str, list], list[str]]:
+def read_task_splits(data: DataConfig, task: str, seed: int, scratch: Path | None = None
+                     ) -> tuple[dict[str, list], list[str]]:
     """Records per split (train, val and, when present, test) and the answer list (VQA, NLVR2).
 
     easy-VQA carves val from train by image. So does xvlm-json when no val file is given.
+    A source that renders its images (easy-vqa-mosaic) writes them under `scratch`, which must
+    exist until they are decoded.
     """
     problems = source_problems(data.source, task, data.train, data.test, data.image_root,
                                data.answer_list)
@@ -169,6 +177,10 @@ def read_task_splits(data: DataConfig, task: str, seed: int) -> tuple[dict[str, 
         raise DataError(f"prepare reads VQA, NLVR2, retrieval and captioning data, not task {task!r}")
     if data.source == "easy-vqa":
         return read_easy_vqa(data.val_fraction, seed), easy_vqa_answers()
+    if data.source == "easy-vqa-mosaic":
+        if scratch is None:
+            raise ValueError("easy-vqa-mosaic renders its mosaics: give a scratch folder")
+        return read_easy_vqa_mosaic(data.val_fraction, seed, scratch), list(MOSAIC_ANSWERS)
     labelled = partial(read_vqa, require_answers=True)
     splits = read_xvlm_splits(data, seed, labelled, labelled,
                               partial(read_vqa, require_answers=False))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-SOURCES = ("easy-vqa", "xvlm-json")
+SOURCES = ("easy-vqa", "easy-vqa-mosaic", "xvlm-json")
+# Pre-training pairs come from easy-VQA's captions or from files; mosaics have no captions.
+PAIR_SOURCES = ("easy-vqa", "xvlm-json")
 # Its questions, and captions (`data.captions`) and statements about image pairs
 # (`data.nlvr2`) derived from its images.
 EASY_VQA_TASKS = ("vqa", "nlvr2", "retrieval", "captioning")
@@ -15,6 +17,10 @@ def source_problems(source: str, task: str, train, test, image_root,
     `train` and `test` may be None, one path or a list/tuple of paths; empty means absent.
     Messages name no spec keys: the caller prefixes the field as it calls it.
     """
+    if source == "easy-vqa-mosaic":
+        if task != "vqa":
+            return [("source", f"easy-vqa-mosaic has VQA questions only, not task {task}")]
+        return []
     if source == "easy-vqa":
         if task not in EASY_VQA_TASKS:
             return [("source", f"easy-vqa has data for {_listed(EASY_VQA_TASKS)} only; "

@@ -15,13 +15,12 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from evlm_cli.errors import CheckpointError
 from evlm_cli.models.checkpoint import read_weights
 from evlm_cli.models.config import EncoderConfig, TextConfig, VisionConfig
-from evlm_cli.models.vlm import LAYER_PREFIX
+from evlm_cli.models.vlm import LAYER_PREFIX, resample_pos_embed
 
 State = dict[str, Tensor]
 
@@ -207,17 +206,6 @@ def load_hf_bert_dir(directory: str | Path) -> tuple[State, dict]:
 
 
 # --- timm / CLIP ViT -----------------------------------------------------------------------
-
-def resample_pos_embed(pos: Tensor, grid: int) -> Tensor:
-    """Bicubic resampling of [1, 1+g*g, D] position embeddings to a new grid (CLS kept)."""
-    old = int(round((pos.shape[1] - 1) ** 0.5))
-    if old == grid:
-        return pos
-    cls, patches = pos[:, :1], pos[:, 1:]
-    patches = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
-    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos.dtype)], 1)
-
 
 def _layer_scaled(src: _Source, key: str, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """Fold a timm LayerScale (`key`, per-channel gamma on a sublayer's output) into the rows of

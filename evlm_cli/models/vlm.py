@@ -340,21 +340,44 @@ def prunable_param_count(cfg: VLMConfig) -> dict[str, int]:
     return totals
 
 
+def resample_pos_embed(pos: Tensor, grid: int) -> Tensor:
+    """Bicubic resampling of [1, 1+g*g, D] position embeddings to a new grid (CLS kept), with
+    antialiasing (torch's PIL-like kernel), as timm resamples a ViT's positions."""
+    old = int(round((pos.shape[1] - 1) ** 0.5))
+    if old == grid:
+        return pos
+    cls, patches = pos[:, :1], pos[:, 1:]
+    patches = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    patches = nn.functional.interpolate(patches, size=(grid, grid), mode="bicubic",
+                                        align_corners=False, antialias=True)
+    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos.dtype)], 1)
+
+
 def with_heads(model: VLM, heads: list[str], *, num_answers: int | None = None,
-               pool: str | None = None) -> VLM:
-    """The same encoders under another set of heads.
+               pool: str | None = None, image_size: int | None = None) -> VLM:
+    """The same encoders under another set of heads, and optionally for another image size.
 
     A head that the model has, with the same shape, keeps its weights (the retrieval heads of
     a pre-trained model); any other starts fresh (a task's answer classifier). Unlisted heads
-    are dropped.
+    are dropped. At another `image_size` the position embeddings are resampled (bicubic) to
+    its patch grid, as X-VLM fine-tunes at a larger size than it pre-trains; the patch stem
+    does not depend on the size.
     """
     cfg = model.config.to_dict()
     cfg.update(heads=list(heads), pool=pool or cfg["pool"],
                num_answers=cfg["num_answers"] if num_answers is None else num_answers)
+    patch = cfg["vision"]["patch_size"]
+    if image_size is not None and image_size != cfg["vision"]["image_size"]:
+        if image_size % patch:
+            raise ValueError(f"with_heads: patch size {patch} does not divide image size "
+                             f"{image_size}")
+        cfg["vision"]["image_size"] = image_size
     new = VLM(VLMConfig.from_dict(cfg))
     own = new.state_dict()
-    state = {k: v for k, v in model.state_dict().items()
-             if k in own and own[k].shape == v.shape}
+    state = model.state_dict()
+    state["vision.pos_embed"] = resample_pos_embed(state["vision.pos_embed"],
+                                                   new.config.vision.image_size // patch)
+    state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in state]
     if any(not k.startswith("heads.") for k in missing):
         raise ValueError(f"with_heads: encoder tensor {missing[0]!r} did not carry over")

@@ -53,10 +53,12 @@ def run_prune(params: Params, *, prepared: Path, student: Path, teacher: Path, m
     teacher_model = load_model(teacher).to(device).eval()
     # The distilled student knows no task: it gets the task's heads, shaped as the teacher's.
     # A classifier starts fresh; retrieval keeps the pre-trained ITC and ITM heads, captioning
-    # the MLM head as its LM head.
+    # the MLM head as its LM head. A task at another image size than the pairs resamples the
+    # positions, as the task teacher did.
     student_model = with_heads(load_model(student), list(TASKS[params.task].heads),
                                num_answers=teacher_model.config.num_answers,
-                               pool=teacher_model.config.pool).to(device)
+                               pool=teacher_model.config.pool,
+                               image_size=data.meta["image_size"]).to(device)
     layer_maps = json.loads((Path(student) / "layer_map.json").read_text())
     gates = L0Gates(student_model.prunable_groups(p.units), droprate_init=p.droprate_init)
     gates.to(device)

@@ -82,13 +82,18 @@ def task_teacher(params: Params, data: PreparedData, pretrained: Path
         if positions < needed:
             raise CheckpointError(f"{source}: has {positions} text positions, the task data "
                                   f"{needed} (data.max_text_len)")
+        size, wanted = model.config.vision.image_size, data.meta["image_size"]
+        if size != wanted:
+            raise CheckpointError(f"{source}: takes {size} px images, the task data "
+                                  f"{wanted} px (data.image_size)")
         if task.example_scores is not None and model.config.num_answers != data.num_answers:
             raise CheckpointError(f"{source}: its {task.name} head scores "
                                   f"{model.config.num_answers} answers, the task data has "
                                   f"{data.num_answers}")
         return model, None
     source = load_model(pretrained)
-    model = with_heads(source, list(task.heads), num_answers=data.num_answers)
+    model = with_heads(source, list(task.heads), num_answers=data.num_answers,
+                       image_size=data.meta["image_size"])
     return model, set(source.state_dict()) & set(model.state_dict())
 
 

@@ -249,6 +249,48 @@ def test_with_heads_keeps_the_encoders_and_matching_heads_and_starts_the_rest_fr
     assert again.heads["vqa"][-1].weight.shape[0] == 3
 
 
+def test_resampled_positions_equal_timms_resampling():
+    from timm.layers import resample_abs_pos_embed
+
+    from evlm_cli.models.vlm import resample_pos_embed
+
+    pos = torch.randn(1, 1 + 4 * 4, 12, generator=torch.Generator().manual_seed(0))
+    up = resample_pos_embed(pos, 8)
+    assert up.shape == (1, 1 + 64, 12) and torch.equal(up[:, 0], pos[:, 0])
+    torch.testing.assert_close(up, resample_abs_pos_embed(pos, [8, 8], num_prefix_tokens=1),
+                               rtol=0, atol=1e-6)
+    down = resample_pos_embed(pos, 2)
+    torch.testing.assert_close(down, resample_abs_pos_embed(pos, [2, 2], num_prefix_tokens=1),
+                               rtol=0, atol=1e-6)
+    assert resample_pos_embed(pos, 4) is pos
+    # a position embedding that is the same everywhere on the grid stays so
+    flat = torch.cat([pos[:, :1], pos[:, 1:2].expand(1, 16, 12)], 1)
+    torch.testing.assert_close(resample_pos_embed(flat, 6)[:, 1:],
+                               pos[:, 1:2].expand(1, 36, 12), rtol=0, atol=1e-5)
+
+
+def test_with_heads_at_another_image_size_resamples_only_the_positions():
+    from evlm_cli.models.vlm import resample_pos_embed, with_heads
+
+    torch.manual_seed(0)
+    pretrained = VLM(tiny_config(heads=["itc", "itm", "mlm"], num_answers=0))  # 16 px, 2x2 grid
+    larger = with_heads(pretrained, ["vqa"], num_answers=3, image_size=32)
+    assert larger.config.vision.image_size == 32 and larger.config.vision.num_patches == 16
+    old, new = pretrained.state_dict(), larger.state_dict()
+    torch.testing.assert_close(new["vision.pos_embed"],
+                               resample_pos_embed(old["vision.pos_embed"], 4))
+    assert all(torch.equal(new[k], v) for k, v in old.items()
+               if k in new and k != "vision.pos_embed")
+    images, ids, mask = inputs(image=32)
+    with torch.no_grad():
+        out = larger(images, ids, mask)
+    assert out.vision.last.shape == (2, 1 + 16, 32)
+    same = with_heads(pretrained, ["vqa"], num_answers=3, image_size=16)
+    assert torch.equal(same.vision.pos_embed, pretrained.vision.pos_embed)
+    with pytest.raises(ValueError, match="patch size 8 does not divide image size 20"):
+        with_heads(pretrained, ["vqa"], num_answers=3, image_size=20)
+
+
 def test_an_evlm_teacher_imports_its_encoders_and_gains_the_heads_it_lacks(tmp_path):
     from evlm_cli.config import TeacherConfig, build
     from evlm_cli.models.build import build_teacher
