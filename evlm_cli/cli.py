@@ -16,7 +16,6 @@ from evlm_cli.diff import (
     load_run,
     load_runs,
     members_of,
-    plot,
     render,
     run_summary,
     show_text,
@@ -175,7 +174,8 @@ def compile_specs(specs: tuple[str, ...], seeds_text: str | None) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table",
               show_default=True, help="Output format.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
-              help="Also write a PNG of sparsity per encoder and speedup per batch size.")
+              help="Also write a PNG: the task metric against latency at each batch size "
+                   "(the Pareto view; seeds as mean ± std), and sparsity per encoder.")
 def diff(runs: tuple[str, ...], fmt: str, plot_path: str | None) -> None:
     """Compare runs side by side: params, metric, retention, sparsity per modality, speed.
 
@@ -191,12 +191,17 @@ def diff(runs: tuple[str, ...], fmt: str, plot_path: str | None) -> None:
     else:
         click.echo(render(*diff_rows(loaded), fmt))
     if plot_path:
-        click.echo(f"wrote {plot(loaded, Path(plot_path))}")
+        from evlm_cli.plots import pareto  # loads matplotlib; the tables do not
+
+        click.echo(f"wrote {pareto(loaded, Path(plot_path))}")
 
 
 @main.command()
 @click.argument("target", metavar="SPEC_OR_RUN")
-def show(target: str) -> None:
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also write a PNG: the per-layer allocation of each encoder side by side, "
+                   "and every stage's training curves from its log.csv.")
+def show(target: str, plot_path: str | None) -> None:
     """Show one run: its resolved spec's key settings, stage status, metrics and the
     per-layer allocation of kept heads and FFN neurons.
 
@@ -209,6 +214,14 @@ def show(target: str) -> None:
     stages = list(dict.fromkeys(s.name for member in members_of([run])
                                 for s in plan(member["params"])))
     click.echo(show_text(run, stage_status(stages)))
+    if plot_path:
+        from evlm_cli.plots import run_plot  # loads matplotlib; the text does not
+
+        members = members_of([run])
+        logs = {s.name: path for member in members for s in plan(member["params"])
+                for path in s.paths("plots")}
+        click.echo(f"wrote {run_plot(members[0], logs, Path(plot_path))}"
+                   + (f" (allocation of {members[0]['name']})" if len(members) > 1 else ""))
     # A group of seeds is compared through its first seed's run of the spec.
     expected = (seed_runs(spec, [run["params"]["seed"]])[0] if spec is not None and "seeds" in run
                 else spec)

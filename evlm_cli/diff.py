@@ -428,36 +428,3 @@ def diff_json(runs: list[dict]) -> str:
                                                     "params": member["params"]}
                                    for member in r["seeds"]}}
     return json.dumps(out, indent=2)
-
-
-def plot(runs: list[dict], path: Path) -> Path:
-    """Sparsity per encoder and speedup per batch size, one bar per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from evlm_cli.io import atomic_path
-
-    runs = members_of(runs)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    width = 0.8 / len(runs)
-    for i, r in enumerate(runs):
-        sp = r["metrics"]["sparsity"]
-        ax1.bar([j + i * width for j in range(4)], [sp["overall"], *(sp.get(e, 0) for e in ENCODERS)],
-                width, label=r["name"])
-        speed = r["metrics"]["speedup"]
-        ax2.bar([j + i * width for j in range(len(speed))], list(speed.values()), width, label=r["name"])
-    ax1.set_xticks([j + 0.4 - width / 2 for j in range(4)], ["overall", *ENCODERS])
-    ax1.set_ylabel("sparsity of prunable params")
-    ax1.legend()
-    speed_keys = list(runs[0]["metrics"]["speedup"])
-    ax2.set_xticks([j + 0.4 - width / 2 for j in range(len(speed_keys))],
-                   [k.replace("_", " ") for k in speed_keys])
-    ax2.set_ylabel("speedup over teacher (x)")
-    ax2.axhline(1.0, color="grey", lw=0.5)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 EVLM = [sys.executable, "-m", "evlm_cli"]
@@ -125,9 +126,25 @@ def test_run_rerun_partial_reruns_and_sharing(project):
 
     diff = sh([*EVLM, "diff", "tiny_vqa", "tiny_sweep", "--plot", "diff.png"], project).stdout
     assert re.search(r"prune\.target_sparsity\s+0\.3\s+0\.6", diff)
-    assert (project / "diff.png").read_bytes()[:4] == b"\x89PNG"
+    with Image.open(project / "diff.png") as image:
+        image.load()
+        assert image.format == "PNG" and min(image.size) >= 300
 
-    shown = sh([*EVLM, "show", "tiny_vqa"], project).stdout
+    # seeds: the shared stages are reused, each seed prunes, fine-tunes and evaluates
+    seeded = edit_spec(spec, name="tiny_seeds")
+    out = sh([*EVLM, "run", str(seeded), "--seeds", "1,2"], project).stdout
+    assert sorted(re.findall(r"Running stage '(tiny_seeds-s\d)-prune'", out)) == [
+        "tiny_seeds-s1", "tiny_seeds-s2"]
+    assert not re.findall(r"Running stage 'shared-", out)
+    assert "tiny_seeds: 2 seeds (1, 2)" in out and "distilled student are shared" in out
+    diff = sh([*EVLM, "diff", "tiny_seeds", "--format", "json"], project).stdout
+    assert json.loads(diff)["tiny_seeds"]["seeds"] == ["tiny_seeds-s1", "tiny_seeds-s2"]
+
+    shown = sh([*EVLM, "show", "tiny_vqa", "--plot", "show.png"], project).stdout
+    assert "wrote show.png" in shown
+    with Image.open(project / "show.png") as image:
+        image.load()
+        assert min(image.size) >= 300
     assert re.search(r"tiny_vqa-prune\s+up to date", shown) and "modal-adaptive to 30%" in shown
     # the longest stage name still stands apart from its status
     assert re.search(r"shared-teacher_pretrain-[0-9a-f]{8}\s+up to date", shown)

@@ -36,6 +36,11 @@ def budget_warnings(report: dict, mode: str, target: float, min_keep: float) -> 
         warnings.append(f"training ended {report['training_gap']:.3f} from the target "
                         f"{target:g} {scope}; the final selection met it, overruling the gates "
                         "(train longer, or raise lagrangian_lr)")
+    cross = [layer["cross_heads"]["kept"] for layer in
+             report["encoders"].get("fusion", {}).get("layers", []) if "cross_heads" in layer]
+    if cross and not any(cross):
+        warnings.append("the fusion encoder keeps no cross-attention head: its output no longer "
+                        "reads the image (the exported model takes no images input)")
     if mode == "modal-adaptive" and min_keep > 0:
         for enc, info in report["encoders"].items():
             kept = 1.0 - info["sparsity"]

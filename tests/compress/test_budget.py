@@ -160,3 +160,13 @@ def test_warnings_name_the_gap_and_the_encoder_at_its_floor():
     assert "vision encoder keeps 0.051" in lines[1]
     report["training_gap"] = 0.01
     assert budget_warnings(report, "modal-adaptive", 0.7, 0.0) == []
+
+
+def test_a_fusion_encoder_without_cross_attention_is_warned_of():
+    layers = [{"layer": 0, "cross_heads": {"kept": 0, "total": 4}},
+              {"layer": 1, "cross_heads": {"kept": 0, "total": 4}}]
+    report = {"training_gap": 0.0, "encoders": {"fusion": {"sparsity": 0.5, "layers": layers}}}
+    (line,) = budget_warnings(report, "uniform", 0.5, 0.0)
+    assert "keeps no cross-attention head" in line
+    layers[1]["cross_heads"]["kept"] = 1
+    assert budget_warnings(report, "uniform", 0.5, 0.0) == []

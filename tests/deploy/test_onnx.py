@@ -45,6 +45,21 @@ def test_onnx_equals_pytorch_at_other_batch_sizes_and_lengths(tmp_path, pool):
         assert (got - expected).abs().max().item() < 1e-4
 
 
+def test_a_student_that_no_longer_reads_images_still_exports_and_runs(tmp_path):
+    model, _ = model_and_inputs(norm="pre", pool="max")
+    gates = random_gates(model, 0.4)
+    for name in gates:
+        if name.endswith("cross_heads"):
+            gates[name] = torch.zeros_like(gates[name])
+    sliced = slice_model(model, gates).eval()
+    assert not any(sliced.config.fusion.cross_heads)
+    path = export_onnx(sliced, "vqa", inputs(2, 5, seed=0), tmp_path / "model.onnx", OPSET)
+    x = inputs(3, 4, seed=1)
+    with torch.no_grad():
+        expected = sliced.logits("vqa", sliced(*x))
+    assert (OnnxModel(path, threads=1)(*x) - expected).abs().max().item() < 1e-4
+
+
 def test_int8_is_smaller_and_close(tmp_path):
     model = pruned_model("max")
     fp32 = export_onnx(model, "vqa", inputs(2, 5, seed=0), tmp_path / "model.onnx", OPSET)
