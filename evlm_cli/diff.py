@@ -308,47 +308,71 @@ def result_rows(m: dict) -> list[tuple[str, object]]:
             rows.append((f"teacher {label} {batch} (ms)", lat["teacher"]))
             rows.append(((f"{label} speedup" if label != "latency" else "speedup") + f" {batch}",
                          m[speedups][bs]))
+    if "dense_params" in m:
+        rows += [("dense params (M)", m["dense_params"] / 1e6),
+                 ("dense GFLOPs / example", m["dense_gflops_per_example"])]
+    for bs, split in m.get("speedup_split", {}).items():
+        batch = bs.replace("_", " ")
+        rows += [(f"dense latency {batch} (ms)", m["latency_ms"][bs]["dense_student"]),
+                 (f"speedup from depth {batch}", split["depth"]),
+                 (f"speedup from pruning {batch}", split["pruning"]),
+                 (f"speedup / FLOPs ratio {batch}", split["over_flops_ratio"])]
     rows.append(("sparsity overall", m["sparsity"]["overall"]))
     rows += [(f"sparsity {e}", m["sparsity"].get(e)) for e in ENCODERS]
     return rows
 
 
 def summary_table(run: dict) -> str:
-    """The end-of-run table: teacher next to student, then speed and sparsity."""
+    """The end-of-run table: teacher, dense distilled student (when measured) and pruned
+    student side by side, then speed split into depth and pruning, and sparsity."""
     m = run["metrics"]
+    dense = "dense_params" in m  # runs evaluated before the dense student was timed lack it
+
+    def row(label: str, teacher, dense_value, student, spec: str, tail: str = "") -> str:
+        cells = [teacher, *([dense_value] if dense else []), student]
+        return f"  {label:<24}" + "".join(f"{c:>12{spec}}" if isinstance(c, float) else f"{c:>12}"
+                                          for c in cells) + tail
+
     lines = [f"{run['name']}: {run['params']['task']}, {run['params']['prune']['mode']} pruning "
              f"to {run['params']['prune']['target_sparsity']:.0%}",
-             f"  {'':<24}{'teacher':>12}{'student':>12}",
-             f"  {m['metric']:<24}{m['teacher_value']:>12.4f}{m['value']:>12.4f}"
-             f"   retention {m['retention']:.1%}",
-             *detail_lines(m),
-             f"  {'params (M)':<24}{m['teacher_params'] / 1e6:>12.2f}{m['params'] / 1e6:>12.2f}",
-             f"  {'GFLOPs / example':<24}{m['teacher_gflops_per_example']:>12.3f}"
-             f"{m['gflops_per_example']:>12.3f}"]
+             row("", "teacher", "dense", "student", ""),
+             row(m["metric"], m["teacher_value"], "-", m["value"], ".4f",
+                 f"   retention {m['retention']:.1%}"),
+             *detail_lines(m, dense),
+             row("params (M)", m["teacher_params"] / 1e6, m.get("dense_params", 0) / 1e6,
+                 m["params"] / 1e6, ".2f"),
+             row("GFLOPs / example", m["teacher_gflops_per_example"],
+                 m.get("dense_gflops_per_example", 0.0), m["gflops_per_example"], ".3f")]
     for name, times, speedups in TIMINGS:
         for bs, lat in m.get(times, {}).items():
             label = f"{name} {bs.replace('_', ' ')} (ms)"
-            lines.append(f"  {label:<24}{lat['teacher']:>12.2f}{lat['student']:>12.2f}"
-                         f"   speedup {m[speedups][bs]:.2f}x")
+            lines.append(row(label, lat["teacher"], lat.get("dense_student", "-"), lat["student"],
+                             ".2f", f"   speedup {m[speedups][bs]:.2f}x"))
+    for bs, split in m.get("speedup_split", {}).items():
+        lines.append(f"  {'speedup ' + bs.replace('_', ' '):<24}depth {split['depth']:.2f}x "
+                     f"x pruning {split['pruning']:.2f}x = {m['speedup'][bs]:.2f}x; "
+                     f"{split['over_flops_ratio']:.2f} of the FLOPs ratio (pruning alone "
+                     f"{split['pruning_over_flops_ratio']:.2f})")
     sp = m["sparsity"]
-    lines.append(f"  {'sparsity (prunable)':<24}{'':>12}{sp['overall']:>12.3f}   "
-                 + ", ".join(f"{e} {sp[e]:.3f}" for e in ENCODERS if e in sp))
+    lines.append(row("sparsity (prunable)", "", "", sp["overall"], ".3f", "   " + ", ".join(
+        f"{e} {sp[e]:.3f}" for e in ENCODERS if e in sp)))
     lines += [f"  warning: {line}" for line in m.get("warnings", [])]
     if "size_bytes" in m:
-        lines.append(f"  {'file size (MB)':<24}{m['teacher_size_bytes'] / 1e6:>12.2f}"
-                     f"{m['size_bytes'] / 1e6:>12.2f}")
+        lines.append(row("file size (MB)", m["teacher_size_bytes"] / 1e6, "-",
+                         m["size_bytes"] / 1e6, ".2f"))
     lines += exported_rows(m)
     return "\n".join(lines)
 
 
-def detail_lines(m: dict) -> list[str]:
+def detail_lines(m: dict, dense: bool = False) -> list[str]:
     """The task's other measures, teacher next to student: each recall (retrieval), each
-    caption metric (captioning)."""
+    caption metric (captioning); with `dense`, a "-" for the unscored dense student."""
     recalls = [(key.upper().replace("_R", "@"), m["teacher_recall"][key], value)
                for key, value in m.get("recall", {}).items() if "_r" in key]
     captions = [(label, m["teacher_scores"][key], m["scores"][key])
                 for key, label in CAPTION_LABELS.items() if key in m.get("scores", {})]
-    return [f"  {label:<24}{teacher:>12.4f}{student:>12.4f}"
+    middle = f"{'-':>12}" if dense else ""
+    return [f"  {label:<24}{teacher:>12.4f}{middle}{student:>12.4f}"
             for label, teacher, student in recalls + captions]
 
 

@@ -117,11 +117,12 @@ KINDS: dict[str, StageKind] = {k.name: k for k in [
         inputs={"prepared": "prepare.data", "student": "finetune.model"},
         outputs=(Output("onnx", "onnx"),), enabled_by="export"),
     StageKind(
-        "evaluate", "the student's metric, retention, size, FLOPs, speedup and sparsity",
+        "evaluate", "the student's metric, retention, size, FLOPs, speedup and sparsity; the "
+        "dense distilled student timed alongside, to split the speedup into depth and pruning",
         "evlm_cli.recipe.evaluate:run_evaluate", ("task", "device", "resources", "evaluate"),
         inputs={"prepared": "prepare.data", "student": "finetune.model",
                 "teacher": "teacher.model", "teacher_metrics": "teacher_eval.metrics",
-                "masks": "prune.masks"},
+                "masks": "prune.masks", "dense": "distill.model"},
         optional_inputs={"onnx": "export.onnx"},
         outputs=(Output("metrics", "metrics.json", "metrics"),)),
 ]}

@@ -1,6 +1,8 @@
 """`evlm diff` tables line results up by what they measure, not by position."""
 
-from evlm_cli.diff import allocation_lines, diff_rows, render, summary_table
+import pytest
+
+from evlm_cli.diff import allocation_lines, diff_rows, render, result_rows, summary_table
 
 
 def _run(name: str, batch_sizes: list[int], lr: float) -> dict:
@@ -51,3 +53,33 @@ def test_allocation_heatmap_lists_each_layer_kept_of_total():
     assert rows["fusion cross"].split()[3:] == ["▓", "3/4"]
     assert rows["fusion heads"].split()[2:] == ["░", "1/4"]
     assert allocation_lines({"mode": "none"}) == []
+
+
+def test_the_speedup_splits_into_depth_and_pruning_by_hand():
+    from evlm_cli.recipe.evaluate import speedup_split
+
+    split = speedup_split({"batch_1": {"teacher": 12.0, "dense_student": 6.0, "student": 4.0}},
+                          {"teacher": 0.3, "dense_student": 0.15, "student": 0.05})["batch_1"]
+    assert split["depth"] == pytest.approx(2.0) and split["pruning"] == pytest.approx(1.5)
+    assert split["depth_over_flops_ratio"] == pytest.approx(1.0)  # 2x faster for 2x fewer FLOPs
+    assert split["pruning_over_flops_ratio"] == pytest.approx(0.5)  # 1.5x for 3x fewer
+    assert split["over_flops_ratio"] == pytest.approx(0.5)  # 3x for 6x fewer
+
+
+def test_summary_shows_the_dense_student_between_teacher_and_student():
+    run = _run("a", [1], 1e-4)
+    run["params"].update(task="vqa", prune={"mode": "modal-adaptive", "target_sparsity": 0.5})
+    m = run["metrics"]
+    m.update(dense_params=2_000_000, dense_gflops_per_example=0.04,
+             speedup_split={"batch_1": {"depth": 1.25, "pruning": 1.6, "over_flops_ratio": 0.5,
+                                        "pruning_over_flops_ratio": 0.8}})
+    m["latency_ms"]["batch_1"]["dense_student"] = 1.6
+    lines = summary_table(run).splitlines()
+    assert lines[1].split() == ["teacher", "dense", "student"]
+    assert lines[2].split() == ["vqa_accuracy", "0.9500", "-", "0.9000", "retention", "94.7%"]
+    assert next(x for x in lines if "params (M)" in x).split()[-3:] == ["3.00", "2.00", "1.00"]
+    assert next(x for x in lines if "latency batch 1" in x).split()[4:7] == ["2.00", "1.60", "1.00"]
+    assert ("speedup batch 1         depth 1.25x x pruning 1.60x = 2.00x; 0.50 of the FLOPs "
+            "ratio (pruning alone 0.80)") in "\n".join(lines)
+    rows = dict(result_rows(m))
+    assert rows["speedup from depth batch 1"] == 1.25 and rows["dense params (M)"] == 2.0

@@ -94,7 +94,12 @@ def test_run_rerun_partial_reruns_and_sharing(project):
     # the exported files, measured as their own rows: fp32 scores what PyTorch does
     assert set(metrics["exported"]) == {"onnx_fp32", "onnx_int8"}
     assert abs(metrics["exported"]["onnx_fp32"]["value"] - metrics["value"]) < 1e-9
-    assert set(metrics["latency_ms"]["batch_1"]) == {"teacher", "student", "onnx_fp32", "onnx_int8"}
+    assert set(metrics["latency_ms"]["batch_1"]) == {"teacher", "dense_student", "student",
+                                                     "onnx_fp32", "onnx_int8"}
+    # the dense distilled student, timed alongside: depth x pruning is the whole speedup
+    split = metrics["speedup_split"]["batch_1"]
+    assert split["depth"] * split["pruning"] == pytest.approx(metrics["speedup"]["batch_1"])
+    assert metrics["params"] < metrics["dense_params"] < metrics["teacher_params"]
     assert 0 <= metrics["value"] <= 1 and metrics["params"] < metrics["teacher_params"]
     masks = json.loads((project / "runs/tiny_vqa/prune/masks.json").read_text())
     assert masks["params_after"] == metrics["params"] < masks["params_before"]

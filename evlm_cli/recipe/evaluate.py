@@ -15,7 +15,13 @@ from evlm_cli.io import atomic_write_json
 from evlm_cli.layout import MODEL_WEIGHTS
 from evlm_cli.models.checkpoint import load_model
 from evlm_cli.models.generate import greedy_decode
-from evlm_cli.models.vlm import VLM, TaskLogits, param_breakdown, prunable_param_count
+from evlm_cli.models.vlm import (
+    VLM,
+    TaskLogits,
+    param_breakdown,
+    prunable_param_count,
+    with_heads,
+)
 from evlm_cli.recipe.scoring import (
     Forward,
     decoder_ids,
@@ -86,19 +92,48 @@ def run_teacher_eval(params: Params, *, prepared: Path, teacher: Path, metrics: 
     return report
 
 
+def dense_student(distilled: Path, teacher: VLM, task: str, data: PreparedData) -> VLM:
+    """The distilled student before pruning, with the task's heads as the prune stage gives
+    it: what the student costs from depth alone. Its task head is untrained, so it is timed
+    and counted, not scored."""
+    return with_heads(load_model(distilled), list(TASKS[task].heads),
+                      num_answers=teacher.config.num_answers, pool=teacher.config.pool,
+                      image_size=data.meta["image_size"]).eval()
+
+
+def speedup_split(latency: dict, gflops: dict) -> dict:
+    """Per batch size: the speedup of depth (teacher / dense student) and of pruning (dense /
+    pruned student), whose product is the whole; and each measured speedup over its FLOPs
+    ratio, 1.0 when a model runs as fast as its arithmetic allows.
+    `latency` is {batch: {model: ms}}, `gflops` {model: per example}, for teacher,
+    dense_student and student."""
+    out = {}
+    for bs, ms in latency.items():
+        depth, pruning = ms["teacher"] / ms["dense_student"], ms["dense_student"] / ms["student"]
+        out[bs] = {"depth": depth, "pruning": pruning,
+                   "depth_over_flops_ratio": depth / (gflops["teacher"] / gflops["dense_student"]),
+                   "pruning_over_flops_ratio":
+                       pruning / (gflops["dense_student"] / gflops["student"]),
+                   "over_flops_ratio": depth * pruning / (gflops["teacher"] / gflops["student"])}
+    return out
+
+
 def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path,
-                 teacher_metrics: Path, masks: Path, onnx: Path | None, metrics: Path) -> dict:
+                 teacher_metrics: Path, masks: Path, dense: Path, onnx: Path | None,
+                 metrics: Path) -> dict:
     ev, task = params.evaluate, params.task
     device = setup(EVAL_SEED, params.resources.threads, params.device)
     data = PreparedData(prepared)
     student_model = load_model(student).eval()
     teacher_model = load_model(teacher).eval()
+    dense_model = dense_student(dense, teacher_model, task, data)
     t_metrics = json.loads(Path(teacher_metrics).read_text())
     scores = test_report(student_model, data, task, ev, device)
     value = scores["value"]
     student_model.cpu()
     exported = exported_models(onnx, ev.latency.threads) if onnx is not None else {}
     latency = latency_report({"teacher": TaskLogits(teacher_model, task),
+                              "dense_student": TaskLogits(dense_model, task),
                               "student": TaskLogits(student_model, task), **exported},
                              data, ev.latency)
     speedup = {bs: r["teacher"] / r["student"] for bs, r in latency.items()}
@@ -111,6 +146,7 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
                                           for bs, r in generation.items()}}
     # The teacher's size and FLOPs were measured by teacher_eval, from the same teacher.
     s_size = size_report(student_model, student, data)
+    dense_gflops = count_flops(dense_model, *fixed_batch(data, 1)) / 1e9
     mask_info = json.loads(Path(masks).read_text())
     retention = (lambda v: v / t_metrics["value"] if t_metrics["value"] else 0.0)  # noqa: E731
     report = {
@@ -128,8 +164,13 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
         "teacher_gflops_per_example": t_metrics["gflops_per_example"],
         "size_bytes": s_size["size_bytes"],
         "teacher_size_bytes": t_metrics["size_bytes"],
+        "dense_params": param_breakdown(dense_model)["total"],
+        "dense_gflops_per_example": dense_gflops,
         "latency_ms": latency,
         "speedup": speedup,
+        "speedup_split": speedup_split(
+            latency, {"teacher": t_metrics["gflops_per_example"], "dense_student": dense_gflops,
+                      "student": s_size["gflops_per_example"]}),
         **writing,
         "sparsity": sparsity_report(mask_info),
         "warnings": mask_info.get("warnings", []),
