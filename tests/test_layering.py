@@ -35,8 +35,10 @@ ALLOWED = {
     "compile": BASE | {"pipeline", "codedeps"},
     "runner": BASE,
     "diff": BASE | {"pipeline"},
+    "plots": BASE | {"diff"},
     # `evlm export` runs the export stage's library function (imported when it runs)
-    "cli": BASE | {"spec", "compile", "runner", "diff", "pipeline", "stage", "recipe.export"},
+    "cli": BASE | {"spec", "compile", "runner", "diff", "plots", "pipeline", "stage",
+                   "recipe.export"},
     "__main__": {"cli"},
 }
 

@@ -24,10 +24,10 @@ def saved(tmp_path, heads, num_answers=0, positions=16):
     return tmp_path / "teacher"
 
 
-def imported(task, checkpoint, answers=2, max_text_len=16):
+def imported(task, checkpoint, answers=2, max_text_len=16, image_size=16):
     params = SimpleNamespace(task=task, task_teacher=SimpleNamespace(checkpoint=checkpoint))
-    data = SimpleNamespace(meta={"vocab_size": 40, "max_text_len": max_text_len},
-                           num_answers=answers)
+    data = SimpleNamespace(meta={"vocab_size": 40, "max_text_len": max_text_len,
+                                 "image_size": image_size}, num_answers=answers)
     return task_teacher(params, data, pretrained=None)
 
 
@@ -47,11 +47,18 @@ def test_a_task_teacher_that_does_not_fit_is_refused(tmp_path, task, heads, answ
         imported(task, saved(tmp_path, heads, answers, positions))
 
 
+def test_a_task_teacher_for_another_image_size_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="takes 16 px images, the task data 32 px"):
+        imported("nlvr2", saved(tmp_path, ["nlvr2"], num_answers=2), image_size=32)
+
+
 def test_a_fresh_head_trains_at_the_full_rate_and_the_pretrained_body_at_its_share(tmp_path):
     """task_teacher.lr_scale: what run_teacher builds from the pre-trained model's tensors."""
     path = saved(tmp_path, ["itc", "itm", "mlm"])
     params = SimpleNamespace(task="nlvr2", task_teacher=SimpleNamespace(checkpoint=None))
-    model, pretrained = task_teacher(params, SimpleNamespace(num_answers=2), pretrained=path)
+    data = SimpleNamespace(num_answers=2, meta={"image_size": 32})  # resampled positions
+    model, pretrained = task_teacher(params, data, pretrained=path)
+    assert model.config.vision.image_size == 32
     assert pretrained and not any(name.startswith("heads.nlvr2") for name in pretrained)
     optim_cfg = OptimConfig(epochs=1, max_steps=None, batch_size=8, lr=1e-3, weight_decay=0.01,
                             warmup_ratio=0.1, grad_clip=1.0, checkpoint_every=10,
