@@ -151,6 +151,34 @@ def merge(existing: dict, specs: list[dict], plans: list[list[Stage]]) -> dict:
             del stages[k]
 
 
+# What the top-level plots draw from each run's own logs: (plot, stage kinds, columns).
+RUN_PLOTS = (("training loss", ("prune", "finetune"), ("loss",)),
+             ("expected vs target sparsity", ("prune",),
+              ("expected_sparsity/overall", "target_sparsity")))
+
+
+def top_level_plots(stages: dict) -> list[dict]:
+    """dvc.yaml's top-level plots: per run, its prune and fine-tuning losses in one plot and
+    pruning's expected sparsity against the target in another, so `dvc plots show` and
+    `dvc plots diff` draw a run's curves together (each stage also declares its own log)."""
+    logs: dict[str, dict[str, str]] = {}
+    for name, entry in stages.items():
+        if name.startswith("shared-"):
+            continue
+        for item in entry.get("plots", []):
+            path = next(iter(item)) if isinstance(item, dict) else item
+            run, kind = name.rsplit("-", 1)
+            logs.setdefault(run, {})[kind] = path
+    plots = []
+    for run in sorted(logs):
+        for title, kinds, columns in RUN_PLOTS:
+            files = {logs[run][kind]: list(columns) for kind in kinds if kind in logs[run]}
+            if files:
+                plots.append({f"{run}: {title}": {"x": "step", "y": files,
+                                                  "title": f"{run}: {title}"}})
+    return plots
+
+
 def write_code_fingerprints(root: Path = Path(".")) -> None:
     """One file per kind listing the modules its stages run and their hashes."""
     # Resume checkpoints are large and never versioned; nor is the project lock.
@@ -178,7 +206,8 @@ def compile_specs(specs: list[dict], root: Path = Path(".")) -> list[list[Stage]
     dvc_yaml = root / "dvc.yaml"
     existing = (yaml.safe_load(dvc_yaml.read_text()) or {}) if dvc_yaml.exists() else {}
     merged = merge(existing.get("stages") or {}, specs, plans)
-    atomic_write_text(dvc_yaml, yaml.safe_dump({**existing, "stages": merged}, sort_keys=False))
+    document = {**existing, "stages": merged, "plots": top_level_plots(merged)}
+    atomic_write_text(dvc_yaml, yaml.safe_dump(document, sort_keys=False))
     lock = root / "dvc.lock"
     if lock.exists():
         data = yaml.safe_load(lock.read_text()) or {}

@@ -169,3 +169,20 @@ def test_hostile_paths_never_reach_a_shell(tmp_path):
                              text=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, check=True)
         assert json.loads(ran.stdout) == shlex.split(stage["cmd"])[1:], name
     assert not list(tmp_path.rglob("pwned*"))
+
+
+def test_each_runs_curves_are_top_level_dvc_plots(tmp_path):
+    compile_specs([tiny(), tiny("other")], tmp_path)
+    plots = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["plots"]
+    by_id = {next(iter(p)): next(iter(p.values())) for p in plots}
+    assert set(by_id) == {f"{run}: {title}" for run in ("tiny_vqa", "other")
+                          for title in ("training loss", "expected vs target sparsity")}
+    loss = by_id["other: training loss"]
+    assert loss["x"] == "step" and loss["y"] == {"runs/other/prune/log.csv": ["loss"],
+                                                 "runs/other/finetune/log.csv": ["loss"]}
+    assert by_id["tiny_vqa: expected vs target sparsity"]["y"] == {
+        "runs/tiny_vqa/prune/log.csv": ["expected_sparsity/overall", "target_sparsity"]}
+    # a spec compiled alone again keeps the other's plots, as it keeps its stages
+    compile_specs([tiny()], tmp_path)
+    plots = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["plots"]
+    assert {next(iter(p)) for p in plots} == set(by_id)

@@ -128,6 +128,10 @@ def test_run_rerun_partial_reruns_and_sharing(project):
     shown = sh([sys.executable, "-m", "dvc", "metrics", "show"], project).stdout
     assert "runs/tiny_vqa/evaluate/metrics.json" in shown
     assert ran(sh([sys.executable, "-m", "dvc", "repro"], project).stdout) == set()
+    plots = json.loads(sh([sys.executable, "-m", "dvc", "plots", "show", "--json"],
+                          project).stdout)
+    assert {"tiny_vqa: training loss", "tiny_sweep: expected vs target sparsity"} <= set(
+        plots["data"]) and not plots["errors"]
 
     diff = sh([*EVLM, "diff", "tiny_vqa", "tiny_sweep", "--plot", "diff.png"], project).stdout
     assert re.search(r"prune\.target_sparsity\s+0\.3\s+0\.6", diff)
