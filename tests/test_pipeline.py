@@ -12,6 +12,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from evlm_cli.spec import load_schema
+
 REPO = Path(__file__).resolve().parents[1]
 EVLM = [sys.executable, "-m", "evlm_cli"]
 # One tiny spec per task; they agree on the task-agnostic sections.
@@ -59,6 +61,7 @@ def edit_spec(path: Path, name: str | None = None, **changes) -> Path:
 
 
 def test_run_rerun_partial_reruns_and_sharing(project):
+    spec_sections = set(load_schema()["properties"])
     spec = project / "specs/tiny_vqa.yaml"
     first = sh([*EVLM, "run", *(str(project / f"specs/{name}.yaml") for name in TINY_SPECS)],
                project)
@@ -135,6 +138,19 @@ def test_run_rerun_partial_reruns_and_sharing(project):
 
     diff = sh([*EVLM, "diff", "tiny_vqa", "tiny_sweep", "--plot", "diff.png"], project).stdout
     assert re.search(r"prune\.target_sparsity\s+0\.3\s+0\.6", diff)
+    # the two runs differ in one param, and every figure shown is its metrics.json value
+    table = sh([*EVLM, "diff", "tiny_vqa", "tiny_sweep", "--format", "markdown"],
+               project).stdout.splitlines()
+    rows = {cells[0]: cells[1:] for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in table[2:])}
+    params = {label for label in rows if "." in label and label.split(".")[0] in spec_sections}
+    assert params == {"prune.target_sparsity"}
+    for column, name in enumerate(("tiny_vqa", "tiny_sweep")):
+        m = json.loads((project / f"runs/{name}/evaluate/metrics.json").read_text())
+        assert rows["vqa_accuracy"][column] == f"{m['value']:.4g}"
+        assert rows["sparsity overall"][column] == f"{m['sparsity']['overall']:.4g}"
+        assert rows["speedup batch 1"][column] == f"{m['speedup']['batch_1']:.4g}"
+        assert rows["params (M)"][column] == f"{m['params'] / 1e6:.4g}"
     with Image.open(project / "diff.png") as image:
         image.load()
         assert image.format == "PNG" and min(image.size) >= 300

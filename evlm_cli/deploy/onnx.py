@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from evlm_cli.errors import EvlmError
-from evlm_cli.models.vlm import VLM, TaskLogits
+from evlm_cli.models.vlm import VLM, TaskLogits, for_inference
 from evlm_cli.packaged import EXPORT_INSTALL
 
 INPUTS = ("images", "input_ids", "attention_mask")
@@ -38,7 +38,7 @@ def export_onnx(model: VLM, task: str, example: tuple[Tensor, Tensor, Tensor], p
                 opset: int) -> Path:
     """Write `model` (eval mode, on the CPU) to `path` with dynamic batch and text axes."""
     onnx, _ = require_runtime()
-    wrapper = TaskLogits(model.eval().cpu(), task).eval()
+    wrapper = TaskLogits(for_inference(model.cpu()), task).eval()
     dynamic = {"images": {0: "batch"}, "input_ids": {0: "batch", 1: "text"},
                "attention_mask": {0: "batch", 1: "text"}, OUTPUT: {0: "batch"}}
     with warnings.catch_warnings(), torch.no_grad():

@@ -171,8 +171,18 @@ class Block(nn.Module):
         self.mlp = MLP(w, cfg.ffn[index], cfg.act)
         self.norm2 = nn.LayerNorm(w, eps=eps)
 
-    def _sublayer(self, x: Tensor, norm: nn.LayerNorm, fn, layer_gate: Tensor | None):
-        """Residual wiring shared by all sublayers; a layer gate scales the sublayer's output."""
+    def _sublayer(self, x: Tensor, norm: nn.LayerNorm, fn, layer_gate: Tensor | None,
+                  empty_bias: Tensor | None = None):
+        """Residual wiring shared by all sublayers; a layer gate scales the sublayer's output.
+
+        A sublayer pruned to nothing (`empty_bias`: no heads or no neurons) outputs its bias
+        alone, whatever its input: it is added without normalising the input for nothing.
+        """
+        if empty_bias is not None:
+            out = empty_bias.to(x.dtype)
+            if layer_gate is not None:
+                out = out * layer_gate.to(out.dtype)
+            return (x + out if self.pre_norm else norm(x + out)), None
         out, maps = fn(norm(x) if self.pre_norm else x)
         if layer_gate is not None:
             out = out * layer_gate.to(out.dtype)
@@ -186,7 +196,7 @@ class Block(nn.Module):
             x, self.norm1,
             lambda h: self.attn(h, mask=mask, head_gate=g("heads"), need_weights=need_weights,
                                 cache=cache.attn if cache is not None else None),
-            g("attn_layer"))
+            g("attn_layer"), None if self.attn.heads else self.attn.out_bias)
         cross = None
         if self.cross is not None:
             x, cross = self._sublayer(
@@ -194,8 +204,9 @@ class Block(nn.Module):
                 lambda h: self.cross(h, kv=kv, mask=kv_mask, head_gate=g("cross_heads"),
                                      need_weights=need_weights,
                                      cache=cache.cross if cache is not None else None),
-                g("cross_layer"))
-        x, _ = self._sublayer(x, self.norm2, lambda h: (self.mlp(h, g("ffn")), None), g("ffn_layer"))
+                g("cross_layer"), None if self.cross.heads else self.cross.out_bias)
+        x, _ = self._sublayer(x, self.norm2, lambda h: (self.mlp(h, g("ffn")), None),
+                              g("ffn_layer"), None if self.mlp.hidden else self.mlp.fc2_bias)
         return LayerOutput(x, attn, cross)
 
 

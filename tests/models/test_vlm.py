@@ -346,3 +346,43 @@ def test_nlvr2_needs_two_images_per_text_and_keeps_its_head_through_save_and_loa
     with torch.no_grad():
         torch.testing.assert_close(loaded.logits("nlvr2", loaded(pair, ids, mask)),
                                    model.logits("nlvr2", model(pair, ids, mask)))
+
+
+def test_for_inference_folds_the_stems_batchnorm_and_computes_the_same():
+    from evlm_cli.models.vlm import for_inference
+
+    torch.manual_seed(0)
+    model = VLM(tiny_config(stem="conv", heads=["vqa"]))
+    model.train()
+    with torch.no_grad():  # running statistics that are not the identity
+        model(*inputs())
+    model.eval()
+    fast = for_inference(model)
+    assert model.training is False and any(isinstance(m, torch.nn.BatchNorm2d)
+                                            for m in model.modules())  # the original is kept
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    x = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(fast.logits("vqa", fast(*x)), model.logits("vqa", model(*x)),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        model.train().vision.stem.fold_batchnorm()
+
+
+def test_an_empty_sublayer_adds_its_bias_alone_exactly():
+    cfg = uneven_config()  # an attention sublayer with no heads, an FFN with no neurons
+    torch.manual_seed(0)
+    model = VLM(cfg).eval()
+    for module in model.modules():  # biases that are not zero, so skipping them would show
+        for name in ("out_bias", "fc2_bias"):
+            if hasattr(module, name):
+                getattr(module, name).data.normal_()
+    block = model.vision.encoder.layers[1]
+    assert block.attn.heads == 0
+    h = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        expected = h + block.attn.out_bias  # what attention's output adds to the residual
+        got, _ = block._sublayer(h, block.norm1, lambda x: block.attn(x), None,
+                                 block.attn.out_bias)
+        computed, _ = block._sublayer(h, block.norm1, lambda x: block.attn(x), None)
+    assert torch.equal(got, expected) and torch.equal(got, computed)
