@@ -25,7 +25,16 @@ class PreparedData:
     def __init__(self, prepared_dir: str | os.PathLike) -> None:
         self.directory = Path(prepared_dir)
         self.meta = _read_json(self.directory / "meta.json")
+        if not isinstance(self.meta, dict) or not isinstance(self.meta.get("splits"), dict):
+            raise DataError(f"{self.directory / 'meta.json'}: not the meta of a prepared folder "
+                            "(expected an object with its splits); prepare again")
         self.answers: list[str] = _read_json(self.directory / "answers.json")
+        if not isinstance(self.answers, list) or not all(isinstance(a, str) for a in self.answers):
+            raise DataError(f"{self.directory / 'answers.json'}: expected a list of answers "
+                            f"(strings), got {type(self.answers).__name__}; prepare again")
+        if len(self.answers) != self.meta.get("num_answers", len(self.answers)):
+            raise DataError(f"{self.directory / 'answers.json'}: {len(self.answers)} answers, "
+                            f"meta.json says {self.meta['num_answers']}; prepare again")
         self._images: torch.Tensor | None = None
 
     @property
@@ -200,8 +209,11 @@ class PreparedSplit(Dataset):
 def _read_json(path: Path):
     if not path.is_file():
         raise DataError(f"{path}: missing; run the prepare stage first")
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not valid JSON ({error}); prepare again") from None
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

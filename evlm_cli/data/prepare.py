@@ -184,7 +184,13 @@ def read_task_splits(data: DataConfig, task: str, seed: int, scratch: Path | Non
     labelled = partial(read_vqa, require_answers=True)
     splits = read_xvlm_splits(data, seed, labelled, labelled,
                               partial(read_vqa, require_answers=False))
-    return splits, read_answer_list(data.answer_list)
+    answers = read_answer_list(data.answer_list)
+    known = set(answers)
+    if not any(known & set(record["answers"]) for record in splits["train"]):
+        raise DataError(f"answer list {data.answer_list}: none of the train questions' answers "
+                        f"is in it ({len(answers)} answers; train has, e.g., "
+                        f"{splits['train'][0]['answers'][:3]})")
+    return splits, answers
 
 
 def read_xvlm_splits(data: DataConfig, seed: int, read_train: Reader, read_eval: Reader,

@@ -136,6 +136,8 @@ def _entries(files: Sequence[PathLike], keys: tuple[str, ...]) -> Iterator[tuple
         entries = _load_json(Path(file))
         if not isinstance(entries, list):
             raise DataError(f"{file}: expected a JSON list of entries, got {type(entries).__name__}")
+        if not entries:
+            raise DataError(f"{file}: holds no entries")
         for index, entry in enumerate(entries):
             where = f"{file}: entry {index}"
             if not isinstance(entry, dict):
