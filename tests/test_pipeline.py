@@ -176,6 +176,34 @@ def test_run_rerun_partial_reruns_and_sharing(project):
     assert "retention" in shown
     assert "allocation:" in shown and re.search(r"vision\s+heads\s+\S+\s+\d+/2", shown)
 
+    # A team shares runs/ through a DVC remote: push here, pull into a second checkout (what
+    # git would carry: everything but DVC's cached outputs); there nothing retrains.
+    dvc = [sys.executable, "-m", "dvc"]
+    sh([*dvc, "remote", "add", "-d", "team", str(project.parent / "remote")], project)
+    sh([*dvc, "push"], project)
+    second = project.parent / "second"
+    copy_checkout(project, second)
+    assert not (second / "runs/tiny_vqa/finetune/model").exists()
+    sh([*dvc, "pull"], second)
+    assert (second / "runs/tiny_vqa/finetune/model/model.safetensors").is_file()
+    assert ran(sh([*EVLM, "run", "specs/tiny_vqa.yaml"], second).stdout) == set()
+    shared = sh([*EVLM, "diff", "tiny_vqa", "tiny_sweep", "--format", "json"], second).stdout
+    assert json.loads(shared)["tiny_sweep"]["metrics"] == json.loads(
+        (project / "runs/tiny_sweep/evaluate/metrics.json").read_text())
+
+
+def copy_checkout(project: Path, target: Path) -> None:
+    """Copy what a git clone of `project` would hold: not DVC's cache, its cached outputs
+    (dvc.yaml's `outs`; metrics and plots are not cached) or evlm's resume folders."""
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    cached = {project / out for stage in stages.values() for out in stage.get("outs", [])}
+    skipped = cached | {project / ".dvc/cache", project / ".dvc/tmp", project / ".evlm/work"}
+
+    def ignore(folder, names):
+        return [n for n in names if Path(folder) / n in skipped]
+
+    shutil.copytree(project, target, ignore=ignore)
+
 
 def changed_stages(project: Path, package: Path) -> set[str]:
     """The kinds `dvc status` lists after compiling with the evlm package at `package`."""
