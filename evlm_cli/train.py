@@ -10,8 +10,10 @@ import csv
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +31,9 @@ from evlm_cli.io import atomic_path
 from evlm_cli.layout import WORK_ROOT
 
 CHECKPOINT = "resume.pt"
+# Fault injection for the fault tests: "KIND:STEP" makes a stage of that kind kill itself with
+# SIGKILL right after saving its checkpoint at that step, as a crash or an OOM kill would.
+KILL_ENV = "EVLM_FAULT_KILL"
 
 
 class Batches(Protocol):
@@ -151,7 +156,13 @@ class _Log:
         rows = []
         if resume_step and path.exists():
             with path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+                # Rows up to the checkpoint, in order; a crash may have cut the last line short.
+                for r in csv.DictReader(f):
+                    if None in r.values() or not r["step"].isdigit():
+                        break
+                    if int(r["step"]) != len(rows) + 1 or int(r["step"]) > resume_step:
+                        break
+                    rows.append(r)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = path.open("w", newline="")
         self.rows_before = rows
@@ -169,6 +180,11 @@ class _Log:
             self.writer.writeheader()
             self.writer.writerows(self.rows_before)
         self.writer.writerow(row)
+
+    def flush(self) -> None:
+        if self.file:
+            self.file.flush()
+            os.fsync(self.file.fileno())
 
     def close(self) -> None:
         if self.file:
@@ -242,7 +258,10 @@ def fit(run: Run) -> dict[str, float]:
                 bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=f"{n / dt:.0f}")
                 bar.update(1)
                 if step % every == 0 and step < total:
+                    log.flush()  # the rows a resume keeps are on disk before the checkpoint
                     _save(ckpt_path, run, schedule, step)
+                    if os.environ.get(KILL_ENV) == f"{run.desc}:{step}":
+                        os.kill(os.getpid(), signal.SIGKILL)
                 if step >= total:
                     break
     finally:

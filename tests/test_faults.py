@@ -1,0 +1,108 @@
+"""A stage killed with SIGKILL leaves nothing that looks finished, and its rerun resumes and
+ends exactly where an uninterrupted run ends.
+
+Each training kind runs three times on a tiny project, each as its own process: once
+uninterrupted; once killed (SIGKILL, as a crash or the OOM killer would) right after the
+checkpoint of step 4 (`EVLM_FAULT_KILL`); and once more, which must resume from step 4.
+"""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from evlm_cli.spec import load_spec
+from evlm_cli.stage import run_stage
+from evlm_cli.train import KILL_ENV
+
+TINY = Path(__file__).resolve().parent / "specs" / "tiny_vqa.yaml"
+STEPS, EVERY, KILL_AT = 8, 4, 4
+# Columns of log.csv that measure the machine, not the training.
+TIMING = {"examples_per_s"}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    before = os.getcwd()
+    os.chdir(root)
+    try:
+        spec = load_spec(TINY)
+        for section in ("pretrain", "task_teacher", "distill", "prune", "finetune"):
+            train = spec[section]["train"]
+            train.update(max_steps=STEPS, checkpoint_every=EVERY, batch_size=16)
+        (root / "params.yaml").write_text(yaml.safe_dump(spec))
+        p = ["--params", "params.yaml"]
+        assert run_stage("prepare_pairs", [*p, "--data", "pairs"]) == 0
+        assert run_stage("prepare", [*p, "--pairs", "pairs", "--data", "data"]) == 0
+        yield root
+    finally:
+        os.chdir(before)
+
+
+# Each kind's inputs (made by the kinds before it, uninterrupted) and outputs.
+STAGES = {
+    "teacher_pretrain": ({"pairs": "pairs"}, ("model",)),
+    "distill": ({"pairs": "pairs", "teacher": "teacher_pretrain-whole/model"}, ("model",)),
+    "teacher": ({"prepared": "data", "pretrained": "teacher_pretrain-whole/model"}, ("model",)),
+    "prune": ({"prepared": "data", "student": "distill-whole/model",
+               "teacher": "teacher-whole/model"}, ("model", "masks")),
+    "finetune": ({"prepared": "data", "student": "prune-whole/model",
+                  "teacher": "teacher-whole/model"}, ("model",)),
+}
+FILES = {"model": "model", "masks": "masks.json", "log": "log.csv"}
+
+
+def arguments(kind: str, run: str) -> list[str]:
+    inputs, outputs = STAGES[kind]
+    args = ["--params", "params.yaml"]
+    for name, path in inputs.items():
+        args += [f"--{name}", path]
+    for name in (*outputs, "log"):
+        args += [f"--{name}", f"{kind}-{run}/{FILES[name]}"]
+    return args
+
+
+def stage(root: Path, kind: str, run: str, kill: bool = False) -> subprocess.CompletedProcess:
+    """The stage as its own process, as DVC runs it (so that SIGKILL kills only it)."""
+    args = arguments(kind, run)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop(KILL_ENV, None)
+    if kill:
+        env[KILL_ENV] = f"{kind}:{KILL_AT}"
+    return subprocess.run([sys.executable, "-m", "evlm_cli", "stage", kind, *args], cwd=root,
+                          env=env, capture_output=True, text=True)
+
+
+def log_rows(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("kind", list(STAGES))
+def test_a_killed_stage_resumes_and_ends_as_an_uninterrupted_one(project, kind):
+    assert run_stage(kind, arguments(kind, "whole")) == 0  # in this process: no kill asked
+    killed = stage(project, kind, "resumed", kill=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    # nothing that DVC or evlm would take for a finished output
+    for name in (*STAGES[kind][1], "log"):
+        assert not (project / f"{kind}-resumed" / FILES[name]).exists(), name
+    again = stage(project, kind, "resumed")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming from step {KILL_AT} of {STEPS}" in again.stdout + again.stderr
+    a = load_file(project / f"{kind}-whole/model/model.safetensors")
+    b = load_file(project / f"{kind}-resumed/model/model.safetensors")
+    assert a.keys() == b.keys()
+    differing = [k for k in a if not (a[k] == b[k]).all()]
+    assert not differing, f"{kind}: resumed weights differ from the uninterrupted run's: {differing}"
+    assert log_rows(project / f"{kind}-whole/log.csv") == log_rows(
+        project / f"{kind}-resumed/log.csv"), f"{kind}: log.csv differs (timing columns aside)"
+    if "masks" in STAGES[kind][1]:
+        assert (project / f"{kind}-whole/masks.json").read_text() == (
+            project / f"{kind}-resumed/masks.json").read_text()
