@@ -1,9 +1,9 @@
 """A stage killed with SIGKILL leaves nothing that looks finished, and its rerun resumes and
 ends exactly where an uninterrupted run ends.
 
-Each training kind runs three times on a tiny project, each as its own process: once
-uninterrupted; once killed (SIGKILL, as a crash or the OOM killer would) right after the
-checkpoint of step 4 (`EVLM_FAULT_KILL`); and once more, which must resume from step 4.
+Each training kind runs three times on a tiny project: once uninterrupted; once as its own
+process, killed (SIGKILL, as a crash or the OOM killer would) right after the checkpoint of
+step 4 (`EVLM_FAULT_KILL`); and once more, which must resume from step 4.
 """
 
 import csv
@@ -86,16 +86,16 @@ def log_rows(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("kind", list(STAGES))
-def test_a_killed_stage_resumes_and_ends_as_an_uninterrupted_one(project, kind):
+def test_a_killed_stage_resumes_and_ends_as_an_uninterrupted_one(project, kind, capsys):
     assert run_stage(kind, arguments(kind, "whole")) == 0  # in this process: no kill asked
     killed = stage(project, kind, "resumed", kill=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     # nothing that DVC or evlm would take for a finished output
     for name in (*STAGES[kind][1], "log"):
         assert not (project / f"{kind}-resumed" / FILES[name]).exists(), name
-    again = stage(project, kind, "resumed")
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert f"resuming from step {KILL_AT} of {STEPS}" in again.stdout + again.stderr
+    assert run_stage(kind, arguments(kind, "resumed")) == 0  # the rerun, in this process
+    said = capsys.readouterr()
+    assert f"resuming from step {KILL_AT} of {STEPS}" in said.out + said.err
     a = load_file(project / f"{kind}-whole/model/model.safetensors")
     b = load_file(project / f"{kind}-resumed/model/model.safetensors")
     assert a.keys() == b.keys()
