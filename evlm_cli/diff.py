@@ -110,6 +110,12 @@ def mean_std(values: list) -> tuple[float, float] | None:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def seed_results(group: dict) -> tuple[list[dict], list[str]]:
+    """Each seed's results ({label: value}) and every label in reading order."""
+    results = [dict(result_rows(member["metrics"])) for member in group["seeds"]]
+    return results, list(dict.fromkeys(label for res in results for label in res))
+
+
 def _mean_std_text(values: list) -> str:
     found = mean_std(values)
     return "-" if found is None else f"{_fmt(found[0])} ± {_fmt(found[1])}"
@@ -124,16 +130,15 @@ def group_table(group: dict) -> str:
     """The seeds of one spec: every result as mean ± std, then each seed's value."""
     runs, params = group["seeds"], group["params"]
     seeds = [run["params"]["seed"] for run in runs]
-    results = [dict(result_rows(run["metrics"])) for run in runs]
-    labels = list(dict.fromkeys(label for res in results for label in res))
+    results, labels = seed_results(group)
     header = ["", f"mean ± std (n={len(runs)})", *(f"seed {seed}" for seed in seeds)]
     rows = [[label, _mean_std_text([res.get(label) for res in results]),
              *(_fmt(res.get(label)) for res in results)] for label in labels]
-    scope = params.get("seed_scope") if params.get("shared_seed") is not None else "all"
+    scope = "compression" if params.get("shared_seed") is not None else "all"
     lines = [f"{group['name']}: {len(runs)} seeds ({', '.join(map(str, seeds))}), "
              f"{params['task']}, {params['prune']['mode']} pruning to "
              f"{params['prune']['target_sparsity']:.0%}",
-             f"  {SCOPE_TEXT[scope or 'all']}"]
+             f"  {SCOPE_TEXT[scope]}"]
     lines += ["  " + line for line in render(header, rows, "table").splitlines()]
     warned = [f"  warning: seed {seed}: {line}" for seed, run in zip(seeds, runs, strict=True)
               for line in run["metrics"].get("warnings", [])]
@@ -415,8 +420,7 @@ def _columns(run: dict) -> list[tuple[str, dict[str, str], dict]]:
         return [(run["name"], {k: _fmt(v) for k, v in result_rows(run["metrics"])},
                  _flatten(run["params"]))]
     singles = [column for member in run["seeds"] for column in _columns(member)]
-    results = [dict(result_rows(member["metrics"])) for member in run["seeds"]]
-    labels = dict.fromkeys(label for res in results for label in res)
+    results, labels = seed_results(run)
     summary = {label: _mean_std_text([res.get(label) for res in results]) for label in labels}
     flat = {**_flatten(run["params"]),
             "seed": ",".join(str(member["params"]["seed"]) for member in run["seeds"])}
@@ -440,9 +444,9 @@ def diff_json(runs: list[dict]) -> str:
         if "seeds" not in r:
             out[r["name"]] = {"metrics": r["metrics"], "params": r["params"]}
             continue
-        results = [dict(result_rows(member["metrics"])) for member in r["seeds"]]
+        results, labels = seed_results(r)
         summary = {}
-        for label in dict.fromkeys(label for res in results for label in res):
+        for label in labels:
             found = mean_std([res.get(label) for res in results])
             if found is not None:
                 summary[label] = {"mean": found[0], "std": found[1]}

@@ -13,7 +13,7 @@ import csv
 from pathlib import Path
 
 from evlm_cli.config import ENCODERS
-from evlm_cli.diff import UNIT_LABELS, mean_std
+from evlm_cli.diff import UNIT_LABELS, mean_std, members_of
 from evlm_cli.io import atomic_path
 
 # Curves drawn per stage from log.csv, when the log has them, each in its own panel.
@@ -39,16 +39,15 @@ def _save(fig, path: Path) -> Path:
 
 def _points(run: dict, batch: str) -> list[tuple[float, float]]:
     """(student latency ms, metric) per seed of a run or group at one batch size."""
-    members = run.get("seeds", [run])
     return [(m["metrics"]["latency_ms"][batch]["student"], m["metrics"]["value"])
-            for m in members if batch in m["metrics"].get("latency_ms", {})]
+            for m in members_of([run]) if batch in m["metrics"].get("latency_ms", {})]
 
 
 def pareto(runs: list[dict], path: Path) -> Path:
     """Metric against latency per batch size (teacher and student of each run; a group of
     seeds at its mean with ± std bars, each seed faint behind), and sparsity per encoder."""
     plt = _pyplot()
-    members = [m for r in runs for m in r.get("seeds", [r])]
+    members = members_of(runs)
     batches = list(dict.fromkeys(b for m in members for b in m["metrics"].get("latency_ms", {})))
     fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5 * (len(batches) + 1), 4.2),
                              squeeze=False)
@@ -77,7 +76,7 @@ def pareto(runs: list[dict], path: Path) -> Path:
     width = 0.8 / len(runs)
     for index, run in enumerate(runs):
         values = [[m["metrics"]["sparsity"].get(key, 0.0) for key in ("overall", *ENCODERS)]
-                  for m in run.get("seeds", [run])]
+                  for m in members_of([run])]
         means = [sum(column) / len(column) for column in zip(*values, strict=True)]
         ax.bar([j + index * width for j in range(4)], means, width, label=run["name"])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(4)], ["overall", *ENCODERS])

@@ -21,8 +21,8 @@ from evlm_cli.models.vlm import (
     for_inference,
     param_breakdown,
     prunable_param_count,
-    with_heads,
 )
+from evlm_cli.recipe.prune import task_student
 from evlm_cli.recipe.scoring import (
     Forward,
     decoder_ids,
@@ -94,15 +94,6 @@ def run_teacher_eval(params: Params, *, prepared: Path, teacher: Path, metrics: 
     return report
 
 
-def dense_student(distilled: Path, teacher: VLM, task: str, data: PreparedData) -> VLM:
-    """The distilled student before pruning, with the task's heads as the prune stage gives
-    it: what the student costs from depth alone. Its task head is untrained, so it is timed
-    and counted, not scored."""
-    return with_heads(load_model(distilled), list(TASKS[task].heads),
-                      num_answers=teacher.config.num_answers, pool=teacher.config.pool,
-                      image_size=data.meta["image_size"]).eval()
-
-
 def speedup_split(latency: dict, gflops: dict) -> dict:
     """Per batch size: the speedup of depth (teacher / dense student) and of pruning (dense /
     pruned student), whose product is the whole; and each measured speedup over its FLOPs
@@ -128,7 +119,9 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
     data = PreparedData(prepared)
     student_model = load_model(student).eval()
     teacher_model = load_model(teacher).eval()
-    dense_model = dense_student(dense, teacher_model, task, data)
+    # The student before pruning: what depth alone gives. Its task head is untrained, so it
+    # is timed and counted, not scored.
+    dense_model = task_student(dense, teacher_model, task, data).eval()
     t_metrics = json.loads(Path(teacher_metrics).read_text())
     scores = test_report(student_model, data, task, ev, device)
     value = scores["value"]

@@ -16,7 +16,7 @@ from evlm_cli.data.loader import PreparedData
 from evlm_cli.errors import TrainingError
 from evlm_cli.io import atomic_path, atomic_write_json
 from evlm_cli.models.checkpoint import load_model, save_model
-from evlm_cli.models.vlm import param_breakdown, with_heads
+from evlm_cli.models.vlm import VLM, param_breakdown, with_heads
 from evlm_cli.recipe.scoring import evaluate_task
 from evlm_cli.tasks import TASKS
 from evlm_cli.train import Optim, adamw, empty_log, finish, fit, make_run, setup
@@ -50,20 +50,26 @@ def budget_warnings(report: dict, mode: str, target: float, min_keep: float) -> 
     return warnings
 
 
+def task_student(distilled: Path, teacher: VLM, task: str, data: PreparedData) -> VLM:
+    """The distilled student with the task's heads, shaped as the task teacher's: what pruning
+    starts from (and what evaluate times as the dense student).
+
+    The distilled student knows no task. A classifier starts fresh; retrieval keeps the
+    pre-trained ITC and ITM heads, captioning the MLM head as its LM head. A task at another
+    image size than the pairs resamples the positions, as the task teacher did.
+    """
+    return with_heads(load_model(distilled), list(TASKS[task].heads),
+                      num_answers=teacher.config.num_answers, pool=teacher.config.pool,
+                      image_size=data.meta["image_size"])
+
+
 def run_prune(params: Params, *, prepared: Path, student: Path, teacher: Path, model: Path,
               masks: Path, log: Path) -> dict:
     p = params.prune
     device = setup(params.seed, params.resources.threads, params.device)
     data = PreparedData(prepared)
     teacher_model = load_model(teacher).to(device).eval()
-    # The distilled student knows no task: it gets the task's heads, shaped as the teacher's.
-    # A classifier starts fresh; retrieval keeps the pre-trained ITC and ITM heads, captioning
-    # the MLM head as its LM head. A task at another image size than the pairs resamples the
-    # positions, as the task teacher did.
-    student_model = with_heads(load_model(student), list(TASKS[params.task].heads),
-                               num_answers=teacher_model.config.num_answers,
-                               pool=teacher_model.config.pool,
-                               image_size=data.meta["image_size"]).to(device)
+    student_model = task_student(student, teacher_model, params.task, data).to(device)
     layer_maps = json.loads((Path(student) / "layer_map.json").read_text())
     gates = L0Gates(student_model.prunable_groups(p.units), droprate_init=p.droprate_init)
     gates.to(device)
