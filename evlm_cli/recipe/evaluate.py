@@ -22,7 +22,6 @@ from evlm_cli.models.vlm import (
     param_breakdown,
     prunable_param_count,
 )
-from evlm_cli.recipe.prune import task_student
 from evlm_cli.recipe.scoring import (
     Forward,
     decoder_ids,
@@ -30,6 +29,7 @@ from evlm_cli.recipe.scoring import (
     evaluate_report,
     fixed_batch,
 )
+from evlm_cli.recipe.student import task_student
 from evlm_cli.tasks import TASKS
 from evlm_cli.train import setup
 

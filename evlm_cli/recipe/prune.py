@@ -16,9 +16,9 @@ from evlm_cli.data.loader import PreparedData
 from evlm_cli.errors import TrainingError
 from evlm_cli.io import atomic_path, atomic_write_json
 from evlm_cli.models.checkpoint import load_model, save_model
-from evlm_cli.models.vlm import VLM, param_breakdown, with_heads
+from evlm_cli.models.vlm import param_breakdown
 from evlm_cli.recipe.scoring import evaluate_task
-from evlm_cli.tasks import TASKS
+from evlm_cli.recipe.student import task_student
 from evlm_cli.train import Optim, adamw, empty_log, finish, fit, make_run, setup
 
 # Training that ends further than this from the target gets a warning: the final selection
@@ -48,19 +48,6 @@ def budget_warnings(report: dict, mode: str, target: float, min_keep: float) -> 
                 warnings.append(f"the {enc} encoder keeps {kept:.3f} of its prunable "
                                 f"parameters, at its floor min_keep {min_keep:g}")
     return warnings
-
-
-def task_student(distilled: Path, teacher: VLM, task: str, data: PreparedData) -> VLM:
-    """The distilled student with the task's heads, shaped as the task teacher's: what pruning
-    starts from (and what evaluate times as the dense student).
-
-    The distilled student knows no task. A classifier starts fresh; retrieval keeps the
-    pre-trained ITC and ITM heads, captioning the MLM head as its LM head. A task at another
-    image size than the pairs resamples the positions, as the task teacher did.
-    """
-    return with_heads(load_model(distilled), list(TASKS[task].heads),
-                      num_answers=teacher.config.num_answers, pool=teacher.config.pool,
-                      image_size=data.meta["image_size"])
 
 
 def run_prune(params: Params, *, prepared: Path, student: Path, teacher: Path, model: Path,
