@@ -7,14 +7,17 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
-from transformers import BertTokenizerFast
 
 from evlm_cli.data.tokenizer import load_tokenizer
 from evlm_cli.errors import DataError
+
+if TYPE_CHECKING:  # transformers costs ~2 s to import: only functions that build a
+    from transformers import BertTokenizerFast  # tokenizer import it
 
 Batch = dict[str, torch.Tensor]
 

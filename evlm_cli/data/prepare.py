@@ -23,12 +23,12 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
-from transformers import BertTokenizerFast
 
 from evlm_cli.config import DataConfig, PairsConfig
 from evlm_cli.data.captions import read_easy_vqa_pairs, read_easy_vqa_retrieval
@@ -56,6 +56,9 @@ from evlm_cli.data.xvlm_json import (
 from evlm_cli.errors import DataError
 from evlm_cli.io import atomic_path, atomic_save_safetensors, atomic_write_json
 from evlm_cli.tasks.vqa import answer_scores
+
+if TYPE_CHECKING:  # transformers costs ~2 s to import: only functions that build a
+    from transformers import BertTokenizerFast  # tokenizer import it
 
 SPLITS = ("train", "val", "test")
 # Pixels are stored raw; loaders map them to [-1, 1] with this per-channel mean and std.

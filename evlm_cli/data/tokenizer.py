@@ -6,13 +6,16 @@ import os
 import string
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
-from transformers import BertTokenizerFast
 
 from evlm_cli.errors import DataError
+
+if TYPE_CHECKING:  # transformers costs ~2 s to import: only functions that build a
+    from transformers import BertTokenizerFast  # tokenizer import it
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 # Order fixes the ids of a trained vocabulary: [PAD] is 0, as every padding mask here assumes.
@@ -108,6 +111,8 @@ def save_tokenizer(tokenizer: BertTokenizerFast, out_dir: str | os.PathLike) -> 
 def _load_directory(directory: Path) -> BertTokenizerFast:
     if not (directory / "vocab.txt").is_file() and not (directory / "tokenizer.json").is_file():
         raise DataError(f"tokenizer {directory}: directory has neither vocab.txt nor tokenizer.json")
+    from transformers import BertTokenizerFast
+
     return BertTokenizerFast.from_pretrained(str(directory), local_files_only=True)
 
 
@@ -144,6 +149,8 @@ def _wrap(backend: Tokenizer, source: Path) -> BertTokenizerFast:
         pair=f"{CLS}:0 $A:0 {SEP}:0 $B:1 {SEP}:1",
         special_tokens=[(CLS, vocab[CLS]), (SEP, vocab[SEP])],
     )
+    from transformers import BertTokenizerFast
+
     return BertTokenizerFast(
         tokenizer_object=backend,
         do_lower_case=True,
