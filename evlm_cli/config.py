@@ -242,6 +242,11 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class DenseConfig:
+    epochs: float
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     opset: int
     int8: bool
@@ -273,6 +278,7 @@ class Params:
     distill: DistillConfig | None = None
     prune: PruneConfig | None = None
     finetune: FinetuneConfig | None = None
+    dense: DenseConfig | None = None
     evaluate: EvaluateConfig | None = None
     export: ExportConfig | None = None
 

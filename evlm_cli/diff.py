@@ -313,6 +313,9 @@ def result_rows(m: dict) -> list[tuple[str, object]]:
             rows.append((f"teacher {label} {batch} (ms)", lat["teacher"]))
             rows.append(((f"{label} speedup" if label != "latency" else "speedup") + f" {batch}",
                          m[speedups][bs]))
+    if "dense_value" in m:
+        rows += [(f"dense {m['metric']}", m["dense_value"]),
+                 ("dense retention", m["dense_retention"])]
     if "dense_params" in m:
         rows += [("dense params (M)", m["dense_params"] / 1e6),
                  ("dense GFLOPs / example", m["dense_gflops_per_example"])]
@@ -341,8 +344,9 @@ def summary_table(run: dict) -> str:
     lines = [f"{run['name']}: {run['params']['task']}, {run['params']['prune']['mode']} pruning "
              f"to {run['params']['prune']['target_sparsity']:.0%}",
              row("", "teacher", "dense", "student", ""),
-             row(m["metric"], m["teacher_value"], "-", m["value"], ".4f",
-                 f"   retention {m['retention']:.1%}"),
+             row(m["metric"], m["teacher_value"], m.get("dense_value", "-"), m["value"], ".4f",
+                 f"   retention {m['retention']:.1%}" + (
+                     f" (dense {m['dense_retention']:.1%})" if "dense_value" in m else "")),
              *detail_lines(m, dense),
              row("params (M)", m["teacher_params"] / 1e6, m.get("dense_params", 0) / 1e6,
                  m["params"] / 1e6, ".2f"),

@@ -98,6 +98,14 @@ KINDS: dict[str, StageKind] = {k.name: k for k in [
         inputs={"prepared": "prepare.data", "teacher": "teacher.model"},
         outputs=(Output("metrics", "metrics.json", "metrics"),), shared=True),
     StageKind(
+        "dense", "the distilled student, not pruned, trained on the task as finetune trains: "
+        "the depth-only baseline evaluate scores",
+        "evlm_cli.recipe.finetune:run_dense", (*_TRAINING, "finetune", "dense"),
+        inputs={"prepared": "prepare.data", "student": "distill.model",
+                "teacher": "teacher.model"},
+        outputs=(Output("model", "model"), Output("log", "log.csv", "plots")),
+        shared=True, enabled_by="dense"),
+    StageKind(
         "prune", "the distilled student with a fresh task head: L0 gates under the sparsity "
         "budget, KD from the task teacher, then the gated units sliced out",
         "evlm_cli.recipe.prune:run_prune", (*_TRAINING, "prune"),
@@ -118,12 +126,13 @@ KINDS: dict[str, StageKind] = {k.name: k for k in [
         outputs=(Output("onnx", "onnx"),), enabled_by="export"),
     StageKind(
         "evaluate", "the student's metric, retention, size, FLOPs, speedup and sparsity; the "
-        "dense distilled student timed alongside, to split the speedup into depth and pruning",
+        "dense distilled student scored and timed alongside, to split both into depth and "
+        "pruning",
         "evlm_cli.recipe.evaluate:run_evaluate", ("task", "device", "resources", "evaluate"),
         inputs={"prepared": "prepare.data", "student": "finetune.model",
                 "teacher": "teacher.model", "teacher_metrics": "teacher_eval.metrics",
                 "masks": "prune.masks", "dense": "distill.model"},
-        optional_inputs={"onnx": "export.onnx"},
+        optional_inputs={"onnx": "export.onnx", "dense_model": "dense.model"},
         outputs=(Output("metrics", "metrics.json", "metrics"),)),
 ]}
 

@@ -44,8 +44,9 @@ def _points(run: dict, batch: str) -> list[tuple[float, float]]:
 
 
 def pareto(runs: list[dict], path: Path) -> Path:
-    """Metric against latency per batch size (teacher and student of each run; a group of
-    seeds at its mean with ± std bars, each seed faint behind), and sparsity per encoder."""
+    """Metric against latency per batch size (teacher, the dense student where it was scored,
+    and the student of each run; a group of seeds at its mean with ± std bars, each seed faint
+    behind), and sparsity per encoder."""
     plt = _pyplot()
     members = members_of(runs)
     batches = list(dict.fromkeys(b for m in members for b in m["metrics"].get("latency_ms", {})))
@@ -56,6 +57,13 @@ def pareto(runs: list[dict], path: Path) -> Path:
         teachers = {(m["metrics"]["latency_ms"][batch]["teacher"], m["metrics"]["teacher_value"])
                     for m in members if batch in m["metrics"].get("latency_ms", {})}
         ax.scatter(*zip(*teachers, strict=True), marker="s", color="black", label="teacher")
+        # the depth-only baseline, where a dense stage trained it: a diamond per distinct one
+        dense = {(m["metrics"]["latency_ms"][batch]["dense_student"], m["metrics"]["dense_value"])
+                 for m in members if "dense_value" in m["metrics"]
+                 and batch in m["metrics"].get("latency_ms", {})}
+        if dense:
+            ax.scatter(*zip(*dense, strict=True), marker="D", color="grey",
+                       label="dense student (not pruned)")
         for index, run in enumerate(runs):
             color = f"C{index}"
             points = _points(run, batch)

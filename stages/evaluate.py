@@ -1,9 +1,9 @@
-"""Stage kind `evaluate`: the student's metric, retention, size, FLOPs, speedup and sparsity; the dense distilled student timed alongside, to split the speedup into depth and pruning.
+"""Stage kind `evaluate`: the student's metric, retention, size, FLOPs, speedup and sparsity; the dense distilled student scored and timed alongside, to split both into depth and pruning.
 
 Reads params: task, device, resources, evaluate. Takes: prepared (prepare.data), student
 (finetune.model), teacher (teacher.model), teacher_metrics (teacher_eval.metrics), masks
 (prune.masks), dense (distill.model). Takes, when the spec has that stage: onnx
-(export.onnx). Writes: metrics (metrics.json, metrics). Runs
+(export.onnx), dense_model (dense.model). Writes: metrics (metrics.json, metrics). Runs
 evlm_cli.recipe.evaluate.run_evaluate(). Declared in evlm_cli/pipeline.py; DVC runs it as
 `evlm stage evaluate --params FILE ...`, and this file takes the same arguments.
 """

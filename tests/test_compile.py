@@ -91,10 +91,27 @@ def test_specs_differing_downstream_share_upstream_stages(tmp_path):
     assert e[1].params["resources"]["threads"] == 7  # the stage still reads it
 
 
+def test_the_dense_baseline_is_shared_by_targets_and_seeds_and_follows_finetune():
+    a = {s.kind.name: s for s in plan(tiny("a"))}
+    assert a["dense"].name.startswith("shared-dense-")
+    assert a["evaluate"].inputs["dense_model"] == a["dense"].outputs["model"]
+    assert a["dense"].inputs["student"] == a["distill"].outputs["model"]
+    # another target, and another seed of the same spec, reuse it
+    assert names(tiny("b", **{"prune.target_sparsity": 0.3}))["dense"] == a["dense"].name
+    assert names(tiny("s", seed=3, shared_seed=0))["dense"] == a["dense"].name
+    # it trains as finetune trains, for its own epochs: either change retrains it alone
+    for change in ({"finetune.train.lr": 0.01}, {"dense.epochs": 3}):
+        other = names(tiny("c", **change))
+        assert other["dense"] != a["dense"].name and other["teacher"] == a["teacher"].name
+    # dense: null: no stage, and evaluate times the untrained dense student without scoring it
+    none = {s.kind.name: s for s in plan(tiny("n", dense=None))}
+    assert "dense" not in none and "dense_model" not in none["evaluate"].inputs
+
+
 def test_compiling_keeps_other_specs_and_prunes_stale_stages(tmp_path):
     compile_specs([tiny("a"), tiny("b")], tmp_path)
     first = stages_of(tmp_path)
-    assert sum(k.startswith("shared-") for k in first) == 6  # one upstream chain for both
+    assert sum(k.startswith("shared-") for k in first) == 7  # one upstream chain for both
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
         k: {"cmd": "x"} for k in first}}))
     # b changes its distillation: a new distill stage; a's stays because a still uses it

@@ -83,3 +83,10 @@ def test_summary_shows_the_dense_student_between_teacher_and_student():
             "ratio (pruning alone 0.80)") in "\n".join(lines)
     rows = dict(result_rows(m))
     assert rows["speedup from depth batch 1"] == 1.25 and rows["dense params (M)"] == 2.0
+    # once a dense stage trained it, the dense student is scored in the metric's row too
+    m.update(dense_value=0.93, dense_retention=0.93 / 0.95)
+    lines = summary_table(run).splitlines()
+    assert lines[2].split() == ["vqa_accuracy", "0.9500", "0.9300", "0.9000", "retention", "94.7%",
+                                "(dense", "97.9%)"]
+    rows = dict(result_rows(m))
+    assert rows["dense vqa_accuracy"] == 0.93 and rows["dense retention"] == pytest.approx(0.979, abs=1e-3)

@@ -55,6 +55,8 @@ STAGES = {
                "teacher": "teacher-whole/model"}, ("model", "masks")),
     "finetune": ({"prepared": "data", "student": "prune-whole/model",
                   "teacher": "teacher-whole/model"}, ("model",)),
+    "dense": ({"prepared": "data", "student": "distill-whole/model",
+               "teacher": "teacher-whole/model"}, ("model",)),
 }
 FILES = {"model": "model", "masks": "masks.json", "log": "log.csv"}
 

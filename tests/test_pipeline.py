@@ -69,8 +69,8 @@ def test_run_rerun_partial_reruns_and_sharing(finished):
     spec = project / "specs/tiny_vqa.yaml"
     assert "made" in first and "a DVC project (without git)" in first
     assert ran(first) == {"prepare_pairs", "teacher_pretrain", "distill", "prepare",
-                                 "teacher", "teacher_eval", "prune", "finetune", "export",
-                                 "evaluate"}
+                          "teacher", "teacher_eval", "dense", "prune", "finetune", "export",
+                          "evaluate"}
     # The four tasks share the task-agnostic stages: each is in dvc.yaml, and ran, once.
     names = re.findall(r"Running stage '([^']+)'", first)
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
@@ -102,6 +102,13 @@ def test_run_rerun_partial_reruns_and_sharing(finished):
     assert set(metrics["latency_ms"]["batch_1"]) == {"teacher", "dense_student", "student",
                                                      "onnx_fp32", "onnx_int8"}
     # the dense distilled student, timed alongside: depth x pruning is the whole speedup
+    # ... and scored: the dense stage trained it on the task (tiny_vqa alone asks for it)
+    assert 0 <= metrics["dense_value"] <= 1
+    assert metrics["dense_retention"] == pytest.approx(metrics["dense_value"]
+                                                       / metrics["teacher_value"])
+    assert re.search(r"vqa_accuracy\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+retention [\d.]+% "
+                     r"\(dense [\d.]+%\)", first)
+    assert "dense_value" not in nlvr2  # dense: null there
     split = metrics["speedup_split"]["batch_1"]
     assert split["depth"] * split["pruning"] == pytest.approx(metrics["speedup"]["batch_1"])
     assert metrics["params"] < metrics["dense_params"] < metrics["teacher_params"]
@@ -113,7 +120,9 @@ def test_run_rerun_partial_reruns_and_sharing(finished):
     assert ran(again.stdout) == set()
 
     edit_spec(spec, **{"finetune.train.lr": 0.0003})
-    assert ran(sh([*EVLM, "run", str(spec)], project).stdout) == {"finetune", "export", "evaluate"}
+    # the dense baseline trains as finetune trains, so it follows finetune's settings too
+    assert ran(sh([*EVLM, "run", str(spec)], project).stdout) == {"dense", "finetune", "export",
+                                                                  "evaluate"}
 
     # a second target: a new run that shares every stage before pruning
     other = edit_spec(spec, name="tiny_sweep", **{"prune.target_sparsity": 0.6})
@@ -235,8 +244,8 @@ def test_code_dependencies_are_exact(finished, tmp_path):
     with open(copy / "evlm_cli/errors.py", "a") as f:  # every stage imports the errors
         f.write("\n# an edit\n")
     assert changed_stages(project, copy) == {"prepare_pairs", "teacher_pretrain", "distill",
-                                              "prepare", "teacher", "teacher_eval", "prune",
-                                              "finetune", "export", "evaluate"}
+                                              "prepare", "teacher", "teacher_eval", "dense",
+                                              "prune", "finetune", "export", "evaluate"}
     shown = sh([*EVLM, "show", "tiny_vqa"], project, env_extra={"PYTHONPATH": str(copy)}).stdout
     assert re.search(r"tiny_vqa-prune\s+would rerun: changed deps: \.evlm/code/prune\.json", shown)
     assert changed_stages(project, REPO) == set()  # the installed code again: all up to date

@@ -113,23 +113,29 @@ def speedup_split(latency: dict, gflops: dict) -> dict:
 
 def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path,
                  teacher_metrics: Path, masks: Path, dense: Path, onnx: Path | None,
-                 metrics: Path) -> dict:
+                 dense_model: Path | None, metrics: Path) -> dict:
     ev, task = params.evaluate, params.task
     device = setup(EVAL_SEED, params.resources.threads, params.device)
     data = PreparedData(prepared)
     student_model = load_model(student).eval()
     teacher_model = load_model(teacher).eval()
-    # The student before pruning: what depth alone gives. Its task head is untrained, so it
-    # is timed and counted, not scored.
-    dense_model = task_student(dense, teacher_model, task, data).eval()
+    # The student before pruning: what depth alone gives. Trained on the task by the dense
+    # stage, it is scored too; without that stage its head is untrained: timed, not scored.
     t_metrics = json.loads(Path(teacher_metrics).read_text())
     scores = test_report(student_model, data, task, ev, device)
     value = scores["value"]
     student_model.cpu()
+    dense_value = None
+    if dense_model is not None:
+        dense_student = load_model(dense_model).eval()
+        dense_value = test_report(dense_student, data, task, ev, device)["value"]
+        dense_student.cpu()
+    else:
+        dense_student = task_student(dense, teacher_model, task, data).eval()
     exported = exported_models(onnx, ev.latency.threads) if onnx is not None else {}
     # Timed as they run fastest, each the same way (`for_inference`).
     fast = {name: for_inference(model) for name, model in
-            (("teacher", teacher_model), ("dense_student", dense_model),
+            (("teacher", teacher_model), ("dense_student", dense_student),
              ("student", student_model))}
     latency = latency_report({**{name: TaskLogits(model, task) for name, model in fast.items()},
                               **exported}, data, ev.latency)
@@ -143,7 +149,7 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
                                           for bs, r in generation.items()}}
     # The teacher's size and FLOPs were measured by teacher_eval, from the same teacher.
     s_size = size_report(student_model, student, data)
-    dense_gflops = count_flops(dense_model, *fixed_batch(data, 1)) / 1e9
+    dense_gflops = count_flops(dense_student, *fixed_batch(data, 1)) / 1e9
     mask_info = json.loads(Path(masks).read_text())
     retention = (lambda v: v / t_metrics["value"] if t_metrics["value"] else 0.0)  # noqa: E731
     report = {
@@ -161,7 +167,9 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
         "teacher_gflops_per_example": t_metrics["gflops_per_example"],
         "size_bytes": s_size["size_bytes"],
         "teacher_size_bytes": t_metrics["size_bytes"],
-        "dense_params": param_breakdown(dense_model)["total"],
+        **({"dense_value": dense_value, "dense_retention": retention(dense_value)}
+           if dense_value is not None else {}),
+        "dense_params": param_breakdown(dense_student)["total"],
         "dense_gflops_per_example": dense_gflops,
         "latency_ms": latency,
         "speedup": speedup,

@@ -1,39 +1,66 @@
-"""Finetune stage: the sliced student recovers accuracy with task loss + KD from the teacher."""
+"""Finetune stages: a student trained on the task with its loss and KD from the task teacher.
+
+`finetune` recovers the sliced student's accuracy; `dense` trains the distilled student, not
+pruned, the same way: the depth-only baseline that evaluate scores next to the pruned one.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from evlm_cli.compress.objective import Objective
-from evlm_cli.config import Params
+from evlm_cli.config import OptimConfig, Params
 from evlm_cli.data.loader import PreparedData
 from evlm_cli.io import atomic_path
 from evlm_cli.models.checkpoint import load_model, save_model
+from evlm_cli.models.vlm import VLM
 from evlm_cli.recipe.scoring import evaluate_task
+from evlm_cli.recipe.student import task_student
 from evlm_cli.train import Optim, adamw, finish, fit, make_run, setup
 
 
 def run_finetune(params: Params, *, prepared: Path, student: Path, teacher: Path, model: Path,
                  log: Path) -> dict:
-    f = params.finetune
     device = setup(params.seed, params.resources.threads, params.device)
+    return _train_on_task("finetune", params, params.finetune.train, load_model(student),
+                          device=device, prepared=prepared, student=student, teacher=teacher,
+                          model=model, log=log)
+
+
+def run_dense(params: Params, *, prepared: Path, student: Path, teacher: Path, model: Path,
+              log: Path) -> dict:
+    device = setup(params.seed, params.resources.threads, params.device)
+    teacher_model = load_model(teacher)
+    dense = task_student(student, teacher_model, params.task, PreparedData(prepared))
+    train = dataclasses.replace(params.finetune.train, epochs=params.dense.epochs)
+    return _train_on_task("dense", params, train, dense, device=device, prepared=prepared,
+                          student=student, teacher=teacher, model=model, log=log)
+
+
+def _train_on_task(name: str, params: Params, train: OptimConfig, student_model: VLM, *,
+                   device, prepared: Path, student: Path, teacher: Path, model: Path,
+                   log: Path) -> dict:
+    """Train `student_model` with finetune's loss weights and temperature under `train`,
+    then write it to `model`."""
+    f = params.finetune
     data = PreparedData(prepared)
-    student_model = load_model(student).to(device)
+    student_model = student_model.to(device)
     teacher_model = load_model(teacher).to(device).eval()
     layer_maps = json.loads((Path(student) / "layer_map.json").read_text())
     objective = Objective(student_model, params.task, f.weights, f.temperature, teacher_model,
                           layer_maps)
-    run = make_run("finetune", data.split("train"), f.train, params.seed,
+    run = make_run(name, data.split("train"), train, params.seed,
                    modules={"student": student_model, **objective.modules},
                    optims=[Optim(adamw(list(student_model.parameters()) + objective.parameters(),
-                                       f.train))],
-                   loss=objective, device=device, log_path=log, key=(f,),
+                                       train))],
+                   loss=objective, device=device, log_path=log, key=(f, train),
                    inputs=(student, teacher, prepared))
     last = fit(run)
     summary = {"last_step": last,
                "val_metric": evaluate_task(student_model, data, "val", params.task,
-                                           f.train.batch_size, device)}
+                                           train.batch_size, device)}
     with atomic_path(model) as tmp:
         save_model(student_model.cpu(), tmp)
     finish(run)
