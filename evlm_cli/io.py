@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evlm_cli.distributed import is_main
+
 if TYPE_CHECKING:  # the command line writes files too, and must not load torch to do it
     import torch
 
@@ -57,6 +59,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield temp
         if not temp.exists():
             raise FileNotFoundError(f"the writer created nothing at {temp} for {final}")
+        if not is_main():  # under torchrun, rank 0 alone writes what the stage outputs
+            _remove(temp)
+            return
         if temp.is_file():
             os.chmod(temp, FILE_MODE)
             _fsync_file(temp)

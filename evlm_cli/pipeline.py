@@ -38,6 +38,8 @@ class StageKind:
     optional_inputs: dict[str, str] = field(default_factory=dict)
     # A params section that switches the kind on: absent or null leaves it out of the plan.
     enabled_by: str | None = None
+    # A training kind: with resources.processes > 1 it runs under torchrun (evlm_cli.distributed).
+    trains: bool = False
     # Shared kinds are named by a hash of their params and upstream stages, so specs that
     # agree on them share one stage; the others belong to one spec.
     shared: bool = False
@@ -73,13 +75,15 @@ KINDS: dict[str, StageKind] = {k.name: k for k in [
         "teacher_pretrain", "pre-train the teacher on the pairs (ITC, ITM, MLM), or import one",
         "evlm_cli.recipe.teacher:run_teacher_pretrain", (*_RUNNING, "teacher", "pretrain"),
         inputs={"pairs": "prepare_pairs.data"},
-        outputs=(Output("model", "model"), Output("log", "log.csv", "plots")), shared=True),
+        outputs=(Output("model", "model"), Output("log", "log.csv", "plots")), shared=True,
+        trains=True),
     StageKind(
         "distill", "a shallower student from the pre-trained teacher's layers, trained on the "
         "pairs to match it (task-agnostic)",
         "evlm_cli.recipe.distill:run_distill", (*_RUNNING, "pretrain", "student", "distill"),
         inputs={"pairs": "prepare_pairs.data", "teacher": "teacher_pretrain.model"},
-        outputs=(Output("model", "model"), Output("log", "log.csv", "plots")), shared=True),
+        outputs=(Output("model", "model"), Output("log", "log.csv", "plots")), shared=True,
+        trains=True),
     StageKind(
         "prepare", "read the task dataset once; write tensors and answers, tokenised as the "
         "pairs are",
@@ -91,7 +95,7 @@ KINDS: dict[str, StageKind] = {k.name: k for k in [
         "evlm_cli.recipe.teacher:run_teacher", (*_TRAINING, "task_teacher"),
         inputs={"prepared": "prepare.data", "pretrained": "teacher_pretrain.model"},
         outputs=(Output("model", "model"), Output("log", "log.csv", "plots")),
-        shared=True),
+        shared=True, trains=True),
     StageKind(
         "teacher_eval", "the teacher's metric on the test split, size, FLOPs and latency",
         "evlm_cli.recipe.evaluate:run_teacher_eval", ("task", "device", "resources", "evaluate"),
@@ -104,7 +108,7 @@ KINDS: dict[str, StageKind] = {k.name: k for k in [
         inputs={"prepared": "prepare.data", "student": "distill.model",
                 "teacher": "teacher.model"},
         outputs=(Output("model", "model"), Output("log", "log.csv", "plots")),
-        shared=True, enabled_by="dense"),
+        shared=True, enabled_by="dense", trains=True),
     StageKind(
         "prune", "the distilled student with a fresh task head: L0 gates under the sparsity "
         "budget, KD from the task teacher, then the gated units sliced out",
@@ -112,13 +116,14 @@ KINDS: dict[str, StageKind] = {k.name: k for k in [
         inputs={"prepared": "prepare.data", "student": "distill.model",
                 "teacher": "teacher.model"},
         outputs=(Output("model", "model"), Output("masks", "masks.json", "metrics"),
-                 Output("log", "log.csv", "plots"))),
+                 Output("log", "log.csv", "plots")), trains=True),
     StageKind(
         "finetune", "the sliced student recovers with the task loss and KD from the teacher",
         "evlm_cli.recipe.finetune:run_finetune", (*_TRAINING, "finetune"),
         inputs={"prepared": "prepare.data", "student": "prune.model",
                 "teacher": "teacher.model"},
-        outputs=(Output("model", "model"), Output("log", "log.csv", "plots"))),
+        outputs=(Output("model", "model"), Output("log", "log.csv", "plots")),
+        trains=True),
     StageKind(
         "export", "the fine-tuned student as ONNX (fp32, and int8 when asked), checked for parity",
         "evlm_cli.recipe.export:run_export", ("task", "resources", "export"),

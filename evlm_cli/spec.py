@@ -459,10 +459,16 @@ def scope_problems(spec: dict) -> Iterator[tuple[Where, str]]:
             yield (section, "train", "answer_balance"), (
                 f"{section}.train.answer_balance: image-text pairs have no answers to balance; "
                 "use 0")
-    for key in ("processes", "nodes"):
-        if spec["resources"][key] > 1:
-            yield ("resources", key), (f"resources.{key}: {spec['resources'][key]} is not "
-                                       "implemented yet (multi-process training): use 1")
+    if spec["resources"]["nodes"] > 1:
+        yield ("resources", "nodes"), (f"resources.nodes: {spec['resources']['nodes']} is not "
+                                       "implemented yet (one node, several processes is): use 1")
+    processes = spec["resources"]["processes"]
+    for section in ("pretrain", "distill", "task_teacher", "prune", "finetune"):
+        size = spec[section]["train"]["batch_size"]
+        if size % processes:
+            yield ("resources", "processes"), (
+                f"{section}.train.batch_size: {size} does not split evenly over "
+                f"resources.processes = {processes} (it is the global batch)")
     prune = spec["prune"]
     if prune["mode"] == "modal-adaptive" and prune["min_keep"] > 1 - prune["target_sparsity"] + 1e-9:
         yield [("prune", "min_keep"), ("prune", "target_sparsity")], (

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from evlm_cli import distributed
 from evlm_cli.config import ConfigError, params_from_dict
 from evlm_cli.errors import EvlmError
 from evlm_cli.pipeline import KINDS
@@ -45,9 +46,13 @@ def run_stage(kind_name: str, argv: list[str]) -> int:
             params = params_from_dict(raw, kind.sections)
         except ConfigError as error:
             raise EvlmError(f"{args.params}: {error}") from error
+        processes = params.resources.processes if params.resources else 1
+        if kind.trains and distributed.should_relaunch(processes):
+            distributed.relaunch(kind.name, argv, processes)  # does not return
         module, function = kind.run.split(":")
         run = getattr(importlib.import_module(module), function)
         summary = run(params, **{arg: getattr(args, arg) for arg in kind.arguments})
+        distributed.shutdown()
     except (EvlmError, OSError, ValueError, yaml.YAMLError) as e:
         # The library raises ValueError for inputs it cannot use (a pruning mode, a layer map)
         if args.debug:
@@ -58,6 +63,8 @@ def run_stage(kind_name: str, argv: list[str]) -> int:
         print(f"stage {kind.name}: interrupted; rerun to resume from the last checkpoint",
               file=sys.stderr)
         return 130
+    if not distributed.is_main():
+        return 0
     brief = {k: v for k, v in (summary or {}).items() if isinstance(v, int | float | str)}
     print(f"stage {kind.name} done in {time.perf_counter() - start:.0f}s {json.dumps(brief)}")
     return 0

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from evlm_cli import distributed
 from evlm_cli.config import OptimConfig
 from evlm_cli.errors import TrainingError
 from evlm_cli.io import atomic_path
@@ -34,6 +35,8 @@ CHECKPOINT = "resume.pt"
 # Fault injection for the fault tests: "KIND:STEP" makes a stage of that kind kill itself with
 # SIGKILL right after saving its checkpoint at that step, as a crash or an OOM kill would.
 KILL_ENV = "EVLM_FAULT_KILL"
+# For the multi-process test: a file to write the first step's gradients to (rank 0).
+DUMP_GRADS_ENV = "EVLM_DUMP_GRADS"
 
 
 class Batches(Protocol):
@@ -108,8 +111,9 @@ def setup(seed: int, threads: int | None, device: str) -> torch.device:
     if threads:
         torch.set_num_threads(threads)
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    # under torchrun: join the process group; on CUDA each rank takes its own GPU
+    return distributed.init(torch.device(device))
 
 
 def fingerprint(path: Path) -> str:
@@ -139,7 +143,12 @@ def make_run(stage: str, split, optim_cfg: OptimConfig, seed: int, *,
 
     `key` (the stage's typed settings) and the contents of `inputs` name the resume folder.
     """
-    batches = EpochBatches(split, optim_cfg.batch_size, seed,
+    rank, size = distributed.world()
+    if optim_cfg.batch_size % size:
+        raise TrainingError(f"{stage}: batch_size {optim_cfg.batch_size} does not split evenly "
+                            f"over {size} processes")
+    # batch_size is the global batch: each rank takes its share of every one
+    batches = EpochBatches(split, optim_cfg.batch_size // size, seed, rank=rank, world_size=size,
                            answer_balance=optim_cfg.answer_balance)
     return Run(modules=modules, optims=optims, loss=loss, batches=batches, optim_cfg=optim_cfg,
                work_dir=work_dir(stage, seed, *key, inputs=inputs), log_path=log_path,
@@ -218,14 +227,17 @@ def fit(run: Run) -> dict[str, float]:
         tqdm.write(f"{run.desc}: resuming from step {step} of {total} ({ckpt_path})")
     # The log grows in the work folder (DVC deletes declared outputs before a rerun, which
     # would lose the steps before a resume) and is copied out whole at the end.
-    log = _Log(run.work_dir / "log.csv" if run.log_path else None, step)
+    main_rank = distributed.is_main()
+    log = _Log(run.work_dir / "log.csv" if run.log_path and main_rank else None, step)
     for m in run.modules.values():
         m.train()
     clip = run.optim_cfg.grad_clip
     clip_params = [p for g in main.param_groups for p in g["params"]]
+    every_param = [p for o in run.optims for g in o.optimizer.param_groups for p in g["params"]]
     every = run.optim_cfg.checkpoint_every
     last = {}
-    bar = tqdm(total=total, initial=step, desc=run.desc, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=run.desc, unit="step", dynamic_ncols=True,
+               disable=not main_rank)
     try:
         while step < total:
             epoch, start = divmod(step, steps_per_epoch)
@@ -234,13 +246,16 @@ def fit(run: Run) -> dict[str, float]:
                 batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
                 with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.autocast):
                     loss, logs = run.loss(batch, step, total)
-                if not torch.isfinite(loss):
+                if not distributed.everywhere(bool(torch.isfinite(loss))):
                     raise TrainingError(f"{run.desc}: the loss became {loss.item()} at step {step} "
                                         f"({', '.join(f'{k}={v:.4g}' for k, v in logs.items())}); "
                                         "nothing was saved. Lower the learning rate or check the data")
                 for o in run.optims:
                     o.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.average_gradients(every_param)  # N processes train as one
+                if step == 0 and os.environ.get(DUMP_GRADS_ENV) and main_rank:
+                    _dump_gradients(Path(os.environ[DUMP_GRADS_ENV]), run)
                 grad_norm = (torch.nn.utils.clip_grad_norm_(clip_params, clip).item()
                              if clip else float("nan"))
                 for o in run.optims:
@@ -250,16 +265,19 @@ def fit(run: Run) -> dict[str, float]:
                 schedule.step()
                 step += 1
                 dt = time.perf_counter() - t0
-                n = next(iter(batch.values())).shape[0]
+                n = next(iter(batch.values())).shape[0] * distributed.world()[1]
                 last = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                        "loss": loss.item(), "lr": main.param_groups[0]["lr"],
-                        "grad_norm": grad_norm, "examples_per_s": n / dt, **logs}
+                        **distributed.mean_over_ranks({"loss": loss.item(), **logs}),
+                        "lr": main.param_groups[0]["lr"], "grad_norm": grad_norm,
+                        "examples_per_s": n / dt}
                 log.write(last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=f"{n / dt:.0f}")
                 bar.update(1)
                 if step % every == 0 and step < total:
                     log.flush()  # the rows a resume keeps are on disk before the checkpoint
-                    _save(ckpt_path, run, schedule, step)
+                    if main_rank:
+                        _save(ckpt_path, run, schedule, step)
+                    distributed.barrier()  # no rank runs ahead of a checkpoint half-written
                     if os.environ.get(KILL_ENV) == f"{run.desc}:{step}":
                         os.kill(os.getpid(), signal.SIGKILL)
                 if step >= total:
@@ -269,10 +287,21 @@ def fit(run: Run) -> dict[str, float]:
         log.close()
     for m in run.modules.values():
         m.eval()
-    if run.log_path:
+    if run.log_path and main_rank:
         with atomic_path(run.log_path) as tmp:
             shutil.copyfile(run.work_dir / "log.csv", tmp)
     return last
+
+
+def _dump_gradients(path: Path, run: Run) -> None:
+    """Every gradient of the first step, named by module (the DDP test compares them)."""
+    from safetensors.torch import save_file
+
+    grads = {f"{name}.{key}": p.grad.detach().float().cpu().contiguous()
+             for name, module in run.modules.items()
+             for key, p in module.named_parameters() if p.grad is not None}
+    with atomic_path(path) as tmp:
+        save_file(grads, str(tmp))
 
 
 def _save(path: Path, run: Run, schedule, step: int) -> None:
@@ -291,7 +320,9 @@ def empty_log(path: Path) -> None:
 
 def finish(run: Run) -> None:
     """Drop the resume checkpoint once the final outputs are safely written."""
-    (run.work_dir / CHECKPOINT).unlink(missing_ok=True)
+    distributed.barrier()  # every rank is past its last read of the checkpoint
+    if distributed.is_main():
+        (run.work_dir / CHECKPOINT).unlink(missing_ok=True)
 
 
 class EpochBatches:

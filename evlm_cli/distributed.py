@@ -1,0 +1,140 @@
+"""Multi-process training under torchrun: who this process is, the process group, and the
+gradient average that makes N processes train as one.
+
+`resources.processes` above 1 makes a training stage re-launch itself under torchrun
+(`relaunch`). Each process then trains on its share of every global batch (`train.batch_size`
+stays the global batch, so the recipe does not change with the process count), and after each
+backward pass every gradient is averaged over the processes (`average_gradients`).
+
+That average is the arithmetic of DistributedDataParallel: a mean loss over equal per-rank
+batches, its gradients all-reduced and divided by the world size. The module wrapper itself is
+not used. The losses here reach the model through several entry points (each encoder, the task
+heads, hooks for the KD terms) and through parameters outside it (the L0 gates' log_alpha,
+the Lagrange multipliers, KD projections), which DDP's forward-hook reducer does not see: it
+would raise "Expected to mark a variable ready only once" or leave those gradients unreduced.
+Averaging after backward covers every parameter of every optimiser, so the gates and the
+multipliers stay identical on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used: `is_main` serves the torch-free CLI
+    import torch
+    from torch import nn
+
+# Set by `relaunch` in the processes it starts, so that they never relaunch again.
+LAUNCHED_ENV = "EVLM_TORCHRUN"
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) outside torchrun."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    """Whether this process writes logs, checkpoints and outputs (rank 0)."""
+    return world()[0] == 0
+
+
+def relaunch(kind: str, argv: list[str], processes: int) -> None:
+    """Replace this process with torchrun running `processes` copies of the same stage.
+
+    The process is replaced (exec), not wrapped, so DVC's Ctrl-C or SIGTERM reaches torchrun
+    directly, which stops every worker: nothing is left orphaned.
+    """
+    os.environ[LAUNCHED_ENV] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={processes}", "-m", "evlm_cli", "--", "stage", kind, *argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
+
+
+def should_relaunch(processes: int) -> bool:
+    return processes > 1 and world()[1] == 1 and not os.environ.get(LAUNCHED_ENV)
+
+
+def init(device: torch.device) -> torch.device:
+    """Join the process group when started by torchrun; return this rank's device."""
+    import torch
+
+    if world()[1] == 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def average_gradients(params: Iterable[nn.Parameter]) -> None:
+    """Replace each gradient by its mean over the ranks, in one all-reduce.
+
+    A parameter without a gradient on every rank keeps none, as it would in one process; one
+    with a gradient on some ranks only (a data-dependent path) counts zero on the others.
+    """
+    import torch
+
+    if world()[1] == 1:
+        return
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    device = params[0].device
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                      for p in params] + [torch.tensor([float(p.grad is not None) for p in params],
+                                                       device=device)])
+    torch.distributed.all_reduce(flat)
+    present = flat[-len(params):]
+    offset = 0
+    for p, seen in zip(params, present.tolist(), strict=True):
+        n = p.numel()
+        if seen:
+            p.grad = (flat[offset:offset + n] / world()[1]).view_as(p).to(p.dtype)
+        offset += n
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """The mean of each logged number over the ranks (what rank 0 logs)."""
+    import torch
+
+    if world()[1] == 1 or not values:
+        return values
+    keys = list(values)
+    on = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=on)
+    torch.distributed.all_reduce(t)
+    return {k: v / world()[1] for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def everywhere(flag: bool) -> bool:
+    """Whether `flag` holds on every rank: a rank alone must not stop while the others wait
+    in the next all-reduce."""
+    import torch
+
+    if world()[1] == 1:
+        return flag
+    on = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1 if flag else 0], device=on)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    import torch
+
+    if world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def shutdown() -> None:
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,106 @@
+"""Two processes under torchrun train as one process on the same global batch.
+
+A tiny prune stage (the one with L0 gates and Lagrange multipliers) runs with
+`resources.processes` 1 and 2 on CPU (gloo). The first step's gradients, gates' and
+multipliers' included, must agree; the 2-process run writes its outputs once; and a 2-process
+run killed after a checkpoint resumes and ends bit-identical to an uninterrupted one.
+"""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from evlm_cli.spec import load_spec
+from evlm_cli.stage import run_stage
+from evlm_cli.train import DUMP_GRADS_ENV, KILL_ENV
+
+TINY = Path(__file__).resolve().parent / "specs" / "tiny_vqa.yaml"
+STEPS, EVERY, BATCH = 4, 2, 16
+# Float sums run in another order when a batch is split in two (and the two halves' text is
+# trimmed to different lengths): the gradients agree to rounding, not bit for bit.
+ATOL, RTOL = 1e-6, 1e-4
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """Prepared data, a task teacher and a distilled student: what prune reads."""
+    root = tmp_path_factory.mktemp("ddp")
+    before = os.getcwd()
+    os.chdir(root)
+    try:
+        spec = load_spec(TINY)
+        for section in ("pretrain", "task_teacher", "distill"):
+            spec[section]["train"].update(max_steps=2, batch_size=BATCH)
+        spec["prune"]["train"].update(max_steps=STEPS, checkpoint_every=EVERY, batch_size=BATCH)
+        # Hidden-state and attention KD average over each process's text tokens, and the two
+        # halves of a batch hold different numbers of them, so under DDP (here as anywhere) the
+        # mean of the two means is not the mean over the whole batch. The task, logit KD and
+        # gate terms are means over examples or independent of the data: exact.
+        spec["prune"]["weights"].update(hidden=0.0, attention=0.0)
+        for processes in (1, 2):
+            spec["resources"]["processes"] = processes
+            (root / f"params{processes}.yaml").write_text(yaml.safe_dump(spec))
+        p = ["--params", "params1.yaml"]
+        assert run_stage("prepare_pairs", [*p, "--data", "pairs"]) == 0
+        assert run_stage("prepare", [*p, "--pairs", "pairs", "--data", "data"]) == 0
+        assert run_stage("teacher_pretrain", [*p, "--pairs", "pairs", "--model", "pre",
+                                              "--log", "pre.csv"]) == 0
+        assert run_stage("distill", [*p, "--pairs", "pairs", "--teacher", "pre",
+                                     "--model", "student", "--log", "distill.csv"]) == 0
+        assert run_stage("teacher", [*p, "--prepared", "data", "--pretrained", "pre",
+                                     "--model", "teacher", "--log", "teacher.csv"]) == 0
+        yield root
+    finally:
+        os.chdir(before)
+
+
+def prune(root: Path, processes: int, out: str, **env_extra) -> subprocess.CompletedProcess:
+    """The prune stage as DVC runs it; with 2 processes it relaunches itself under torchrun."""
+    args = ["--params", f"params{processes}.yaml", "--prepared", "data", "--student", "student",
+            "--teacher", "teacher", "--model", f"{out}/model", "--masks", f"{out}/masks.json",
+            "--log", f"{out}/log.csv"]
+    env = {k: v for k, v in os.environ.items() if k not in (KILL_ENV, DUMP_GRADS_ENV)}
+    env.update(OMP_NUM_THREADS="1", **env_extra)
+    return subprocess.run([sys.executable, "-m", "evlm_cli", "stage", "prune", *args], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_processes_train_as_one_and_resume(project):
+    one = prune(project, 1, "one", **{DUMP_GRADS_ENV: str(project / "grads1.safetensors")})
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = prune(project, 2, "two", **{DUMP_GRADS_ENV: str(project / "grads2.safetensors")})
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    # the first step's gradients: every parameter, the gates and multipliers among them
+    g1, g2 = load_file(project / "grads1.safetensors"), load_file(project / "grads2.safetensors")
+    assert g1.keys() == g2.keys()
+    assert any("log_alpha" in k for k in g1) and any("lambda" in k for k in g1), sorted(g1)[:20]
+    far = {k: float((g1[k] - g2[k]).abs().max()) for k in g1
+           if not (g1[k] - g2[k]).abs().le(ATOL + RTOL * g1[k].abs()).all()}
+    assert not far, f"gradients differ beyond atol {ATOL}, rtol {RTOL}: {far}"
+
+    # written once, by rank 0: one log row per step, one summary line, no stray temp files
+    with (project / "two/log.csv").open() as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, STEPS + 1))
+    assert two.stdout.count("stage prune done") == 1
+    assert not [p for p in (project / "two").rglob(".*.tmp")]
+    m1, m2 = (load_file(project / f"{r}/model/model.safetensors") for r in ("one", "two"))
+    assert m1.keys() == m2.keys()
+
+    # killed (SIGKILL) right after the step-2 checkpoint: torchrun fails, nothing looks done
+    killed = prune(project, 2, "resumed", **{KILL_ENV: f"prune:{EVERY}"})
+    assert killed.returncode != 0
+    assert not (project / "resumed/model").exists() and not (project / "resumed/log.csv").exists()
+    again = prune(project, 2, "resumed")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from step {EVERY} of {STEPS}" in again.stdout + again.stderr
+    resumed = load_file(project / "resumed/model/model.safetensors")
+    differing = [k for k in m2 if not (m2[k] == resumed[k]).all()]
+    assert not differing, f"the resumed 2-process run differs from the uninterrupted one: {differing}"
+    assert (project / "two/masks.json").read_text() == (project / "resumed/masks.json").read_text()
