@@ -8,10 +8,13 @@ run killed after a checkpoint resumes and ends bit-identical to an uninterrupted
 
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from safetensors.torch import load_file
@@ -104,3 +107,35 @@ def test_two_processes_train_as_one_and_resume(project):
     differing = [k for k in m2 if not (m2[k] == resumed[k]).all()]
     assert not differing, f"the resumed 2-process run differs from the uninterrupted one: {differing}"
     assert (project / "two/masks.json").read_text() == (project / "resumed/masks.json").read_text()
+
+
+def test_ctrl_c_stops_every_worker(project):
+    """Ctrl-C (SIGINT to the process group, as a terminal or evlm's runner sends it) stops
+    torchrun and both workers: nothing is left running."""
+    spec = yaml.safe_load((project / "params2.yaml").read_text())
+    spec["prune"]["train"].update(max_steps=100_000, checkpoint_every=100_000)
+    (project / "params_long.yaml").write_text(yaml.safe_dump(spec))
+    args = ["--params", "params_long.yaml", "--prepared", "data", "--student", "student",
+            "--teacher", "teacher", "--model", "long/model", "--masks", "long/masks.json",
+            "--log", "long/log.csv"]
+    proc = subprocess.Popen([sys.executable, "-m", "evlm_cli", "stage", "prune", *args],
+                            cwd=project, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        family: list[psutil.Process] = []
+        while time.monotonic() < deadline:  # torchrun and its two workers
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            if len(family) >= 3:
+                break
+            time.sleep(0.5)
+        assert len(family) >= 3, [p.cmdline()[:6] for p in family]
+        time.sleep(2)  # let the workers get into training
+        os.killpg(proc.pid, signal.SIGINT)
+        gone, alive = psutil.wait_procs(family, timeout=60)
+        assert not alive, [p.cmdline()[:6] for p in alive]
+        assert not (project / "long/model").exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
