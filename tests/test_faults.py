@@ -7,6 +7,7 @@ step 4 (`EVLM_FAULT_KILL`); and once more, which must resume from step 4.
 """
 
 import csv
+import errno
 import os
 import signal
 import subprocess
@@ -108,3 +109,23 @@ def test_a_killed_stage_resumes_and_ends_as_an_uninterrupted_one(project, kind, 
     if "masks" in STAGES[kind][1]:
         assert (project / f"{kind}-whole/masks.json").read_text() == (
             project / f"{kind}-resumed/masks.json").read_text()
+
+
+def test_a_full_disk_keeps_the_previous_outputs(project, monkeypatch, capsys):
+    """A write that fails (the disk is full) fails the stage on one line and leaves the
+    outputs of the previous run as they were, with no temporary file beside them."""
+    args = arguments("teacher_pretrain", "full")
+    assert run_stage("teacher_pretrain", args) == 0
+    weights = project / "teacher_pretrain-full/model/model.safetensors"
+    before = weights.read_bytes()
+    capsys.readouterr()
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("evlm_cli.models.checkpoint.save_file", no_space)
+    assert run_stage("teacher_pretrain", args) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said[-1] == "error: stage teacher_pretrain: [Errno 28] No space left on device"
+    assert weights.read_bytes() == before
+    assert not [p for p in (project / "teacher_pretrain-full").rglob("*") if ".tmp" in p.name]
