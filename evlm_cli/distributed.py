@@ -113,6 +113,25 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return {k: v / world()[1] for k, v in zip(keys, t.tolist(), strict=True)}
 
 
+def check_in_sync(params: Iterable[nn.Parameter], what: str) -> None:
+    """Raise if the ranks' copies of `params` have drifted apart: they must stay identical
+    (the same start, the same averaged gradients, the same updates)."""
+    import torch
+
+    from evlm_cli.errors import TrainingError
+
+    if world()[1] == 1:
+        return
+    on = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    total = torch.stack([p.detach().double().sum() for p in params]).to(on)
+    low, high = total.clone(), total.clone()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise TrainingError(f"{what}: the processes' parameters differ (largest gap "
+                            f"{float((high - low).abs().max()):.3g}); they must stay identical")
+
+
 def everywhere(flag: bool) -> bool:
     """Whether `flag` holds on every rank: a rank alone must not stop while the others wait
     in the next all-reduce."""

@@ -243,7 +243,9 @@ def fit(run: Run) -> dict[str, float]:
             epoch, start = divmod(step, steps_per_epoch)
             for batch in run.batches(epoch, start):
                 t0 = time.perf_counter()
-                batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+                # pinned host memory lets the copy to a GPU overlap the previous step's work
+                batch = {k: (v.pin_memory() if run.device.type == "cuda" else v).to(
+                    run.device, non_blocking=True) for k, v in batch.items()}
                 with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.autocast):
                     loss, logs = run.loss(batch, step, total)
                 if not distributed.everywhere(bool(torch.isfinite(loss))):
@@ -275,6 +277,7 @@ def fit(run: Run) -> dict[str, float]:
                 bar.update(1)
                 if step % every == 0 and step < total:
                     log.flush()  # the rows a resume keeps are on disk before the checkpoint
+                    distributed.check_in_sync(every_param, run.desc)
                     if main_rank:
                         _save(ckpt_path, run, schedule, step)
                     distributed.barrier()  # no rank runs ahead of a checkpoint half-written
@@ -285,6 +288,7 @@ def fit(run: Run) -> dict[str, float]:
     finally:
         bar.close()
         log.close()
+    distributed.check_in_sync(every_param, run.desc)  # gates and multipliers included
     for m in run.modules.values():
         m.eval()
     if run.log_path and main_rank:

@@ -139,3 +139,44 @@ def test_ctrl_c_stops_every_worker(project):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _sync_check_worker(rank: int, store_file: str, results) -> None:
+    import torch
+
+    from evlm_cli import distributed
+    from evlm_cli.errors import TrainingError
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")
+    torch.distributed.init_process_group(
+        "gloo", store=torch.distributed.FileStore(store_file, 2), rank=rank, world_size=2)
+    try:
+        for drift in (0.0, 1e-6):  # identical copies, then rank 1's drifted by a hair
+            params = [torch.nn.Parameter(torch.ones(3) + (drift if rank == 1 else 0.0))]
+            try:
+                distributed.check_in_sync(params, "prune")
+                results.put((rank, drift, "in sync"))
+            except TrainingError as error:
+                results.put((rank, drift, str(error)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_drifted_ranks_are_caught(tmp_path):
+    """The guard run at every checkpoint: ranks whose parameters differ at all stop training."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_sync_check_worker,
+                               args=(rank, str(tmp_path / "store"), results))
+               for rank in (0, 1)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    said = {(rank, drift): text for rank, drift, text in (results.get(timeout=5)
+                                                          for _ in range(4))}
+    assert said[0, 0.0] == said[1, 0.0] == "in sync"
+    for rank in (0, 1):
+        assert said[rank, 1e-6].startswith("prune: the processes' parameters differ"), said

@@ -19,7 +19,7 @@ ALLOWED = {
     "layout": set(),
     "fileformat": set(),
     "io": {"errors", "distributed"},  # outputs are written by rank 0 alone
-    "distributed": set(),
+    "distributed": {"errors"},
     "packaged": {"errors"},
     "config": {"errors", "packaged"},
     "pipeline": set(),
