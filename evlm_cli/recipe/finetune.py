@@ -25,29 +25,30 @@ def run_finetune(params: Params, *, prepared: Path, student: Path, teacher: Path
                  log: Path) -> dict:
     device = setup(params.seed, params.resources.threads, params.device)
     return _train_on_task("finetune", params, params.finetune.train, load_model(student),
-                          device=device, prepared=prepared, student=student, teacher=teacher,
-                          model=model, log=log)
+                          load_model(teacher), PreparedData(prepared), device=device,
+                          prepared=prepared, student=student, teacher=teacher, model=model,
+                          log=log)
 
 
 def run_dense(params: Params, *, prepared: Path, student: Path, teacher: Path, model: Path,
               log: Path) -> dict:
     device = setup(params.seed, params.resources.threads, params.device)
-    teacher_model = load_model(teacher)
-    dense = task_student(student, teacher_model, params.task, PreparedData(prepared))
+    teacher_model, data = load_model(teacher), PreparedData(prepared)
+    dense = task_student(student, teacher_model, params.task, data)
     train = dataclasses.replace(params.finetune.train, epochs=params.dense.epochs)
-    return _train_on_task("dense", params, train, dense, device=device, prepared=prepared,
-                          student=student, teacher=teacher, model=model, log=log)
+    return _train_on_task("dense", params, train, dense, teacher_model, data, device=device,
+                          prepared=prepared, student=student, teacher=teacher, model=model,
+                          log=log)
 
 
-def _train_on_task(name: str, params: Params, train: OptimConfig, student_model: VLM, *,
-                   device, prepared: Path, student: Path, teacher: Path, model: Path,
-                   log: Path) -> dict:
+def _train_on_task(name: str, params: Params, train: OptimConfig, student_model: VLM,
+                   teacher_model: VLM, data: PreparedData, *, device, prepared: Path,
+                   student: Path, teacher: Path, model: Path, log: Path) -> dict:
     """Train `student_model` with finetune's loss weights and temperature under `train`,
-    then write it to `model`."""
+    then write it to `model`. The paths key the resume folder."""
     f = params.finetune
-    data = PreparedData(prepared)
     student_model = student_model.to(device)
-    teacher_model = load_model(teacher).to(device).eval()
+    teacher_model = teacher_model.to(device).eval()
     layer_maps = json.loads((Path(student) / "layer_map.json").read_text())
     objective = Objective(student_model, params.task, f.weights, f.temperature, teacher_model,
                           layer_maps)
