@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from evlm_cli.spec import load_spec
 from evlm_cli.stage import run_stage
 from evlm_cli.train import DUMP_GRADS_ENV, KILL_ENV
+from tests.tiny_project import prepared_project
 
 TINY = Path(__file__).resolve().parent / "specs" / "tiny_vqa.yaml"
 STEPS, EVERY, BATCH = 4, 2, 16
@@ -33,25 +34,19 @@ ATOL, RTOL = 1e-6, 1e-4
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """Prepared data, a task teacher and a distilled student: what prune reads."""
-    root = tmp_path_factory.mktemp("ddp")
-    before = os.getcwd()
-    os.chdir(root)
-    try:
-        spec = load_spec(TINY)
-        for section in ("pretrain", "task_teacher", "distill"):
-            spec[section]["train"].update(max_steps=2, batch_size=BATCH)
-        spec["prune"]["train"].update(max_steps=STEPS, checkpoint_every=EVERY, batch_size=BATCH)
-        # Hidden-state and attention KD average over each process's text tokens, and the two
-        # halves of a batch hold different numbers of them, so under DDP (here as anywhere) the
-        # mean of the two means is not the mean over the whole batch. The task, logit KD and
-        # gate terms are means over examples or independent of the data: exact.
-        spec["prune"]["weights"].update(hidden=0.0, attention=0.0)
-        for processes in (1, 2):
-            spec["resources"]["processes"] = processes
-            (root / f"params{processes}.yaml").write_text(yaml.safe_dump(spec))
+    spec = load_spec(TINY)
+    for section in ("pretrain", "task_teacher", "distill"):
+        spec[section]["train"].update(max_steps=2, batch_size=BATCH)
+    spec["prune"]["train"].update(max_steps=STEPS, checkpoint_every=EVERY, batch_size=BATCH)
+    # Hidden-state and attention KD average over each process's text tokens, and the two
+    # halves of a batch hold different numbers of them, so under DDP (here as anywhere) the
+    # mean of the two means is not the mean over the whole batch. The task, logit KD and
+    # gate terms are means over examples or independent of the data: exact.
+    spec["prune"]["weights"].update(hidden=0.0, attention=0.0)
+    params = {f"params{n}.yaml": {**spec, "resources": {**spec["resources"], "processes": n}}
+              for n in (1, 2)}
+    with prepared_project(tmp_path_factory.mktemp("ddp"), params) as root:
         p = ["--params", "params1.yaml"]
-        assert run_stage("prepare_pairs", [*p, "--data", "pairs"]) == 0
-        assert run_stage("prepare", [*p, "--pairs", "pairs", "--data", "data"]) == 0
         assert run_stage("teacher_pretrain", [*p, "--pairs", "pairs", "--model", "pre",
                                               "--log", "pre.csv"]) == 0
         assert run_stage("distill", [*p, "--pairs", "pairs", "--teacher", "pre",
@@ -59,8 +54,6 @@ def project(tmp_path_factory):
         assert run_stage("teacher", [*p, "--prepared", "data", "--pretrained", "pre",
                                      "--model", "teacher", "--log", "teacher.csv"]) == 0
         yield root
-    finally:
-        os.chdir(before)
 
 
 def prune(root: Path, processes: int, out: str, **env_extra) -> subprocess.CompletedProcess:

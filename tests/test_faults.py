@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from safetensors.torch import load_file
 
 from evlm_cli.spec import load_spec
 from evlm_cli.stage import run_stage
 from evlm_cli.train import KILL_ENV
+from tests.tiny_project import prepared_project
 
 TINY = Path(__file__).resolve().parent / "specs" / "tiny_vqa.yaml"
 STEPS, EVERY, KILL_AT = 8, 4, 4
@@ -30,21 +30,12 @@ TIMING = {"examples_per_s"}
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    before = os.getcwd()
-    os.chdir(root)
-    try:
-        spec = load_spec(TINY)
-        for section in ("pretrain", "task_teacher", "distill", "prune", "finetune"):
-            train = spec[section]["train"]
-            train.update(max_steps=STEPS, checkpoint_every=EVERY, batch_size=16)
-        (root / "params.yaml").write_text(yaml.safe_dump(spec))
-        p = ["--params", "params.yaml"]
-        assert run_stage("prepare_pairs", [*p, "--data", "pairs"]) == 0
-        assert run_stage("prepare", [*p, "--pairs", "pairs", "--data", "data"]) == 0
+    spec = load_spec(TINY)
+    for section in ("pretrain", "task_teacher", "distill", "prune", "finetune"):
+        train = spec[section]["train"]
+        train.update(max_steps=STEPS, checkpoint_every=EVERY, batch_size=16)
+    with prepared_project(tmp_path_factory.mktemp("faults"), {"params.yaml": spec}) as root:
         yield root
-    finally:
-        os.chdir(before)
 
 
 # Each kind's inputs (made by the kinds before it, uninterrupted) and outputs.
