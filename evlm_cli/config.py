@@ -83,6 +83,7 @@ class Resources:
     processes: int
     nodes: int
     threads: int | None
+    data_workers: int | None  # null = auto (`evlm_cli.data.loader.resolve_workers`)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ class DataConfig:
     max_text_len: int
     limit: int | None
     val_fraction: float
+    storage: str  # auto | memory | files (`evlm_cli.data.images`)
+    skip_bad_images: bool
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,27 @@ class PairsConfig:
     val_fraction: float
     tokenizer: str | None  # a local directory (`minilm` already resolved)
     vocab_size: int
+    storage: str
+    skip_bad_images: bool
+
+
+@dataclass(frozen=True)
+class RandAugmentConfig:
+    ops: int
+    magnitude: float
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time augmentation of the task's images (`evlm_cli.data.augment`)."""
+
+    crop_scale: tuple[float, ...] | None
+    flip: bool
+    randaugment: RandAugmentConfig | None
+
+    @property
+    def enabled(self) -> bool:
+        return self.crop_scale is not None or self.flip or self.randaugment is not None
 
 
 @dataclass(frozen=True)
@@ -271,6 +295,7 @@ class Params:
     resources: Resources | None = None
     pairs: PairsConfig | None = None
     data: DataConfig | None = None
+    augment: AugmentConfig | None = None
     teacher: TeacherConfig | None = None
     pretrain: PretrainConfig | None = None
     task_teacher: TaskTeacherConfig | None = None

@@ -61,7 +61,7 @@ class StageKind:
 UNTRACKED_SECTIONS = ("resources",)
 
 _RUNNING = ("seed", "device", "resources")
-_TRAINING = ("seed", "task", "device", "resources")
+_TRAINING = ("seed", "task", "device", "resources", "augment")
 
 # The paper's graph: pre-training and distillation are task-agnostic and shared by every task;
 # a task fine-tunes its own teacher and prunes the shared student.

@@ -469,6 +469,14 @@ def scope_problems(spec: dict) -> Iterator[tuple[Where, str]]:
             yield ("resources", "processes"), (
                 f"{section}.train.batch_size: {size} does not split evenly over "
                 f"resources.processes = {processes} (it is the global batch)")
+    crop = spec["augment"]["crop_scale"]
+    if crop is not None and crop[0] > crop[1]:
+        yield ("augment", "crop_scale"), (f"augment.crop_scale: [{crop[0]:g}, {crop[1]:g}] is "
+                                          "not a range (low first)")
+    if spec["data"]["source"] == "easy-vqa-mosaic" and spec["data"]["storage"] == "files":
+        yield ("data", "storage"), ("data.storage: easy-vqa-mosaic renders its images into a "
+                                    "temporary folder, so they cannot be read from files later; "
+                                    "use auto or memory")
     prune = spec["prune"]
     if prune["mode"] == "modal-adaptive" and prune["min_keep"] > 1 - prune["target_sparsity"] + 1e-9:
         yield [("prune", "min_keep"), ("prune", "target_sparsity")], (

@@ -138,10 +138,13 @@ def work_dir(stage: str, *configs, inputs: tuple[Path, ...] = ()) -> Path:
 
 def make_run(stage: str, split, optim_cfg: OptimConfig, seed: int, *,
              modules: dict[str, nn.Module], optims: list[Optim], loss, device: torch.device,
-             log_path: Path, key: tuple = (), inputs: tuple[Path, ...] = ()) -> Run:
+             log_path: Path, key: tuple = (), inputs: tuple[Path, ...] = (),
+             augment: Callable | None = None) -> Run:
     """The training run of one stage over `split`, as every training stage sets it up.
 
-    `key` (the stage's typed settings) and the contents of `inputs` name the resume folder.
+    `key` (the stage's typed settings) and the contents of `inputs` name the resume folder;
+    `augment` (`evlm_cli.data.augment.Augmenter`, built for the data by the stage) augments
+    every training batch.
     """
     rank, size = distributed.world()
     if optim_cfg.batch_size % size:
@@ -149,7 +152,8 @@ def make_run(stage: str, split, optim_cfg: OptimConfig, seed: int, *,
                             f"over {size} processes")
     # batch_size is the global batch: each rank takes its share of every one
     batches = EpochBatches(split, optim_cfg.batch_size // size, seed, rank=rank, world_size=size,
-                           answer_balance=optim_cfg.answer_balance)
+                           answer_balance=optim_cfg.answer_balance, augment=augment,
+                           pin=device.type == "cuda")
     return Run(modules=modules, optims=optims, loss=loss, batches=batches, optim_cfg=optim_cfg,
                work_dir=work_dir(stage, seed, *key, inputs=inputs), log_path=log_path,
                desc=stage, seed=seed, device=device, autocast=device.type == "cuda")
@@ -241,11 +245,12 @@ def fit(run: Run) -> dict[str, float]:
     try:
         while step < total:
             epoch, start = divmod(step, steps_per_epoch)
+            waited_from = time.perf_counter()
             for batch in run.batches(epoch, start):
                 t0 = time.perf_counter()
-                # pinned host memory lets the copy to a GPU overlap the previous step's work
-                batch = {k: (v.pin_memory() if run.device.type == "cuda" else v).to(
-                    run.device, non_blocking=True) for k, v in batch.items()}
+                wait = t0 - waited_from  # the step stood still for its batch this long
+                # batches come pinned on CUDA: the copy overlaps the previous step's work
+                batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
                 with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.autocast):
                     loss, logs = run.loss(batch, step, total)
                 if not distributed.everywhere(bool(torch.isfinite(loss))):
@@ -268,12 +273,13 @@ def fit(run: Run) -> dict[str, float]:
                 step += 1
                 dt = time.perf_counter() - t0
                 n = next(iter(batch.values())).shape[0] * distributed.world()[1]
+                # data_wait: the share of the step spent waiting for its batch (0 = fed)
                 last = {"step": step, "epoch": round(step / steps_per_epoch, 4),
                         **distributed.mean_over_ranks({"loss": loss.item(), **logs}),
                         "lr": main.param_groups[0]["lr"], "grad_norm": grad_norm,
-                        "examples_per_s": n / dt}
+                        "examples_per_s": n / (dt + wait), "data_wait": wait / (dt + wait)}
                 log.write(last)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=f"{n / dt:.0f}")
+                bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=f"{last['examples_per_s']:.0f}")
                 bar.update(1)
                 if step % every == 0 and step < total:
                     log.flush()  # the rows a resume keeps are on disk before the checkpoint
@@ -285,6 +291,7 @@ def fit(run: Run) -> dict[str, float]:
                         os.kill(os.getpid(), signal.SIGKILL)
                 if step >= total:
                     break
+                waited_from = time.perf_counter()
     finally:
         bar.close()
         log.close()
@@ -333,13 +340,17 @@ class EpochBatches:
     """Shuffled full batches of a prepared split per epoch, padding trimmed to the longest text.
 
     With `answer_balance` > 0 an epoch samples examples by answer frequency instead of
-    shuffling (see `PreparedSplit.answer_weights`).
+    shuffling (see `PreparedSplit.answer_weights`). Which examples a batch holds, and how
+    `augment` changes them, depend on (seed, epoch, rank, batch) alone: the split's data
+    workers build them ahead of the step, and a resumed epoch starts at its batch.
     """
 
     def __init__(self, split, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 answer_balance: float = 0.0):
+                 answer_balance: float = 0.0, augment: Callable | None = None,
+                 pin: bool = False):
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.rank, self.world_size = rank, world_size
+        self.augment, self.pin = augment, pin
         self.weights = split.answer_weights(answer_balance) if answer_balance > 0 else None
         self.count = split.num_batches(batch_size, world_size, drop_last=True)
         if self.count < 1:
@@ -352,8 +363,12 @@ class EpochBatches:
     def __call__(self, epoch: int, start: int = 0) -> Iterator[dict[str, Tensor]]:
         order = self.split.shard_indices(True, self.seed, epoch, self.rank, self.world_size,
                                          self.weights)
-        for b in range(start, self.count):
-            yield trim_text(self.split.gather(order[b * self.batch_size:(b + 1) * self.batch_size]))
+        augmented = self.augment is not None
+        keys = [(order[b * self.batch_size:(b + 1) * self.batch_size],
+                 (self.seed, epoch, self.rank, b) if augmented else None)
+                for b in range(start, self.count)]
+        for batch in self.split.stream(keys, self.augment, self.pin):
+            yield trim_text(batch)
 
 
 def trim_text(batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -25,7 +25,7 @@ from tests.tiny_project import prepared_project
 TINY = Path(__file__).resolve().parent / "specs" / "tiny_vqa.yaml"
 STEPS, EVERY, KILL_AT = 8, 4, 4
 # Columns of log.csv that measure the machine, not the training.
-TIMING = {"examples_per_s"}
+TIMING = {"examples_per_s", "data_wait"}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,12 @@ def project(tmp_path_factory):
     for section in ("pretrain", "task_teacher", "distill", "prune", "finetune"):
         train = spec[section]["train"]
         train.update(max_steps=STEPS, checkpoint_every=EVERY, batch_size=16)
-    with prepared_project(tmp_path_factory.mktemp("faults"), {"params.yaml": spec}) as root:
+    # the same spec with augmentation and two data workers (prepare reads neither)
+    augmented = {**spec, "augment": {"crop_scale": [0.5, 1.0], "flip": True,
+                                     "randaugment": {"ops": 2, "magnitude": 9}},
+                 "resources": {**spec["resources"], "data_workers": 2}}
+    with prepared_project(tmp_path_factory.mktemp("faults"),
+                          {"params.yaml": spec, "augmented.yaml": augmented}) as root:
         yield root
 
 
@@ -53,9 +58,9 @@ STAGES = {
 FILES = {"model": "model", "masks": "masks.json", "log": "log.csv"}
 
 
-def arguments(kind: str, run: str) -> list[str]:
+def arguments(kind: str, run: str, params: str = "params.yaml") -> list[str]:
     inputs, outputs = STAGES[kind]
-    args = ["--params", "params.yaml"]
+    args = ["--params", params]
     for name, path in inputs.items():
         args += [f"--{name}", path]
     for name in (*outputs, "log"):
@@ -63,9 +68,10 @@ def arguments(kind: str, run: str) -> list[str]:
     return args
 
 
-def stage(root: Path, kind: str, run: str, kill: bool = False) -> subprocess.CompletedProcess:
+def stage(root: Path, kind: str, run: str, kill: bool = False, params: str = "params.yaml"
+          ) -> subprocess.CompletedProcess:
     """The stage as its own process, as DVC runs it (so that SIGKILL kills only it)."""
-    args = arguments(kind, run)
+    args = arguments(kind, run, params)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop(KILL_ENV, None)
     if kill:
@@ -79,27 +85,35 @@ def log_rows(path: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
 
 
-@pytest.mark.parametrize("kind", list(STAGES))
+@pytest.mark.parametrize("kind", [*STAGES, "teacher+augment"])
 def test_a_killed_stage_resumes_and_ends_as_an_uninterrupted_one(project, kind, capsys):
-    assert run_stage(kind, arguments(kind, "whole")) == 0  # in this process: no kill asked
-    killed = stage(project, kind, "resumed", kill=True)
+    """teacher+augment: the task teacher with crop, flip and RandAugment, its batches built
+    by two data workers: the resumed run draws the same augmented batches."""
+    kind, _, variant = kind.partition("+")
+    params = "augmented.yaml" if variant else "params.yaml"
+    whole, resumed = f"whole{variant}", f"resumed{variant}"
+    assert run_stage(kind, arguments(kind, whole, params)) == 0  # in this process: no kill asked
+    killed = stage(project, kind, resumed, kill=True, params=params)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     # nothing that DVC or evlm would take for a finished output
     for name in (*STAGES[kind][1], "log"):
-        assert not (project / f"{kind}-resumed" / FILES[name]).exists(), name
-    assert run_stage(kind, arguments(kind, "resumed")) == 0  # the rerun, in this process
+        assert not (project / f"{kind}-{resumed}" / FILES[name]).exists(), name
+    assert run_stage(kind, arguments(kind, resumed, params)) == 0  # the rerun, in this process
     said = capsys.readouterr()
     assert f"resuming from step {KILL_AT} of {STEPS}" in said.out + said.err
-    a = load_file(project / f"{kind}-whole/model/model.safetensors")
-    b = load_file(project / f"{kind}-resumed/model/model.safetensors")
+    a = load_file(project / f"{kind}-{whole}/model/model.safetensors")
+    b = load_file(project / f"{kind}-{resumed}/model/model.safetensors")
     assert a.keys() == b.keys()
     differing = [k for k in a if not (a[k] == b[k]).all()]
     assert not differing, f"{kind}: resumed weights differ from the uninterrupted run's: {differing}"
-    assert log_rows(project / f"{kind}-whole/log.csv") == log_rows(
-        project / f"{kind}-resumed/log.csv"), f"{kind}: log.csv differs (timing columns aside)"
+    assert log_rows(project / f"{kind}-{whole}/log.csv") == log_rows(
+        project / f"{kind}-{resumed}/log.csv"), f"{kind}: log.csv differs (timing columns aside)"
     if "masks" in STAGES[kind][1]:
-        assert (project / f"{kind}-whole/masks.json").read_text() == (
-            project / f"{kind}-resumed/masks.json").read_text()
+        assert (project / f"{kind}-{whole}/masks.json").read_text() == (
+            project / f"{kind}-{resumed}/masks.json").read_text()
+    if variant:  # augmentation changed what it trained on
+        plain = load_file(project / f"{kind}-whole/model/model.safetensors")
+        assert any(not (plain[k] == a[k]).all() for k in a)
 
 
 def test_a_full_disk_keeps_the_previous_outputs(project, monkeypatch, capsys):

@@ -1,18 +1,29 @@
-"""Batches from a prepared directory by whole-tensor indexing: no per-example Python in the loop."""
+"""Batches from a prepared directory.
+
+Images held in memory are gathered by whole-tensor indexing, with no per-example Python; images
+read from files are decoded per example. Either way a batch is built by `PreparedSplit.gather`
+from its indices (and, in training, a seed for its augmentation), and `stream` runs that in
+`torch.utils.data` worker processes when asked. The order of the batches is decided up front
+(`PreparedSplit.shard_indices`), so workers change how fast batches come, never which.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
+from evlm_cli.config import AugmentConfig, Resources
+from evlm_cli.data.augment import Augmenter, SideSwap
+from evlm_cli.data.images import FileImages, TensorImages, open_store
 from evlm_cli.data.tokenizer import load_tokenizer
 from evlm_cli.errors import DataError
 
@@ -20,31 +31,66 @@ if TYPE_CHECKING:  # transformers costs ~2 s to import: only functions that buil
     from transformers import BertTokenizerFast  # tokenizer import it
 
 Batch = dict[str, torch.Tensor]
+# What a batch is built from: its example indices and its augmentation seed (None: none).
+BatchKey = tuple[torch.Tensor, tuple[int, ...] | None]
+# auto workers never start more than this many per training process.
+MAX_AUTO_WORKERS = 4
+
+
+def resolve_workers(requested: int | None, in_memory: bool, augmenting: bool,
+                    processes: int = 1) -> int:
+    """Data workers per process: as requested, or (None) 0 when there is nothing to do off the
+    main process (images in memory, no augmentation), else up to `MAX_AUTO_WORKERS`, leaving
+    one core per training process."""
+    if requested is not None:
+        return requested
+    if in_memory and not augmenting:
+        return 0
+    spare = (os.cpu_count() or 1) // max(1, processes) - 1
+    return max(1, min(MAX_AUTO_WORKERS, spare))
+
+
+def open_prepared(path: str | os.PathLike, resources: Resources | None = None,
+                  augment: AugmentConfig | None = None) -> PreparedData:
+    """A stage's prepared data, its batches built by `resources.data_workers` workers (see
+    `resolve_workers`; a training stage passes its `augment`, which needs them more)."""
+    data = PreparedData(path)
+    if resources is not None:
+        data.workers = resolve_workers(resources.data_workers, data.storage == "memory",
+                                       augment is not None and augment.enabled,
+                                       resources.processes)
+    return data
 
 
 class PreparedData:
     """A prepared directory: meta, answers, the shared image tensor and its splits."""
 
-    def __init__(self, prepared_dir: str | os.PathLike) -> None:
+    def __init__(self, prepared_dir: str | os.PathLike, workers: int = 0) -> None:
         self.directory = Path(prepared_dir)
-        self.meta = _read_json(self.directory / "meta.json")
+        self.workers = workers  # data worker processes for every split's batches
+        self.meta = read_json(self.directory / "meta.json")
         if not isinstance(self.meta, dict) or not isinstance(self.meta.get("splits"), dict):
             raise DataError(f"{self.directory / 'meta.json'}: not the meta of a prepared folder "
                             "(expected an object with its splits); prepare again")
-        self.answers: list[str] = _read_json(self.directory / "answers.json")
+        self.answers: list[str] = read_json(self.directory / "answers.json")
         if not isinstance(self.answers, list) or not all(isinstance(a, str) for a in self.answers):
             raise DataError(f"{self.directory / 'answers.json'}: expected a list of answers "
                             f"(strings), got {type(self.answers).__name__}; prepare again")
         if len(self.answers) != self.meta.get("num_answers", len(self.answers)):
             raise DataError(f"{self.directory / 'answers.json'}: {len(self.answers)} answers, "
                             f"meta.json says {self.meta['num_answers']}; prepare again")
-        self._images: torch.Tensor | None = None
+        self._images: TensorImages | FileImages | None = None
 
     @property
-    def images(self) -> torch.Tensor:
-        """uint8 [N_images, 3, S, S], loaded on first use and shared by every split."""
+    def storage(self) -> str:
+        """memory or files (folders prepared before there was a choice hold memory)."""
+        return self.meta.get("storage", "memory")
+
+    @property
+    def images(self) -> TensorImages | FileImages:
+        """The image store, opened on first use and shared by every split."""
         if self._images is None:
-            self._images = _load_tensors(self.directory / "images.safetensors")["images"]
+            self._images = open_store(self.directory, self.storage, self.meta["image_size"])
         return self._images
 
     @property
@@ -59,10 +105,19 @@ class PreparedData:
         if name not in self.meta["splits"]:
             raise DataError(f"{self.directory}: no split {name!r} (has {', '.join(self.split_names)})")
         return PreparedSplit(self.directory, name, images=self.images,
-                             pixel_mean=self.meta["pixel_mean"], pixel_std=self.meta["pixel_std"])
+                             pixel_mean=self.meta["pixel_mean"], pixel_std=self.meta["pixel_std"],
+                             workers=self.workers)
 
     def tokenizer(self) -> BertTokenizerFast:
         return load_tokenizer(self.directory / "tokenizer")
+
+    def augmenter(self, config: AugmentConfig | None) -> Augmenter | None:
+        """The training augmentation `config` asks for on this data; None when it asks none."""
+        if config is None or not config.enabled:
+            return None
+        sides = (SideSwap.from_vocabulary(self.tokenizer().get_vocab(), self.answers,
+                                          str(self.directory)) if config.flip else None)
+        return Augmenter(config, sides)
 
     def references(self, split: str) -> dict[int, list[str]]:
         """A captioning split's reference captions: image row -> captions, raw, in source order."""
@@ -70,22 +125,24 @@ class PreparedData:
         if not path.is_file():
             raise DataError(f"{path}: missing; reference captions are prepared for the captioning "
                             f"task only (this is {self.meta.get('task')!r} data)")
-        by_split = _read_json(path)
+        by_split = read_json(path)
         if split not in by_split:
             raise DataError(f"{path}: no reference captions for split {split!r} "
                             f"(has {', '.join(by_split) or 'none'})")
         return {int(row): captions for row, captions in by_split[split].items()}
 
 
-class PreparedSplit(Dataset):
-    """One split of a prepared directory; `batches` is the fast path, indexing the slow one."""
+class PreparedSplit:
+    """One split of a prepared directory: its examples, gathered into batches."""
 
     def __init__(
-        self, prepared_dir: str | os.PathLike, split: str, images: torch.Tensor | None = None,
+        self, prepared_dir: str | os.PathLike, split: str,
+        images: TensorImages | FileImages | None = None,
         pixel_mean: list[float] | None = None, pixel_std: list[float] | None = None,
+        workers: int = 0,
     ) -> None:
         directory = Path(prepared_dir)
-        self.name = split
+        self.name, self.workers = split, workers
         if images is None or pixel_mean is None or pixel_std is None:
             data = PreparedData(directory)
             images = data.images if images is None else images
@@ -96,7 +153,7 @@ class PreparedSplit(Dataset):
         std = torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1)
         self._scale = 1.0 / (255.0 * std)
         self._shift = torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1) / std
-        tensors = _load_tensors(directory / f"{split}.safetensors")
+        tensors = load_tensors(directory / f"{split}.safetensors")
         self.image_index = tensors["image_index"]
         self.input_ids = tensors["input_ids"]
         self.attention_mask = tensors["attention_mask"]
@@ -107,18 +164,16 @@ class PreparedSplit(Dataset):
     def __len__(self) -> int:
         return self.image_index.shape[0]
 
-    def __getitem__(self, index: int) -> Batch:
-        batch = self.gather(torch.tensor([index]))
-        return {key: value[0] for key, value in batch.items()}
-
-    def gather(self, indices: torch.Tensor) -> Batch:
+    def gather(self, indices: torch.Tensor, augment: Augmenter | None = None,
+               seed: Sequence[int] | None = None) -> Batch:
         """The examples at `indices` as one batch, images normalised as prepare recorded.
 
         `images` is [B, 3, S, S], or [B, 2, 3, S, S] for NLVR2's pairs (image_index [B, 2]).
+        With `augment`, the pixels (and, for a flip, the text) are augmented first, every
+        draw from a generator seeded by `seed`.
         """
-        pixels = self.images[self.image_index[indices]]
         batch = {
-            "images": pixels.float().mul_(self._scale).sub_(self._shift),
+            "pixels": self.images[self.image_index[indices]],
             "input_ids": self.input_ids[indices].long(),
             "attention_mask": self.attention_mask[indices].long(),
             # which image a row shows: captions of one image are each other's positives (ITC)
@@ -128,6 +183,11 @@ class PreparedSplit(Dataset):
         if self.targets is not None:
             batch["targets"] = self.targets[indices].float()
             batch["question_id"] = self.question_id[indices]
+        if augment is not None:
+            if seed is None:
+                raise ValueError("an augmented batch needs its seed")
+            augment(batch, np.random.default_rng(list(seed)))
+        batch["images"] = batch.pop("pixels").float().mul_(self._scale).sub_(self._shift)
         return batch
 
     def images_of(self, rows: torch.Tensor) -> torch.Tensor:
@@ -204,12 +264,42 @@ class PreparedSplit(Dataset):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         indices = self.shard_indices(shuffle, seed, epoch, rank, world_size)
-        for start in range(0, self.num_batches(batch_size, world_size, drop_last) * batch_size, batch_size):
-            yield self.gather(indices[start : start + batch_size])
+        count = self.num_batches(batch_size, world_size, drop_last)
+        keys = [(indices[b * batch_size:(b + 1) * batch_size], None) for b in range(count)]
+        yield from self.stream(keys)
+
+    def stream(self, keys: Iterable[BatchKey], augment: Augmenter | None = None,
+               pin: bool = False) -> Iterator[Batch]:
+        """The batches of `keys`, in order, built in this process (0 workers) or in `workers`
+        worker processes, two batches ahead each; pinned for a fast copy to a GPU when `pin`."""
+        keyed = _KeyedBatches(self, augment)
+        if self.workers == 0:
+            for key in keys:
+                batch = keyed[key]
+                yield {k: v.pin_memory() for k, v in batch.items()} if pin else batch
+            return
+        keys = list(keys)
+        if not keys:
+            return
+        # batch_size=None: the "sampler" yields batch keys and each item is a whole batch
+        loader = DataLoader(keyed, batch_size=None, sampler=keys,
+                            num_workers=min(self.workers, len(keys)), pin_memory=pin,
+                            prefetch_factor=2)
+        yield from loader
 
 
+class _KeyedBatches(Dataset):
+    """A map-style dataset whose items are whole batches, fetched by `BatchKey`."""
 
-def _read_json(path: Path):
+    def __init__(self, split: PreparedSplit, augment: Augmenter | None) -> None:
+        self.split, self.augment = split, augment
+
+    def __getitem__(self, key: BatchKey) -> Batch:
+        indices, seed = key
+        return self.split.gather(indices, self.augment if seed is not None else None, seed)
+
+
+def read_json(path: Path):
     if not path.is_file():
         raise DataError(f"{path}: missing; run the prepare stage first")
     try:
@@ -219,7 +309,7 @@ def _read_json(path: Path):
         raise DataError(f"{path}: not valid JSON ({error}); prepare again") from None
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise DataError(f"{path}: missing; run the prepare stage first")
     try:

@@ -5,7 +5,11 @@ NLVR2 statements) and the task-agnostic image-text pairs of pre-training, which 
 tokenizer every task uses (the pre-trained text encoder's vocabulary).
 
 Layout of the output directory:
-- `images.safetensors`: `images` uint8 [N_images, 3, S, S], each source image once across splits;
+- the images, each source image once across splits, in one of two stores (`images.py`):
+  `images.safetensors`, `images` uint8 [N_images, 3, S, S] decoded (storage `memory`), or
+  `images.json`, the list of image files to decode as batches are drawn (storage `files`).
+  Either way prepare decodes every image once, and an unreadable one stops it (or, with
+  `skip_bad_images`, drops the examples that show it);
 - `<split>.safetensors` per split, one row per text: `image_index` int64 [N] (NLVR2: [N, 2],
   the left and the right image), `input_ids` int32 [N, L], `attention_mask` uint8 [N, L]; for
   VQA and NLVR2 also `targets` float16 [N, A] and `question_id` int64 [N]. VQA's targets are
@@ -20,6 +24,7 @@ Layout of the output directory:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -27,12 +32,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from evlm_cli.config import DataConfig, PairsConfig
 from evlm_cli.data.captions import read_easy_vqa_pairs, read_easy_vqa_retrieval
 from evlm_cli.data.easy_vqa import easy_vqa_answers, read_easy_vqa
+from evlm_cli.data.images import describe_bad, resolve_storage, scan_images, write_store
 from evlm_cli.data.mosaic import ANSWERS as MOSAIC_ANSWERS
 from evlm_cli.data.mosaic import read_easy_vqa_mosaic
 from evlm_cli.data.nlvr2 import read_easy_vqa_nlvr2
@@ -92,7 +97,8 @@ def prepare(data: DataConfig, task: str, seed: int, out_dir: Path, tokenizer: Pa
                       if task == "captioning" else None)
         return write_prepared(out, {name: _rows(records) for name, records in limited.items()},
                               answers, text, data.image_size, data.max_text_len,
-                              {"source": data.source, "task": task}, references)
+                              {"source": data.source, "task": task}, references,
+                              images=ImageOptions("data", data.storage, data.skip_bad_images))
 
 
 def prepare_pairs(pairs: PairsConfig, seed: int, out_dir: Path) -> dict:
@@ -106,19 +112,47 @@ def prepare_pairs(pairs: PairsConfig, seed: int, out_dir: Path) -> dict:
     splits = {name: limit_examples(records, pairs.limit, seed, SPLITS.index(name))
               for name, records in full_splits.items()}
     return write_prepared(out, splits, [], text, pairs.image_size, pairs.max_text_len,
-                          {"source": pairs.source, "task": "pretrain"})
+                          {"source": pairs.source, "task": "pretrain"},
+                          images=ImageOptions("pairs", pairs.storage, pairs.skip_bad_images))
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How prepare stores images, and whether it drops examples whose images are unreadable;
+    `section` (data or pairs) names the spec keys in messages."""
+
+    section: str = "data"
+    storage: str = "auto"
+    skip_bad: bool = False
 
 
 def write_prepared(out: Path, splits: dict[str, list], answers: list[str],
                    tokenizer: BertTokenizerFast, image_size: int, max_text_len: int,
-                   about: dict, references: dict[str, list] | None = None) -> dict:
+                   about: dict, references: dict[str, list] | None = None,
+                   images: ImageOptions = ImageOptions()) -> dict:
     """Write the images, each split's tensors, the answers, `meta.json` and, given
     `references` (records with captions, per split), `references.json`; return a summary."""
     image_paths = unique_images(splits)
+    storage = resolve_storage(images.storage, len(image_paths), image_size)
+    scan = scan_images(image_paths, image_size, keep_pixels=storage == "memory")
+    skipped = {}
+    if scan.bad:
+        problem = describe_bad(scan.bad, len(image_paths))
+        if not images.skip_bad:
+            raise DataError(f"{images.section}: {problem}; fix or remove them, or set "
+                            f"{images.section}.skip_bad_images: true to drop their examples")
+        splits, dropped = drop_examples(splits, set(scan.bad), images.section)
+        if references is not None:
+            references, _ = drop_examples(references, set(scan.bad), images.section)
+        kept_paths = unique_images(splits)
+        if scan.pixels is not None:
+            row = {path: index for index, path in enumerate(image_paths)}
+            scan.pixels = scan.pixels[torch.tensor([row[p] for p in kept_paths], dtype=torch.long)]
+        image_paths = kept_paths
+        skipped = {"skipped_images": len(scan.bad), "skipped_examples": dropped}
+        tqdm.write(f"warning: prepare: {problem}; skipped, with their {dropped} examples")
     image_row = {path: row for row, path in enumerate(image_paths)}
-    atomic_save_safetensors(
-        out / "images.safetensors", {"images": decode_images(image_paths, image_size)}
-    )
+    write_store(out, storage, image_paths, scan.pixels)
     answer_index = {answer: index for index, answer in enumerate(answers)}
     split_meta = {}
     for name, records in splits.items():
@@ -138,6 +172,8 @@ def write_prepared(out: Path, splits: dict[str, list], answers: list[str],
                       tokenizer.unk_token_id, tokenizer.mask_token_id} - {None})
     meta = {
         **about,
+        "storage": storage,
+        **skipped,
         "splits": split_meta,
         "num_images": len(image_paths),
         "num_answers": len(answers),
@@ -153,6 +189,8 @@ def write_prepared(out: Path, splits: dict[str, list], answers: list[str],
     atomic_write_json(out / "meta.json", meta)
     return {
         "splits": {name: info["examples"] for name, info in split_meta.items()},
+        "storage": storage,
+        **skipped,
         "num_images": len(image_paths),
         "num_answers": len(answers),
         "vocab_size": len(tokenizer),
@@ -289,19 +327,16 @@ def reference_captions(records: list, image_row: dict[str, int]) -> dict[str, li
     return references
 
 
-def decode_images(paths: list[str], size: int) -> torch.Tensor:
-    """Decode images to uint8 [N, 3, size, size] RGB, resizing (bicubic) those of another size."""
-    images = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
-    for row, path in enumerate(tqdm(paths, desc="decode images", unit="img")):
-        try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-        except (OSError, ValueError) as error:
-            raise DataError(f"image {path}: cannot be decoded ({error})") from error
-        if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-        images[row] = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return images
+def drop_examples(splits: dict[str, list], bad: set[str], section: str
+                  ) -> tuple[dict[str, list], int]:
+    """The splits without the records that show a bad image, and how many were dropped."""
+    kept = {name: [r for r in records if not bad & set(record_images(r))]
+            for name, records in splits.items()}
+    empty = [name for name, records in kept.items() if splits[name] and not records]
+    if empty:
+        raise DataError(f"{section}: every example of split {empty[0]!r} shows an unreadable "
+                        "image; nothing is left to prepare")
+    return kept, sum(len(splits[n]) - len(kept[n]) for n in splits)
 
 
 def encode_split(

@@ -56,7 +56,7 @@ def read_vqa(
             raise DataError(f"{where}: 'image' and 'question' must be strings")
         answers = _answers(entry.get("answer"), require_answers, where)
         records.append(VqaRecord(
-            image=images.path(image, where),
+            image=images.path(image),
             question=question,
             answers=answers,
             question_id=_question_id(entry["question_id"], where),
@@ -72,7 +72,7 @@ def read_pairs(files: Sequence[PathLike], image_root: PathLike) -> list[PairReco
     images = _ImageChecker(image_root)
     records: list[PairRecord] = []
     for entry, where in _entries(files, ("image", "caption")):
-        image = images.path(_image(entry, where), where)
+        image = images.path(_image(entry, where))
         records += [PairRecord(image=image, caption=caption)
                     for caption in _captions(entry["caption"], where)]
     return records
@@ -86,7 +86,7 @@ def read_retrieval_eval(files: Sequence[PathLike], image_root: PathLike) -> list
     images = _ImageChecker(image_root)
     records: list[RetrievalRecord] = []
     for entry, where in _entries(files, ("image", "caption")):
-        image = images.path(_image(entry, where), where)
+        image = images.path(_image(entry, where))
         records.append(RetrievalRecord(image=image, captions=_captions(entry["caption"], where)))
     return records
 
@@ -104,7 +104,7 @@ def read_nlvr2(files: Sequence[PathLike], image_root: PathLike) -> list[Nlvr2Rec
         if not isinstance(sentence, str) or not sentence.strip():
             raise DataError(f"{where}: 'sentence' must be a non-empty string")
         records.append(Nlvr2Record(
-            images=[images.path(image, where) for image in pair],
+            images=[images.path(image) for image in pair],
             sentence=sentence,
             label=_label(entry["label"], where),
         ))
@@ -112,22 +112,18 @@ def read_nlvr2(files: Sequence[PathLike], image_root: PathLike) -> list[Nlvr2Rec
 
 
 class _ImageChecker:
-    """Joins image paths to the image root and checks that each file exists, once per file."""
+    """Joins image paths to the image root, which must exist. Whether each file exists and
+    decodes is prepare's scan (`evlm_cli.data.images.scan_images`), which finds every bad
+    image at once, and may skip them."""
 
     def __init__(self, image_root: PathLike) -> None:
         self.root = Path(image_root)
         if not self.root.is_dir():
             raise DataError(f"image_root {self.root}: no such directory")
-        self.found: set[Path] = set()  # many entries share an image
 
-    def path(self, image: str, where: str) -> str:
+    def path(self, image: str) -> str:
         # Normalised, so that "a.png" and "./a.png" are stored as one image.
-        image_path = Path(os.path.normpath(self.root / image))
-        if image_path not in self.found:
-            if not image_path.is_file():
-                raise DataError(f"{where}: image {image_path} not found")
-            self.found.add(image_path)
-        return str(image_path)
+        return str(Path(os.path.normpath(self.root / image)))
 
 
 def _entries(files: Sequence[PathLike], keys: tuple[str, ...]) -> Iterator[tuple[dict, str]]:

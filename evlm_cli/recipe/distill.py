@@ -8,7 +8,7 @@ from pathlib import Path
 
 from evlm_cli.compress.objective import Objective
 from evlm_cli.config import Params, to_dict
-from evlm_cli.data.loader import PreparedData
+from evlm_cli.data.loader import open_prepared
 from evlm_cli.io import atomic_path, atomic_write_json
 from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.student import student_from_teacher
@@ -20,7 +20,7 @@ from evlm_cli.train import Optim, adamw, empty_log, finish, fit, make_run, setup
 def run_distill(params: Params, *, pairs: Path, teacher: Path, model: Path, log: Path) -> dict:
     s, d, pt = params.student, params.distill, params.pretrain
     device = setup(params.seed, params.resources.threads, params.device)
-    data = PreparedData(pairs)
+    data = open_prepared(pairs, params.resources)
     teacher_model = load_model(teacher).to(device).eval()
     student, layer_maps = student_from_teacher(teacher_model, s.layers(), to_dict(s.layer_map))
     student.to(device)

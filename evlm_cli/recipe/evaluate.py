@@ -9,7 +9,7 @@ import torch
 
 from evlm_cli.compress.measure import count_flops, measure_latency
 from evlm_cli.config import ENCODERS, EvaluateConfig, LatencyConfig, Params
-from evlm_cli.data.loader import PreparedData
+from evlm_cli.data.loader import PreparedData, open_prepared
 from evlm_cli.deploy.onnx import FP32_FILE, INT8_FILE, OnnxModel
 from evlm_cli.io import atomic_write_json
 from evlm_cli.layout import MODEL_WEIGHTS
@@ -82,7 +82,7 @@ def generation_report(models: dict[str, VLM], data: PreparedData, ev: EvaluateCo
 def run_teacher_eval(params: Params, *, prepared: Path, teacher: Path, metrics: Path) -> dict:
     ev = params.evaluate
     device = setup(EVAL_SEED, params.resources.threads, params.device)
-    data = PreparedData(prepared)
+    data = open_prepared(prepared, params.resources)
     model = load_model(teacher).eval()
     scores = test_report(model, data, params.task, ev, device)
     model.cpu()
@@ -116,7 +116,7 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
                  dense_model: Path | None, metrics: Path) -> dict:
     ev, task = params.evaluate, params.task
     device = setup(EVAL_SEED, params.resources.threads, params.device)
-    data = PreparedData(prepared)
+    data = open_prepared(prepared, params.resources)
     student_model = load_model(student).eval()
     teacher_model = load_model(teacher).eval()
     # The student before pruning: what depth alone gives. Trained on the task by the dense

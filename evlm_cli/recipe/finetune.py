@@ -12,7 +12,7 @@ from pathlib import Path
 
 from evlm_cli.compress.objective import Objective
 from evlm_cli.config import OptimConfig, Params
-from evlm_cli.data.loader import PreparedData
+from evlm_cli.data.loader import PreparedData, open_prepared
 from evlm_cli.io import atomic_path
 from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.vlm import VLM
@@ -25,7 +25,8 @@ def run_finetune(params: Params, *, prepared: Path, student: Path, teacher: Path
                  log: Path) -> dict:
     device = setup(params.seed, params.resources.threads, params.device)
     return _train_on_task("finetune", params, params.finetune.train, load_model(student),
-                          load_model(teacher), PreparedData(prepared), device=device,
+                          load_model(teacher), open_prepared(prepared, params.resources, params.augment),
+                          device=device,
                           prepared=prepared, student=student, teacher=teacher, model=model,
                           log=log)
 
@@ -33,7 +34,8 @@ def run_finetune(params: Params, *, prepared: Path, student: Path, teacher: Path
 def run_dense(params: Params, *, prepared: Path, student: Path, teacher: Path, model: Path,
               log: Path) -> dict:
     device = setup(params.seed, params.resources.threads, params.device)
-    teacher_model, data = load_model(teacher), PreparedData(prepared)
+    teacher_model = load_model(teacher)
+    data = open_prepared(prepared, params.resources, params.augment)
     dense = task_student(student, teacher_model, params.task, data)
     train = dataclasses.replace(params.finetune.train, epochs=params.dense.epochs)
     return _train_on_task("dense", params, train, dense, teacher_model, data, device=device,
@@ -56,8 +58,8 @@ def _train_on_task(name: str, params: Params, train: OptimConfig, student_model:
                    modules={"student": student_model, **objective.modules},
                    optims=[Optim(adamw(list(student_model.parameters()) + objective.parameters(),
                                        train))],
-                   loss=objective, device=device, log_path=log, key=(f, train),
-                   inputs=(student, teacher, prepared))
+                   loss=objective, device=device, log_path=log, key=(f, train, params.augment),
+                   inputs=(student, teacher, prepared), augment=data.augmenter(params.augment))
     last = fit(run)
     summary = {"last_step": last,
                "val_metric": evaluate_task(student_model, data, "val", params.task,

@@ -12,7 +12,7 @@ from evlm_cli.compress.l0 import L0Gates, SparsityConstraint
 from evlm_cli.compress.objective import Objective
 from evlm_cli.compress.slice import slice_model
 from evlm_cli.config import Params
-from evlm_cli.data.loader import PreparedData
+from evlm_cli.data.loader import open_prepared
 from evlm_cli.errors import TrainingError
 from evlm_cli.io import atomic_path, atomic_write_json
 from evlm_cli.models.checkpoint import load_model, save_model
@@ -54,7 +54,7 @@ def run_prune(params: Params, *, prepared: Path, student: Path, teacher: Path, m
               masks: Path, log: Path) -> dict:
     p = params.prune
     device = setup(params.seed, params.resources.threads, params.device)
-    data = PreparedData(prepared)
+    data = open_prepared(prepared, params.resources, params.augment)
     teacher_model = load_model(teacher).to(device).eval()
     student_model = task_student(student, teacher_model, params.task, data).to(device)
     layer_maps = json.loads((Path(student) / "layer_map.json").read_text())
@@ -73,8 +73,9 @@ def run_prune(params: Params, *, prepared: Path, student: Path, teacher: Path, m
         run = make_run("prune", data.split("train"), p.train, params.seed,
                        modules={"student": student_model, "gates": gates,
                                 "constraint": constraint, **objective.modules},
-                       optims=optims, loss=objective, device=device, log_path=log, key=(p,),
-                       inputs=(student, teacher, prepared))
+                       optims=optims, loss=objective, device=device, log_path=log,
+                       key=(p, params.augment), inputs=(student, teacher, prepared),
+                       augment=data.augmenter(params.augment))
         fit(run)
     gates.eval()
     kept_units, values, report = {}, {}, {}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from evlm_cli.compress.objective import TASK_ONLY, Masking, Objective
 from evlm_cli.config import OptimConfig, Params, to_dict
-from evlm_cli.data.loader import PreparedData
+from evlm_cli.data.loader import PreparedData, open_prepared
 from evlm_cli.errors import CheckpointError
 from evlm_cli.io import atomic_path
 from evlm_cli.models.build import build_teacher, require_vocabulary
@@ -42,7 +42,7 @@ def run_teacher_pretrain(params: Params, *, pairs: Path, model: Path, log: Path)
     pre-train it on the pairs with ITC, ITM and MLM for `pretrain.train` (0 epochs: as imported)."""
     t, pt = params.teacher, params.pretrain
     device = setup(params.seed, params.resources.threads, params.device)
-    data = PreparedData(pairs)
+    data = open_prepared(pairs, params.resources)
     teacher, pretrained = build_teacher(
         t, heads=list(PRETRAIN_HEADS), seed=params.seed, image_size=data.meta["image_size"],
         vocab_size=data.meta["vocab_size"], max_text_len=data.meta["max_text_len"])
@@ -101,7 +101,7 @@ def run_teacher(params: Params, *, prepared: Path, pretrained: Path, model: Path
                 ) -> dict:
     tt = params.task_teacher
     device = setup(params.seed, params.resources.threads, params.device)
-    data = PreparedData(prepared)
+    data = open_prepared(prepared, params.resources, params.augment)
     teacher, pretrained_names = task_teacher(params, data, pretrained)
     train = pretrained_names is not None
     summary = {"imported": not train}
@@ -113,7 +113,8 @@ def run_teacher(params: Params, *, prepared: Path, pretrained: Path, model: Path
                        optims=[Optim(param_groups(teacher, pretrained_names, tt.train,
                                                   tt.lr_scale))],
                        loss=Objective(teacher, params.task, TASK_ONLY, 1.0), device=device,
-                       log_path=log, key=(tt,), inputs=(prepared, pretrained))
+                       log_path=log, key=(tt, params.augment), inputs=(prepared, pretrained),
+                       augment=data.augmenter(params.augment))
         summary["last_step"] = fit(run)
     summary["val_metric"] = evaluate_task(teacher, data, "val", params.task,
                                           tt.train.batch_size, device)

@@ -22,7 +22,7 @@ def prepared(tmp_path_factory, easy_vqa_tokenizer):
     data = {
         "source": "easy-vqa", "train": None, "val": None, "test": None, "image_root": None,
         "answer_list": None, "image_size": SIZE, "max_text_len": 12, "limit": COUNT,
-        "val_fraction": 0.1,
+        "val_fraction": 0.1, "storage": "auto", "skip_bad_images": False,
     }
     prepare(build(DataConfig, data), "vqa", 3, out, easy_vqa_tokenizer)
     return out
@@ -43,8 +43,8 @@ def test_batch_contents(prepared):
     assert torch.allclose(batch["images"], expected, atol=1e-6)
     assert batch["images"].min() >= -1 and batch["images"].max() <= 1
     assert torch.equal(batch["question_id"], raw["question_id"][:8])
-    item = split[2]
-    assert torch.equal(item["input_ids"], batch["input_ids"][2])
+    item = split.gather(torch.tensor([2]))
+    assert torch.equal(item["input_ids"][0], batch["input_ids"][2])
 
 
 def test_epoch_covers_every_example_once(prepared):
@@ -135,7 +135,7 @@ def prepare_xvlm(tmp_path, task, entries, tokenizer):
     data = {
         "source": "xvlm-json", "train": [str(file)], "val": [str(file)], "test": [str(file)],
         "image_root": str(root), "answer_list": None, "image_size": SIZE, "max_text_len": 8,
-        "limit": None, "val_fraction": 0.1,
+        "limit": None, "val_fraction": 0.1, "storage": "auto", "skip_bad_images": False,
     }
     out = tmp_path / "prepared"
     prepare(build(DataConfig, data), task, 0, out, tokenizer)
@@ -158,7 +158,7 @@ def test_nlvr2_batches_carry_both_images(tmp_path, easy_vqa_tokenizer):
     shown = batch["images"].mean(dim=(3, 4)).reshape(6, 3)
     assert torch.allclose(shown, expected / 127.5 - 1, atol=1e-6)
     assert torch.equal(split.images_of(batch["image_index"][:, 0]), batch["images"][:, 0])
-    assert split[1]["images"].shape == (2, 3, SIZE, SIZE)
+    assert split.gather(torch.tensor([1]))["images"].shape == (1, 2, 3, SIZE, SIZE)
     sizes = [len(b["targets"]) for b in split.batches(batch_size=2, shuffle=True, seed=0)]
     assert sizes == [2, 2, 1]
 

@@ -2,6 +2,7 @@
 targets, references, errors."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from evlm_cli.config import DataConfig, build
+from evlm_cli.data.loader import PreparedData
 from evlm_cli.data.prepare import limit_examples, prepare, read_task_splits
 from evlm_cli.data.records import split_off_pairs_by_image
 from evlm_cli.data.tokenizer import load_tokenizer
@@ -28,7 +30,7 @@ def make_spec(**data):
     defaults = {
         "source": "easy-vqa", "train": None, "val": None, "test": None, "image_root": None,
         "answer_list": None, "image_size": SIZE, "max_text_len": TEXT_LEN, "limit": LIMIT,
-        "val_fraction": 0.1,
+        "val_fraction": 0.1, "storage": "auto", "skip_bad_images": False,
     }
     return {
         "name": "t", "task": "vqa", "seed": 0,
@@ -230,13 +232,81 @@ def test_missing_answer_outside_test_is_an_error(xvlm_files):
         prep(xvlm_spec(root, files), tmp_path / "out")
 
 
-def test_missing_image_names_file_index_and_image(xvlm_files):
+def test_bad_images_are_all_found_at_prepare_time(xvlm_files):
+    """A missing and a corrupt image stop prepare with one line naming both and the count;
+    nothing is written."""
+    tmp_path, root, files = xvlm_files
+    entries = json.loads(files["train"].read_text())
+    entries[2]["image"] = "gone.png"
+    entries.append({"image": "broken.png", "question": "q?", "question_id": 14, "answer": ["red"]})
+    write_json(files["train"], entries)
+    (root / "broken.png").write_bytes((root / "a.png").read_bytes()[:40])  # cut short
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as error:
+        prep(xvlm_spec(root, files), out)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("data: 2 of 5 images cannot be read: ")
+    assert re.search(r"gone\.png \(missing\)", message)
+    assert re.search(r"broken\.png \(cannot be decoded", message)
+    assert "data.skip_bad_images: true" in message
+    assert not (out / "meta.json").exists()
+
+
+def test_skip_bad_images_drops_their_examples_and_reports(xvlm_files):
     tmp_path, root, files = xvlm_files
     entries = json.loads(files["train"].read_text())
     entries[2]["image"] = "gone.png"
     write_json(files["train"], entries)
-    with pytest.raises(DataError, match=r"train\.json: entry 2: image .*gone\.png not found"):
-        prep(xvlm_spec(root, files), tmp_path / "out")
+    out = tmp_path / "out"
+    summary = prep(xvlm_spec(root, files, skip_bad_images=True), out)
+    assert summary["skipped_images"] == 1 and summary["skipped_examples"] == 1
+    assert summary["splits"] == {"train": 2, "val": 1, "test": 1}
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["skipped_images"] == 1 and meta["num_images"] == 3
+    train = load_file(out / "train.safetensors")
+    assert train["question_id"].tolist() == [11, 12]
+    # every stored image is still used, and the rows still point at the right pixels
+    images = load_file(out / "images.safetensors")["images"]
+    assert images.shape[0] == 3
+    assert images[train["image_index"][0]].float().mean((1, 2)).tolist() == [255.0, 0.0, 0.0]
+
+
+def test_files_storage_lists_images_and_batches_equal_memory(xvlm_files):
+    """storage files keeps no pixels; its batches are the memory store's, exactly."""
+    tmp_path, root, files = xvlm_files
+    memory, on_disk = tmp_path / "memory", tmp_path / "files"
+    prep(xvlm_spec(root, files, storage="memory"), memory)
+    summary = prep(xvlm_spec(root, files, storage="files"), on_disk)
+    assert summary["storage"] == "files"
+    assert not (on_disk / "images.safetensors").exists()
+    listed = json.loads((on_disk / "images.json").read_text())
+    assert len(listed) == 3 and all(Path(p).is_file() for p in listed)
+    assert json.loads((on_disk / "meta.json").read_text())["storage"] == "files"
+    for split in ("train", "val", "test"):
+        a = PreparedData(memory).split(split).gather(torch.arange(len(PreparedData(memory).split(split))))
+        b = PreparedData(on_disk).split(split).gather(torch.arange(len(PreparedData(on_disk).split(split))))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_storage_chooses_by_decoded_size(monkeypatch):
+    from evlm_cli.data import images
+
+    assert images.resolve_storage("auto", 5000, 64) == "memory"  # easy-VQA: 61 MB
+    assert images.resolve_storage("auto", 123_287, 384) == "files"  # COCO at X-VLM's 384 px
+    monkeypatch.setattr(images, "MEMORY_LIMIT_BYTES", 3 * 16 * 16 * 10)
+    assert images.resolve_storage("auto", 10, 16) == "memory"
+    assert images.resolve_storage("auto", 11, 16) == "files"
+    assert images.resolve_storage("files", 1, 16) == "files"
+
+
+def test_an_image_changed_after_prepare_names_it(xvlm_files):
+    tmp_path, root, files = xvlm_files
+    out = tmp_path / "out"
+    prep(xvlm_spec(root, files, storage="files"), out)
+    (root / "c.png").write_bytes(b"not a png")
+    split = PreparedData(out).split("val")
+    with pytest.raises(DataError, match=r"image .*c\.png \(listed in .*images\.json\): cannot be read"):
+        split.gather(torch.tensor([0]))
 
 
 def test_missing_image_root_and_files(xvlm_files):

@@ -19,7 +19,7 @@ def pairs(tmp_path_factory):
     out = tmp_path_factory.mktemp("pairs")
     prepare_pairs(PairsConfig(source="easy-vqa", train=(), image_root=None, image_size=16,
                               max_text_len=16, limit=40, val_fraction=0.1, tokenizer=None,
-                              vocab_size=100), 0, out)
+                              vocab_size=100, storage="auto", skip_bad_images=False), 0, out)
     return PreparedData(out)
 
 
@@ -60,7 +60,8 @@ def captioning(pairs, tmp_path_factory):
     out = tmp_path_factory.mktemp("captioning")
     prepare(DataConfig(source="easy-vqa", train=(), val=(), test=(), image_root=None,
                        answer_list=None, image_size=16, max_text_len=16, limit=12,
-                       val_fraction=0.1), "captioning", 0, out, pairs.directory / "tokenizer")
+                       val_fraction=0.1, storage="auto",
+                       skip_bad_images=False), "captioning", 0, out, pairs.directory / "tokenizer")
     return PreparedData(out)
 
 

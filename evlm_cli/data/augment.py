@@ -1,0 +1,169 @@
+"""Training-time image augmentation as X-VLM fine-tunes: random resized crop, horizontal flip
+and RandAugment, on the uint8 pixels of a batch before they are normalised.
+
+Every random choice comes from a generator the caller seeds per batch (seed, epoch, rank,
+batch), never from a global one. So a batch is the same whichever worker builds it and however
+many workers there are, and a resumed run sees the batches the uninterrupted one saw; the
+training loop's own random state (dropout, gate noise) is untouched.
+
+A flip mirrors the scene, so the text's "left" and "right" are swapped with it (X-VLM does so
+for NLVR2); so are the answers "left" and "right" where the answer list has them. An example
+about two images (NLVR2) is mirrored whole: each image mirrored, and the pair's order swapped,
+so "the left image" still names the image on the left. The swap works on token ids, so it
+needs "left" and "right" to be whole words of the vocabulary (`SideSwap.from_vocabulary`):
+"leftmost" is "left ##most" to WordPiece and becomes "rightmost".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from evlm_cli.config import AugmentConfig
+from evlm_cli.errors import DataError
+
+# Geometric RandAugment ops fill what they uncover with mid grey (ALBEF's fill).
+FILL = 128
+# RandAugment's ops, as ALBEF and X-VLM use it: no op that changes hue (Color, Solarize,
+# Posterize, Invert), since questions name colours. `MAX_LEVEL` is the magnitude of the
+# strongest setting of each op.
+MAX_LEVEL = 10.0
+SIDE_WORDS = ("left", "right")
+
+
+def _ops() -> dict[str, Callable]:
+    """RandAugment's ops: (uint8 image, level in [0, 1], sign +-1) -> image."""
+    from torchvision.transforms.v2 import functional as F  # ~1 s to import: only when used
+
+    def affine(image, angle=0.0, translate=(0, 0), shear=(0.0, 0.0)):
+        return F.affine(image, angle=angle, translate=list(translate), scale=1.0,
+                        shear=list(shear), fill=FILL)
+
+    def shear(level, sign):  # up to 0.3 of a side per side, as an angle
+        return sign * math.degrees(math.atan(0.3 * level))
+
+    def shift(image, level, sign):  # up to 0.3 of the side
+        return int(round(sign * 0.3 * level * image.shape[-1]))
+
+    return {
+        "identity": lambda im, lv, sg: im,
+        "autocontrast": lambda im, lv, sg: F.autocontrast(im),
+        "equalize": lambda im, lv, sg: F.equalize(im),
+        "brightness": lambda im, lv, sg: F.adjust_brightness(im, 1.0 + sg * 0.9 * lv),
+        "sharpness": lambda im, lv, sg: F.adjust_sharpness(im, 1.0 + sg * 0.9 * lv),
+        "shear_x": lambda im, lv, sg: affine(im, shear=(shear(lv, sg), 0.0)),
+        "shear_y": lambda im, lv, sg: affine(im, shear=(0.0, shear(lv, sg))),
+        "translate_x": lambda im, lv, sg: affine(im, translate=(shift(im, lv, sg), 0)),
+        "translate_y": lambda im, lv, sg: affine(im, translate=(0, shift(im, lv, sg))),
+        "rotate": lambda im, lv, sg: affine(im, angle=sg * 30.0 * lv),
+    }
+
+
+@dataclass(frozen=True)
+class SideSwap:
+    """The token ids of "left" and "right", and their answer columns where both are answers."""
+
+    tokens: tuple[int, int]
+    answers: tuple[int, int] | None
+
+    @classmethod
+    def from_vocabulary(cls, vocab: Mapping[str, int], answers: list[str], where: str
+                        ) -> SideSwap:
+        missing = [w for w in SIDE_WORDS if w not in vocab]
+        if missing:
+            raise DataError(f"augment.flip: the tokenizer of {where} has no whole-word token "
+                            f"{missing[0]!r}, so a flip cannot swap left and right in the text; "
+                            "turn flip off")
+        sides = [w for w in SIDE_WORDS if w in answers]
+        if len(sides) == 1:
+            raise DataError(f"augment.flip: the answers of {where} have {sides[0]!r} but not its "
+                            "mirror image, so a flip would mislabel those questions; turn flip off")
+        return cls(tokens=(vocab["left"], vocab["right"]),
+                   answers=(answers.index("left"), answers.index("right")) if sides else None)
+
+    def apply(self, batch: dict[str, torch.Tensor], flipped: torch.Tensor) -> None:
+        """Swap left and right in the flipped rows' text and answer scores, in place."""
+        ids = batch["input_ids"]
+        left, right = self.tokens
+        rows = flipped[:, None]
+        batch["input_ids"] = torch.where(rows & (ids == left), right,
+                                         torch.where(rows & (ids == right), left, ids))
+        if self.answers is not None and "targets" in batch:
+            a, b = self.answers
+            swapped = batch["targets"].clone()
+            swapped[:, [a, b]] = swapped[:, [b, a]]
+            batch["targets"] = torch.where(rows, swapped, batch["targets"])
+
+
+class Augmenter:
+    """Applies `AugmentConfig` to the raw uint8 batch a prepared split gathers."""
+
+    def __init__(self, config: AugmentConfig, sides: SideSwap | None) -> None:
+        if config.flip and sides is None:
+            raise ValueError("a flip needs the side swap of the data's vocabulary")
+        self.config, self.sides = config, sides
+        self.ops = _ops() if config.randaugment else {}
+        self.op_names = sorted(self.ops)
+        if config.crop_scale is not None:
+            from torchvision.transforms.v2 import functional
+
+            self._resized_crop = functional.resized_crop
+
+    def __call__(self, batch: dict[str, torch.Tensor], rng: np.random.Generator) -> None:
+        """Augment `batch["pixels"]` ([B, 3, S, S], or [B, 2, 3, S, S]) in place of it."""
+        pixels = batch["pixels"]
+        pairs = pixels.ndim == 5
+        out = pixels.clone()
+        flipped = torch.zeros(pixels.shape[0], dtype=torch.bool)
+        for i in range(pixels.shape[0]):
+            images = out[i] if pairs else out[i:i + 1]
+            for j in range(images.shape[0]):
+                images[j] = self._one(images[j], rng)
+            if self.config.flip and rng.random() < 0.5:
+                flipped[i] = True
+                mirrored = images.flip(-1)
+                images.copy_(mirrored.flip(0) if pairs else mirrored)  # the pair swaps sides
+        batch["pixels"] = out
+        if flipped.any():
+            self.sides.apply(batch, flipped)
+            if pairs:
+                batch["image_index"] = torch.where(flipped[:, None],
+                                                   batch["image_index"].flip(1),
+                                                   batch["image_index"])
+
+    def _one(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        size = image.shape[-1]
+        if self.config.crop_scale is not None:
+            top, left, height, width = crop_box(size, self.config.crop_scale, rng)
+            image = self._resized_crop(image, top, left, height, width, [size, size],
+                                       antialias=True)
+        ra = self.config.randaugment
+        if ra is not None:
+            level = min(ra.magnitude, MAX_LEVEL) / MAX_LEVEL
+            for name in rng.choice(self.op_names, size=ra.ops, replace=True):
+                if rng.random() < 0.5:  # each drawn op applies half the time (ALBEF)
+                    sign = 1.0 if rng.random() < 0.5 else -1.0
+                    image = self.ops[name](image, level, sign)
+        return image
+
+
+def crop_box(size: int, scale: tuple[float, ...], rng: np.random.Generator,
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop of a square image: a share of its area drawn
+    from `scale`, an aspect ratio log-uniform in `ratio` (torchvision's RandomResizedCrop);
+    after 10 draws that do not fit, the whole image."""
+    area = size * size
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        width = int(round(math.sqrt(target * aspect)))
+        height = int(round(math.sqrt(target / aspect)))
+        if 0 < width <= size and 0 < height <= size:
+            top = int(rng.integers(0, size - height + 1))
+            left = int(rng.integers(0, size - width + 1))
+            return top, left, height, width
+    return 0, 0, size, size
