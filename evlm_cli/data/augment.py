@@ -17,7 +17,7 @@ needs "left" and "right" to be whole words of the vocabulary (`SideSwap.from_voc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,32 +35,37 @@ MAX_LEVEL = 10.0
 SIDE_WORDS = ("left", "right")
 
 
-def _ops() -> dict[str, Callable]:
-    """RandAugment's ops: (uint8 image, level in [0, 1], sign +-1) -> image."""
+OPS = ("identity", "autocontrast", "equalize", "brightness", "sharpness", "shear_x", "shear_y",
+       "translate_x", "translate_y", "rotate")
+
+
+def apply_op(name: str, image: torch.Tensor, level: float, sign: float) -> torch.Tensor:
+    """One RandAugment op on a uint8 [3, S, S] image at `level` in [0, 1], `sign` +-1.
+
+    A module function, not a table of closures, so that an `Augmenter` pickles into worker
+    processes started by spawn (macOS, Windows) as well as by fork.
+    """
     from torchvision.transforms.v2 import functional as F  # ~1 s to import: only when used
 
-    def affine(image, angle=0.0, translate=(0, 0), shear=(0.0, 0.0)):
-        return F.affine(image, angle=angle, translate=list(translate), scale=1.0,
-                        shear=list(shear), fill=FILL)
-
-    def shear(level, sign):  # up to 0.3 of a side per side, as an angle
-        return sign * math.degrees(math.atan(0.3 * level))
-
-    def shift(image, level, sign):  # up to 0.3 of the side
-        return int(round(sign * 0.3 * level * image.shape[-1]))
-
-    return {
-        "identity": lambda im, lv, sg: im,
-        "autocontrast": lambda im, lv, sg: F.autocontrast(im),
-        "equalize": lambda im, lv, sg: F.equalize(im),
-        "brightness": lambda im, lv, sg: F.adjust_brightness(im, 1.0 + sg * 0.9 * lv),
-        "sharpness": lambda im, lv, sg: F.adjust_sharpness(im, 1.0 + sg * 0.9 * lv),
-        "shear_x": lambda im, lv, sg: affine(im, shear=(shear(lv, sg), 0.0)),
-        "shear_y": lambda im, lv, sg: affine(im, shear=(0.0, shear(lv, sg))),
-        "translate_x": lambda im, lv, sg: affine(im, translate=(shift(im, lv, sg), 0)),
-        "translate_y": lambda im, lv, sg: affine(im, translate=(0, shift(im, lv, sg))),
-        "rotate": lambda im, lv, sg: affine(im, angle=sg * 30.0 * lv),
-    }
+    if name == "identity":
+        return image
+    if name == "autocontrast":
+        return F.autocontrast(image)
+    if name == "equalize":
+        return F.equalize(image)
+    if name in ("brightness", "sharpness"):
+        adjust = F.adjust_brightness if name == "brightness" else F.adjust_sharpness
+        return adjust(image, 1.0 + sign * 0.9 * level)
+    angle, translate, shear = 0.0, [0, 0], [0.0, 0.0]
+    if name == "rotate":
+        angle = sign * 30.0 * level
+    elif name.startswith("shear"):  # up to 0.3 of a side per side, as an angle
+        shear[name == "shear_y"] = sign * math.degrees(math.atan(0.3 * level))
+    elif name.startswith("translate"):  # up to 0.3 of the side
+        translate[name == "translate_y"] = int(round(sign * 0.3 * level * image.shape[-1]))
+    else:
+        raise ValueError(f"unknown RandAugment op {name!r} (expected one of: {', '.join(OPS)})")
+    return F.affine(image, angle=angle, translate=translate, scale=1.0, shear=shear, fill=FILL)
 
 
 @dataclass(frozen=True)
@@ -106,12 +111,6 @@ class Augmenter:
         if config.flip and sides is None:
             raise ValueError("a flip needs the side swap of the data's vocabulary")
         self.config, self.sides = config, sides
-        self.ops = _ops() if config.randaugment else {}
-        self.op_names = sorted(self.ops)
-        if config.crop_scale is not None:
-            from torchvision.transforms.v2 import functional
-
-            self._resized_crop = functional.resized_crop
 
     def __call__(self, batch: dict[str, torch.Tensor], rng: np.random.Generator) -> None:
         """Augment `batch["pixels"]` ([B, 3, S, S], or [B, 2, 3, S, S]) in place of it."""
@@ -138,16 +137,17 @@ class Augmenter:
     def _one(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         size = image.shape[-1]
         if self.config.crop_scale is not None:
+            from torchvision.transforms.v2.functional import resized_crop
+
             top, left, height, width = crop_box(size, self.config.crop_scale, rng)
-            image = self._resized_crop(image, top, left, height, width, [size, size],
-                                       antialias=True)
+            image = resized_crop(image, top, left, height, width, [size, size], antialias=True)
         ra = self.config.randaugment
         if ra is not None:
             level = min(ra.magnitude, MAX_LEVEL) / MAX_LEVEL
-            for name in rng.choice(self.op_names, size=ra.ops, replace=True):
+            for name in rng.choice(OPS, size=ra.ops, replace=True):
                 if rng.random() < 0.5:  # each drawn op applies half the time (ALBEF)
                     sign = 1.0 if rng.random() < 0.5 else -1.0
-                    image = self.ops[name](image, level, sign)
+                    image = apply_op(str(name), image, level, sign)
         return image
 
 

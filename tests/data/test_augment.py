@@ -157,3 +157,24 @@ def test_auto_workers():
     assert resolve_workers(None, True, False) == 0  # in memory, nothing to augment
     assert 1 <= resolve_workers(None, False, False) <= 4
     assert 1 <= resolve_workers(None, True, True, processes=64) <= 4
+
+
+def test_every_randaugment_op_keeps_shape_and_dtype_and_the_augmenter_pickles():
+    import pickle
+
+    from evlm_cli.data.augment import OPS, apply_op
+
+    image = torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8)
+    for name in OPS:
+        for sign in (-1.0, 1.0):
+            out = apply_op(name, image, 0.7, sign)
+            assert out.shape == image.shape and out.dtype == torch.uint8, name
+    assert torch.equal(apply_op("identity", image, 1.0, 1.0), image)
+    assert not torch.equal(apply_op("rotate", image, 1.0, 1.0), image)
+    with pytest.raises(ValueError, match="unknown RandAugment op 'invert'"):
+        apply_op("invert", image, 1.0, 1.0)
+    # workers started by spawn (macOS, Windows) receive the augmenter pickled
+    augment = pickle.loads(pickle.dumps(Augmenter(ALL, SIDES)))
+    batch = raw_batch(image[None].repeat(4, 1, 1, 1), [[LEFT]] * 4)
+    augment(batch, np.random.default_rng(0))
+    assert batch["pixels"].shape == (4, 3, SIZE, SIZE)

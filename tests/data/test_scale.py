@@ -1,0 +1,50 @@
+"""The small version of `benchmarks/data_scale.py`: generated JPEGs in X-VLM's VQA format,
+prepared as files (no decoded copy), then one epoch of a tiny teacher fed by two data
+workers. The full size (20,000 JPEGs of 224 px) runs as the benchmark."""
+
+import csv
+import importlib.util
+import json
+import resource
+from pathlib import Path
+
+import yaml
+
+from evlm_cli.stage import run_stage
+
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "data_scale.py"
+COUNT, SIZE, BATCH = 240, 64, 16
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("data_scale", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prepare_and_an_epoch_from_jpeg_files(tmp_path, monkeypatch):
+    bench = load_benchmark()
+    files = bench.make_dataset(tmp_path, COUNT, SIZE)
+    assert len(list((tmp_path / "images").glob("*.jpg"))) == COUNT
+    spec = bench.make_params(tmp_path, files, SIZE, BATCH, storage="files")
+    spec["resources"]["data_workers"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    p = ["--params", "params.yaml"]
+    assert run_stage("prepare_pairs", [*p, "--data", "pairs"]) == 0
+    assert run_stage("teacher_pretrain", [*p, "--pairs", "pairs", "--model", "pretrained",
+                                          "--log", "pretrain.csv"]) == 0
+    assert run_stage("prepare", [*p, "--pairs", "pairs", "--data", "data"]) == 0
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert meta["storage"] == "files" and not (tmp_path / "data" / "images.safetensors").exists()
+    assert meta["num_images"] == COUNT
+    assert run_stage("teacher", [*p, "--prepared", "data", "--pretrained", "pretrained",
+                                 "--model", "teacher", "--log", "teacher.csv"]) == 0
+    with (tmp_path / "teacher.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    train = meta["splits"]["train"]["examples"]
+    assert len(rows) == train // BATCH  # one epoch of full batches
+    assert all(0.0 <= float(r["data_wait"]) <= 1.0 for r in rows)
+    # this process held pytest, torch and the stages: still far from the 2 GB bound
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 2 * 2**20  # KiB
