@@ -85,10 +85,11 @@ def log_rows(path: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
 
 
-@pytest.mark.parametrize("kind", [*STAGES, "teacher+augment"])
+@pytest.mark.parametrize("kind", [*STAGES, "prune+augment"])
 def test_a_killed_stage_resumes_and_ends_as_an_uninterrupted_one(project, kind, capsys):
-    """teacher+augment: the task teacher with crop, flip and RandAugment, its batches built
-    by two data workers: the resumed run draws the same augmented batches."""
+    """prune+augment: pruning with crop, flip and RandAugment, its batches built by two data
+    workers: the resumed run draws the same augmented batches, and the same gate noise from
+    the global generator the workers leave alone."""
     kind, _, variant = kind.partition("+")
     params = "augmented.yaml" if variant else "params.yaml"
     whole, resumed = f"whole{variant}", f"resumed{variant}"

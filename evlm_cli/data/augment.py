@@ -7,7 +7,8 @@ many workers there are, and a resumed run sees the batches the uninterrupted one
 training loop's own random state (dropout, gate noise) is untouched.
 
 A flip mirrors the scene, so the text's "left" and "right" are swapped with it (X-VLM does so
-for NLVR2); so are the answers "left" and "right" where the answer list has them. An example
+for NLVR2), and so are the answers that name a side ("top left" scores as "top right"); an
+example whose answer names a side that has no mirror in the answer list is not flipped. An example
 about two images (NLVR2) is mirrored whole: each image mirrored, and the pair's order swapped,
 so "the left image" still names the image on the left. The swap works on token ids, so it
 needs "left" and "right" to be whole words of the vocabulary (`SideSwap.from_vocabulary`):
@@ -68,12 +69,23 @@ def apply_op(name: str, image: torch.Tensor, level: float, sign: float) -> torch
     return F.affine(image, angle=angle, translate=translate, scale=1.0, shear=shear, fill=FILL)
 
 
+def mirrored(text: str) -> str:
+    """`text` with the words "left" and "right" swapped ("top left" -> "top right")."""
+    swap = {"left": "right", "right": "left"}
+    return " ".join(swap.get(word, word) for word in text.split(" "))
+
+
 @dataclass(frozen=True)
 class SideSwap:
-    """The token ids of "left" and "right", and their answer columns where both are answers."""
+    """What a flip changes besides the pixels: the token ids of "left" and "right", and the
+    answers' mirror images ("left" <-> "right", "top left" <-> "top right") as a permutation
+    of the answer columns. `blocked` answers name a side whose mirror is not an answer (a
+    VQAv2 list may have "left hand" but not "right hand"): an example scoring one is not
+    flipped, rather than mislabelled."""
 
     tokens: tuple[int, int]
-    answers: tuple[int, int] | None
+    answers: tuple[int, ...] | None  # column j of a flipped example reads column answers[j]
+    blocked: tuple[int, ...] = ()
 
     @classmethod
     def from_vocabulary(cls, vocab: Mapping[str, int], answers: list[str], where: str
@@ -83,12 +95,24 @@ class SideSwap:
             raise DataError(f"augment.flip: the tokenizer of {where} has no whole-word token "
                             f"{missing[0]!r}, so a flip cannot swap left and right in the text; "
                             "turn flip off")
-        sides = [w for w in SIDE_WORDS if w in answers]
-        if len(sides) == 1:
-            raise DataError(f"augment.flip: the answers of {where} have {sides[0]!r} but not its "
-                            "mirror image, so a flip would mislabel those questions; turn flip off")
+        column = {answer: index for index, answer in enumerate(answers)}
+        permutation, blocked = list(range(len(answers))), []
+        for index, answer in enumerate(answers):
+            mirror = mirrored(answer)
+            if mirror == answer:
+                continue
+            if mirror in column:
+                permutation[index] = column[mirror]
+            else:
+                blocked.append(index)
+        moved = permutation != list(range(len(answers)))
         return cls(tokens=(vocab["left"], vocab["right"]),
-                   answers=(answers.index("left"), answers.index("right")) if sides else None)
+                   answers=tuple(permutation) if moved else None, blocked=tuple(blocked))
+
+    def can_flip(self, targets: torch.Tensor | None) -> bool:
+        """Whether an example with these answer scores may be flipped."""
+        return not (self.blocked and targets is not None
+                    and bool((targets[list(self.blocked)] > 0).any()))
 
     def apply(self, batch: dict[str, torch.Tensor], flipped: torch.Tensor) -> None:
         """Swap left and right in the flipped rows' text and answer scores, in place."""
@@ -98,10 +122,8 @@ class SideSwap:
         batch["input_ids"] = torch.where(rows & (ids == left), right,
                                          torch.where(rows & (ids == right), left, ids))
         if self.answers is not None and "targets" in batch:
-            a, b = self.answers
-            swapped = batch["targets"].clone()
-            swapped[:, [a, b]] = swapped[:, [b, a]]
-            batch["targets"] = torch.where(rows, swapped, batch["targets"])
+            batch["targets"] = torch.where(rows, batch["targets"][:, list(self.answers)],
+                                           batch["targets"])
 
 
 class Augmenter:
@@ -118,14 +140,23 @@ class Augmenter:
         pairs = pixels.ndim == 5
         out = pixels.clone()
         flipped = torch.zeros(pixels.shape[0], dtype=torch.bool)
+        targets = batch.get("targets")
+        # Rows of one image flip together: captions of an image are each other's positives
+        # in ITC, which a mirrored image with unmirrored text would contradict.
+        by_image: dict[tuple[int, ...], bool] = {}
         for i in range(pixels.shape[0]):
             images = out[i] if pairs else out[i:i + 1]
             for j in range(images.shape[0]):
                 images[j] = self._one(images[j], rng)
-            if self.config.flip and rng.random() < 0.5:
+            if not self.config.flip:
+                continue
+            wanted = rng.random() < 0.5  # drawn for every row: the stream never depends on data
+            wanted = by_image.setdefault(tuple(batch["image_index"][i].reshape(-1).tolist()),
+                                         wanted)
+            if wanted and self.sides.can_flip(None if targets is None else targets[i]):
                 flipped[i] = True
-                mirrored = images.flip(-1)
-                images.copy_(mirrored.flip(0) if pairs else mirrored)  # the pair swaps sides
+                mirror = images.flip(-1)
+                images.copy_(mirror.flip(0) if pairs else mirror)  # the pair swaps sides
         batch["pixels"] = out
         if flipped.any():
             self.sides.apply(batch, flipped)

@@ -76,17 +76,11 @@ class Scan:
     bad: dict[str, str]
 
 
-def scan_images(paths: Sequence[str], size: int, keep_pixels: bool,
-                known_bad: dict[str, str] | None = None) -> Scan:
-    """Decode every image once, in constant memory unless `keep_pixels`; never stop at a bad one.
-
-    `known_bad` (path -> why) are skipped unread: the readers found them missing.
-    """
-    bad = dict(known_bad or {})
+def scan_images(paths: Sequence[str], size: int, keep_pixels: bool) -> Scan:
+    """Decode every image once, in constant memory unless `keep_pixels`; never stop at a bad one."""
+    bad: dict[str, str] = {}
     pixels = torch.zeros((len(paths), 3, size, size), dtype=torch.uint8) if keep_pixels else None
     for row, path in enumerate(tqdm(paths, desc="decode images", unit="img")):
-        if path in bad:
-            continue
         try:
             image = decode_image(path, size)
         except DECODE_ERRORS as error:
@@ -95,7 +89,16 @@ def scan_images(paths: Sequence[str], size: int, keep_pixels: bool,
             continue
         if pixels is not None:
             pixels[row] = image
-    return Scan(pixels, {path: bad[path] for path in paths if path in bad})
+    return Scan(pixels, bad)
+
+
+def keep_rows(pixels: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """`pixels[rows]` for increasing `rows`, moved down in place: no second copy of the
+    images (up to `MEMORY_LIMIT_BYTES`) is made. Returns a view of the first len(rows)."""
+    for new, old in enumerate(rows):
+        if new != old:
+            pixels[new] = pixels[old]
+    return pixels[:len(rows)]
 
 
 def describe_bad(bad: dict[str, str], total: int) -> str:
@@ -134,10 +137,16 @@ class TensorImages:
 
 
 class FileImages:
-    """Images decoded from their files on every access: nothing is held but the paths."""
+    """Images decoded from their files on every access: nothing is held but the paths.
+
+    The paths are one numpy bytes array, not a list of str: forked data workers would copy
+    the pages of a list's objects as they touch their reference counts, a copy per worker
+    that grows with the dataset.
+    """
 
     def __init__(self, paths: list[str], size: int, source: Path) -> None:
-        self.paths, self._size, self.source = paths, size, source
+        self.paths = np.array([p.encode() for p in paths], dtype=np.bytes_)
+        self._size, self.source = size, source
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -151,7 +160,7 @@ class FileImages:
         flat = rows.reshape(-1).tolist()
         out = torch.empty((len(flat), 3, self._size, self._size), dtype=torch.uint8)
         for i, row in enumerate(flat):
-            path = self.paths[row]
+            path = self.paths[row].decode()
             try:
                 out[i] = decode_image(path, self._size)
             except DECODE_ERRORS as error:

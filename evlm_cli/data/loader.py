@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from evlm_cli.config import AugmentConfig, Resources
 from evlm_cli.data.augment import Augmenter, SideSwap
 from evlm_cli.data.images import FileImages, TensorImages, open_store
 from evlm_cli.data.tokenizer import load_tokenizer
-from evlm_cli.errors import DataError
+from evlm_cli.errors import DataError, EvlmError
 
 if TYPE_CHECKING:  # transformers costs ~2 s to import: only functions that build a
     from transformers import BertTokenizerFast  # tokenizer import it
@@ -281,11 +281,25 @@ class PreparedSplit:
         keys = list(keys)
         if not keys:
             return
-        # batch_size=None: the "sampler" yields batch keys and each item is a whole batch
+        # batch_size=None: the "sampler" yields batch keys and each item is a whole batch.
+        # A generator of its own: the loader seeds its workers from it, and from the global
+        # one otherwise, a draw that would shift dropout, gate noise and MLM masking by the
+        # worker count and on resume.
         loader = DataLoader(keyed, batch_size=None, sampler=keys,
                             num_workers=min(self.workers, len(keys)), pin_memory=pin,
-                            prefetch_factor=2)
-        yield from loader
+                            prefetch_factor=2, generator=torch.Generator())
+        for batch in loader:
+            if isinstance(batch, _Failure):  # one line, not the worker's traceback
+                raise DataError(batch.message)
+            yield batch
+
+
+class _Failure:
+    """An error a worker met, carried back as its message (torch would re-raise it with the
+    worker's traceback, many lines)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
 
 
 class _KeyedBatches(Dataset):
@@ -294,9 +308,14 @@ class _KeyedBatches(Dataset):
     def __init__(self, split: PreparedSplit, augment: Augmenter | None) -> None:
         self.split, self.augment = split, augment
 
-    def __getitem__(self, key: BatchKey) -> Batch:
+    def __getitem__(self, key: BatchKey) -> Batch | _Failure:
         indices, seed = key
-        return self.split.gather(indices, self.augment if seed is not None else None, seed)
+        try:
+            return self.split.gather(indices, self.augment if seed is not None else None, seed)
+        except EvlmError as error:
+            if get_worker_info() is None:
+                raise
+            return _Failure(error.message)
 
 
 def read_json(path: Path):

@@ -37,7 +37,13 @@ from tqdm import tqdm
 from evlm_cli.config import DataConfig, PairsConfig
 from evlm_cli.data.captions import read_easy_vqa_pairs, read_easy_vqa_retrieval
 from evlm_cli.data.easy_vqa import easy_vqa_answers, read_easy_vqa
-from evlm_cli.data.images import describe_bad, resolve_storage, scan_images, write_store
+from evlm_cli.data.images import (
+    describe_bad,
+    keep_rows,
+    resolve_storage,
+    scan_images,
+    write_store,
+)
 from evlm_cli.data.mosaic import ANSWERS as MOSAIC_ANSWERS
 from evlm_cli.data.mosaic import read_easy_vqa_mosaic
 from evlm_cli.data.nlvr2 import read_easy_vqa_nlvr2
@@ -98,7 +104,16 @@ def prepare(data: DataConfig, task: str, seed: int, out_dir: Path, tokenizer: Pa
         return write_prepared(out, {name: _rows(records) for name, records in limited.items()},
                               answers, text, data.image_size, data.max_text_len,
                               {"source": data.source, "task": task}, references,
-                              images=ImageOptions("data", data.storage, data.skip_bad_images))
+                              images=ImageOptions("data", _storage(data), data.skip_bad_images))
+
+
+# Sources that render their images into a scratch folder, which is gone once prepare ends:
+# their pixels must be kept (the spec refuses storage files for them).
+RENDERED_SOURCES = ("easy-vqa-mosaic",)
+
+
+def _storage(data: DataConfig) -> str:
+    return "memory" if data.source in RENDERED_SOURCES else data.storage
 
 
 def prepare_pairs(pairs: PairsConfig, seed: int, out_dir: Path) -> dict:
@@ -147,7 +162,7 @@ def write_prepared(out: Path, splits: dict[str, list], answers: list[str],
         kept_paths = unique_images(splits)
         if scan.pixels is not None:
             row = {path: index for index, path in enumerate(image_paths)}
-            scan.pixels = scan.pixels[torch.tensor([row[p] for p in kept_paths], dtype=torch.long)]
+            scan.pixels = keep_rows(scan.pixels, [row[p] for p in kept_paths])
         image_paths = kept_paths
         skipped = {"skipped_images": len(scan.bad), "skipped_examples": dropped}
         tqdm.write(f"warning: prepare: {problem}; skipped, with their {dropped} examples")

@@ -80,14 +80,36 @@ def test_flip_mirrors_the_image_and_swaps_left_and_right_in_the_text():
         assert bool(red_on_left) != bool(flipped[row])
 
 
-def test_flip_swaps_the_answers_left_and_right():
-    sides = SideSwap.from_vocabulary({"left": LEFT, "right": RIGHT}, ["yes", "left", "right"], "x")
-    assert sides.answers == (1, 2)
-    targets = torch.tensor([[0.0, 1.0, 0.5]] * 2)
+def test_flip_swaps_answers_that_name_a_side_and_spares_those_without_a_mirror():
+    answers = ["yes", "left", "right", "top left", "top right", "left hand", "no"]
+    sides = SideSwap.from_vocabulary({"left": LEFT, "right": RIGHT}, answers, "x")
+    assert sides.answers == (0, 2, 1, 4, 3, 5, 6) and sides.blocked == (5,)
+    targets = torch.tensor([[0.0, 1.0, 0.5, 0.0, 0.25, 0.0, 0.0]] * 2)
     batch = {"input_ids": torch.tensor([[LEFT], [LEFT]]), "targets": targets.clone()}
     sides.apply(batch, torch.tensor([True, False]))
-    assert batch["targets"].tolist() == [[0.0, 0.5, 1.0], [0.0, 1.0, 0.5]]
+    assert batch["targets"].tolist()[0] == [0.0, 0.5, 1.0, 0.25, 0.0, 0.0, 0.0]
+    assert batch["targets"].tolist()[1] == targets[1].tolist()
     assert batch["input_ids"].tolist() == [[RIGHT], [LEFT]]
+    # "left hand" has no "right hand": an example scoring it keeps its image unflipped
+    assert sides.can_flip(targets[0]) and not sides.can_flip(torch.eye(7)[5])
+    pixels = torch.zeros(32, 3, SIZE, SIZE, dtype=torch.uint8)
+    pixels[..., :4] = 255
+    blocked = raw_batch(pixels, [[LEFT]] * 32, torch.eye(7)[5].repeat(32, 1))
+    Augmenter(AugmentConfig(None, True, None), sides)(blocked, np.random.default_rng(0))
+    assert torch.equal(blocked["pixels"], pixels) and (blocked["input_ids"] == LEFT).all()
+
+
+def test_rows_of_one_image_flip_together():
+    """Captions of one image are ITC positives: they flip (or not) as one."""
+    pixels = torch.zeros(40, 3, SIZE, SIZE, dtype=torch.uint8)
+    pixels[..., :4] = 255
+    batch = raw_batch(pixels, [[LEFT]] * 40)
+    batch["image_index"] = torch.arange(40) // 4  # four captions per image
+    Augmenter(AugmentConfig(None, True, None), SIDES)(batch, np.random.default_rng(3))
+    flipped = (batch["input_ids"][:, 0] == RIGHT).reshape(10, 4)
+    assert (flipped == flipped[:, :1]).all() and 0 < int(flipped[:, 0].sum()) < 10
+    mirrored = (batch["pixels"][:, 0, 0, -1] == 255).reshape(10, 4)
+    assert torch.equal(mirrored, flipped)
 
 
 def test_flip_of_an_nlvr2_pair_mirrors_both_and_swaps_them():
@@ -115,8 +137,6 @@ def test_flip_is_refused_when_left_and_right_cannot_be_swapped(prepared):
         PreparedData(prepared).augmenter(ALL)
     assert PreparedData(prepared).augmenter(AugmentConfig((0.5, 1.0), False, None)) is not None
     assert PreparedData(prepared).augmenter(AugmentConfig(None, False, None)) is None
-    with pytest.raises(DataError, match="answers of x have 'right' but not its mirror image"):
-        SideSwap.from_vocabulary({"left": 1, "right": 2}, ["right", "no"], "x")
 
 
 def test_workers_and_resume_give_the_same_batches(prepared):
@@ -141,6 +161,35 @@ def test_workers_and_resume_give_the_same_batches(prepared):
     assert not torch.equal(epoch(0)[0]["images"],
                            list(EpochBatches(split, 16, seed=6, augment=augment,
                                              answer_balance=0.5)(1))[0]["images"])
+
+
+def test_workers_leave_the_global_random_state_alone(prepared):
+    """Dropout, gate noise and MLM masking draw from the global generator: the loader must
+    not, or the worker count and a resume would shift them."""
+    split = PreparedData(prepared).split("train")
+    split.workers = 2
+    augment = Augmenter(AugmentConfig((0.5, 1.0), False, None), None)
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    batches = list(EpochBatches(split, 16, seed=5, augment=augment)(0))
+    assert batches and torch.equal(torch.get_rng_state(), before)
+
+
+def test_an_error_in_a_worker_is_one_line(prepared, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared, copy)
+    listed = json.loads((copy / "images.json").read_text())
+    listed[0] = str(tmp_path / "gone.png")
+    (copy / "images.json").write_text(json.dumps(listed))
+    split = PreparedData(copy).split("train")
+    split.workers = 2
+    with pytest.raises(DataError) as error:
+        list(split.batches(len(split)))
+    assert "\n" not in error.value.message and "gone.png" in error.value.message
+    assert "Traceback" not in str(error.value)
 
 
 def test_evaluation_batches_are_never_augmented_and_workers_keep_their_order(prepared):

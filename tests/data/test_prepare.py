@@ -288,6 +288,17 @@ def test_files_storage_lists_images_and_batches_equal_memory(xvlm_files):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_rendered_mosaics_stay_in_memory_whatever_auto_would_choose(monkeypatch):
+    """Mosaics are rendered into a folder prepare deletes: their pixels must be kept."""
+    from evlm_cli.data import images
+    from evlm_cli.data import prepare as prepare_module
+
+    monkeypatch.setattr(images, "MEMORY_LIMIT_BYTES", 1)  # auto would pick files
+    data = build(DataConfig, make_spec(source="easy-vqa-mosaic")["data"])
+    assert prepare_module._storage(data) == "memory"
+    assert prepare_module._storage(build(DataConfig, make_spec()["data"])) == "auto"
+
+
 def test_auto_storage_chooses_by_decoded_size(monkeypatch):
     from evlm_cli.data import images
 
