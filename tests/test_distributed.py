@@ -45,6 +45,9 @@ def project(tmp_path_factory):
     spec["prune"]["weights"].update(hidden=0.0, attention=0.0)
     params = {f"params{n}.yaml": {**spec, "resources": {**spec["resources"], "processes": n}}
               for n in (1, 2)}
+    # two processes, each with two data workers over its own shard
+    params["params2w.yaml"] = {**spec, "resources": {**spec["resources"], "processes": 2,
+                                                     "data_workers": 2}}
     with prepared_project(tmp_path_factory.mktemp("ddp"), params) as root:
         p = ["--params", "params1.yaml"]
         assert run_stage("teacher_pretrain", [*p, "--pairs", "pairs", "--model", "pre",
@@ -56,7 +59,8 @@ def project(tmp_path_factory):
         yield root
 
 
-def prune(root: Path, processes: int, out: str, **env_extra) -> subprocess.CompletedProcess:
+def prune(root: Path, processes: int | str, out: str, **env_extra
+          ) -> subprocess.CompletedProcess:
     """The prune stage as DVC runs it; with 2 processes it relaunches itself under torchrun."""
     args = ["--params", f"params{processes}.yaml", "--prepared", "data", "--student", "student",
             "--teacher", "teacher", "--model", f"{out}/model", "--masks", f"{out}/masks.json",
@@ -100,6 +104,13 @@ def test_two_processes_train_as_one_and_resume(project):
     differing = [k for k in m2 if not (m2[k] == resumed[k]).all()]
     assert not differing, f"the resumed 2-process run differs from the uninterrupted one: {differing}"
     assert (project / "two/masks.json").read_text() == (project / "resumed/masks.json").read_text()
+
+    # data workers under torchrun: each rank's workers build its own shard's batches, and
+    # the run ends bit-identical to the one without workers
+    workers = prune(project, "2w", "workers")
+    assert workers.returncode == 0, workers.stderr[-3000:]
+    m2w = load_file(project / "workers/model/model.safetensors")
+    assert not [k for k in m2 if not (m2[k] == m2w[k]).all()]
 
 
 def test_ctrl_c_stops_every_worker(project):
