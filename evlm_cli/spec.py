@@ -18,7 +18,7 @@ import jsonschema
 import yaml
 
 from evlm_cli.config import ENCODERS, PATH_KEYS, ConfigError, params_from_dict
-from evlm_cli.data.sources import absent, source_problems
+from evlm_cli.data.sources import RENDERED_SOURCES, absent, source_problems
 from evlm_cli.errors import SpecError
 from evlm_cli.fileformat import WEIGHT_FILES, file_weights_format
 from evlm_cli.layout import MODEL_FILES, RESERVED_NAMES
@@ -473,8 +473,9 @@ def scope_problems(spec: dict) -> Iterator[tuple[Where, str]]:
     if crop is not None and crop[0] > crop[1]:
         yield ("augment", "crop_scale"), (f"augment.crop_scale: [{crop[0]:g}, {crop[1]:g}] is "
                                           "not a range (low first)")
-    if spec["data"]["source"] == "easy-vqa-mosaic" and spec["data"]["storage"] == "files":
-        yield ("data", "storage"), ("data.storage: easy-vqa-mosaic renders its images into a "
+    source = spec["data"]["source"]
+    if source in RENDERED_SOURCES and spec["data"]["storage"] == "files":
+        yield ("data", "storage"), (f"data.storage: {source} renders its images into a "
                                     "temporary folder, so they cannot be read from files later; "
                                     "use auto or memory")
     prune = spec["prune"]

@@ -125,13 +125,6 @@ class TensorImages:
     def __init__(self, pixels: torch.Tensor) -> None:
         self.pixels = pixels
 
-    def __len__(self) -> int:
-        return self.pixels.shape[0]
-
-    @property
-    def size(self) -> int:
-        return self.pixels.shape[-1]
-
     def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
         return self.pixels[rows]
 
@@ -147,13 +140,6 @@ class FileImages:
     def __init__(self, paths: list[str], size: int, source: Path) -> None:
         self.paths = np.array([p.encode() for p in paths], dtype=np.bytes_)
         self._size, self.source = size, source
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    @property
-    def size(self) -> int:
-        return self._size
 
     def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
         """uint8 [*rows.shape, 3, S, S]."""

@@ -187,12 +187,16 @@ class PreparedSplit:
             if seed is None:
                 raise ValueError("an augmented batch needs its seed")
             augment(batch, np.random.default_rng(list(seed)))
-        batch["images"] = batch.pop("pixels").float().mul_(self._scale).sub_(self._shift)
+        batch["images"] = self._normalised(batch.pop("pixels"))
         return batch
 
     def images_of(self, rows: torch.Tensor) -> torch.Tensor:
         """The normalised images of the given image rows."""
-        return self.images[rows].float().mul_(self._scale).sub_(self._shift)
+        return self._normalised(self.images[rows])
+
+    def _normalised(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels as float32, normalised as prepare recorded."""
+        return pixels.float().mul_(self._scale).sub_(self._shift)
 
     def answer_weights(self, balance: float) -> torch.Tensor:
         """Sampling weight per example: (count of its top answer) ** -balance.
@@ -311,7 +315,7 @@ class _KeyedBatches(Dataset):
     def __getitem__(self, key: BatchKey) -> Batch | _Failure:
         indices, seed = key
         try:
-            return self.split.gather(indices, self.augment if seed is not None else None, seed)
+            return self.split.gather(indices, self.augment, seed)
         except EvlmError as error:
             if get_worker_info() is None:
                 raise

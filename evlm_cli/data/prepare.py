@@ -55,7 +55,7 @@ from evlm_cli.data.records import (
     split_off_by_image,
     split_off_pairs_by_image,
 )
-from evlm_cli.data.sources import source_problems
+from evlm_cli.data.sources import RENDERED_SOURCES, source_problems
 from evlm_cli.data.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
 from evlm_cli.data.xvlm_json import (
     read_answer_list,
@@ -105,11 +105,6 @@ def prepare(data: DataConfig, task: str, seed: int, out_dir: Path, tokenizer: Pa
                               answers, text, data.image_size, data.max_text_len,
                               {"source": data.source, "task": task}, references,
                               images=ImageOptions("data", _storage(data), data.skip_bad_images))
-
-
-# Sources that render their images into a scratch folder, which is gone once prepare ends:
-# their pixels must be kept (the spec refuses storage files for them).
-RENDERED_SOURCES = ("easy-vqa-mosaic",)
 
 
 def _storage(data: DataConfig) -> str:

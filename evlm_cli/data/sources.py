@@ -5,6 +5,9 @@ from __future__ import annotations
 SOURCES = ("easy-vqa", "easy-vqa-mosaic", "xvlm-json")
 # Pre-training pairs come from easy-VQA's captions or from files; mosaics have no captions.
 PAIR_SOURCES = ("easy-vqa", "xvlm-json")
+# Sources that render their images into a scratch folder, gone once prepare ends: their pixels
+# must be kept in memory (storage files cannot serve them).
+RENDERED_SOURCES = ("easy-vqa-mosaic",)
 # Its questions, and captions (`data.captions`) and statements about image pairs
 # (`data.nlvr2`) derived from its images.
 EASY_VQA_TASKS = ("vqa", "nlvr2", "retrieval", "captioning")
