@@ -9,8 +9,8 @@ each batch size:
     arithmetic allows;
   - the top operators by self CPU time (torch.profiler), teacher and student, with their share.
 Each model is timed twice, interleaved: as saved ("before") and as `for_inference` prepares
-it for timing and export ("after": BatchNorm folded into the stem, channels-last images);
-empty sublayers are skipped in both, as the model code always does now.
+it for timing and export ("after": BatchNorm folded into the stem, fused projections, FFN
+widths padded to a multiple of 16, empty sublayers folded into earlier biases).
 
     .venv/bin/python benchmarks/profile_speed.py --run runs/vqa_50pct --out profile.json
 """

@@ -386,3 +386,80 @@ def test_an_empty_sublayer_adds_its_bias_alone_exactly():
                                  block.attn.out_bias)
         computed, _ = block._sublayer(h, block.norm1, lambda x: block.attn(x), None)
     assert torch.equal(got, expected) and torch.equal(got, computed)
+
+
+def uneven_model(norm: str) -> VLM:
+    """`uneven_config` with `norm` in text and fusion, every tensor random (biases included,
+    so a constant moved to the wrong place would show), in eval mode."""
+    cfg = uneven_config()
+    cfg.heads = ["vqa", "itm", "itc", "mlm", "nlvr2"]
+    for enc in (cfg.text.encoder, cfg.fusion):
+        enc.norm = norm
+    torch.manual_seed(0)
+    model = VLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.2)
+    return model
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_for_inference_fuses_pads_and_folds_and_every_task_computes_the_same(norm):
+    from evlm_cli.models.blocks import Attention
+    from evlm_cli.models.vlm import for_inference
+
+    model = uneven_model(norm)
+    fast = for_inference(model)
+    for encoder in (fast.vision.encoder, fast.text, fast.fusion):
+        for block in encoder.layers:
+            for name, sub in block.sublayers():
+                if isinstance(sub, Attention) and sub.heads:  # one matmul per input
+                    assert (sub.kv if name == "cross" else sub.qkv) is not None
+                    assert sub.out_bias is None and sub.out.bias is not None
+                if not isinstance(sub, Attention):
+                    assert sub.hidden % 16 == 0 and (sub.hidden == 0) == (sub.fc2_bias is not None)
+    # The empty attention of vision layer 1 follows layer 0's FFN; text's empty FFN (layer 0)
+    # follows its attention; fusion layer 0's empty cross-attention follows its attention.
+    assert fast.vision.encoder.layers[1].folded == {"attn"}
+    folded_text = fast.text.layers[0].folded | fast.fusion.layers[0].folded
+    assert folded_text == ({"mlp", "cross"} if norm == "pre" else set())
+    images, ids, mask = inputs()
+    pair = torch.stack([images, images.flip(0)], dim=1)
+    with torch.no_grad():
+        for task, x in (("vqa", images), ("itm", images), ("nlvr2", pair)):
+            torch.testing.assert_close(fast.logits(task, fast(x, ids, mask)),
+                                       model.logits(task, model(x, ids, mask)),
+                                       rtol=1e-5, atol=1e-5)
+        a, b = fast(images, ids, mask), model(images, ids, mask)
+        torch.testing.assert_close(fast.similarity(a.vision.last, a.text.last),  # ITC
+                                   model.similarity(b.vision.last, b.text.last),
+                                   rtol=1e-5, atol=1e-5)
+        a, b = (m.logits("captioning", m(images, ids, mask, causal=True)) for m in (fast, model))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+
+
+def test_for_inference_decodes_the_same_captions_with_its_cache():
+    from evlm_cli.models.generate import greedy_decode
+    from evlm_cli.models.vlm import for_inference
+
+    model = uneven_model("pre")
+    images = inputs(batch=4)[0]
+    tokens = dict(bos_id=2, eos_id=3, pad_id=0, max_len=8)
+    assert torch.equal(greedy_decode(for_inference(model), images, **tokens),
+                       greedy_decode(model, images, **tokens))
+
+
+def test_padded_ffn_neurons_output_nothing():
+    from evlm_cli.models.blocks import MLP
+
+    torch.manual_seed(0)
+    for act in ("gelu", "gelu_tanh", "quick_gelu"):
+        mlp = MLP(8, 5, act).eval()
+        x = torch.randn(3, 4, 8)
+        with torch.no_grad():
+            expected = mlp(x)
+            mlp.fuse_projections()
+            mlp.pad_hidden(16)
+            assert mlp.hidden == 16 and mlp.fc1.weight.shape == (16, 8)
+            torch.testing.assert_close(mlp(x), expected, rtol=1e-6, atol=1e-6)
