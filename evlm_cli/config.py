@@ -149,6 +149,7 @@ class EncoderShape:
     norm: str | None = None  # text and fusion; the vision encoder is always pre-norm (a ViT)
     patch_size: int | None = None  # vision only
     stem: str | None = None  # vision only
+    pos_init: str | None = None  # vision only
 
 
 @dataclass(frozen=True)

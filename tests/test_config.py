@@ -47,8 +47,8 @@ def config_keys(cls: type, prefix: str = "") -> set[str]:
 
 def test_every_schema_key_has_a_typed_field_and_back():
     schema = load_schema()
-    # patch_size and stem are vision-only in the schema, one EncoderShape serves all three
-    vision_only = {f"teacher.{e}.{k}" for e in ("text", "fusion") for k in ("patch_size", "stem")}
+    # patch_size, stem and pos_init are vision-only in the schema, one EncoderShape serves all three
+    vision_only = {f"teacher.{e}.{k}" for e in ("text", "fusion") for k in ("patch_size", "stem", "pos_init")}
     norm_free = {"teacher.vision.norm"}  # the vision encoder is always pre-norm (a ViT)
     assert config_keys(Params) - vision_only - norm_free == schema_keys(schema, schema)
 

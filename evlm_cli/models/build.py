@@ -31,7 +31,8 @@ def teacher_config(t: TeacherConfig, *, heads: list[str], image_size: int, vocab
 
     cfg = make_config(vision=shape("vision", t.vision), text=shape("text", t.text),
                       fusion=shape("fusion", t.fusion), image_size=image_size,
-                      patch_size=t.vision.patch_size, stem=t.vision.stem, vocab_size=vocab_size,
+                      patch_size=t.vision.patch_size, stem=t.vision.stem,
+                      pos_init=t.vision.pos_init, vocab_size=vocab_size,
                       max_positions=max_positions, heads=list(heads), num_answers=num_answers,
                       embed_dim=t.embed_dim, pool=t.pool)
     if vision_layout is not None:

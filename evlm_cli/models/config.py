@@ -67,6 +67,9 @@ class VisionConfig:
     stem: str = "patch"  # "patch": one strided conv; "conv": a stack of 3x3 convs (Xiao et al. 2021)
     patch_bias: bool = True
     pre_norm: bool = False  # CLIP ViTs normalise the embeddings before the first block
+    # How the learned position embeddings start: "normal", N(0, 0.02) as ViT; "sincos", the
+    # 2-D sin-cos table of MAE (unit amplitude), which a model from scratch keeps and uses.
+    pos_init: str = "normal"
 
     @property
     def num_patches(self) -> int:
@@ -127,7 +130,7 @@ class VLMConfig:
 
 def make_config(*, vision: dict, text: dict, fusion: dict, image_size: int, patch_size: int,
                 vocab_size: int, max_positions: int = 512, stem: str = "patch",
-                heads: list[str] | None = None, num_answers: int = 0,
+                pos_init: str = "normal", heads: list[str] | None = None, num_answers: int = 0,
                 embed_dim: int = 256, pool: str = "cls") -> VLMConfig:
     """A uniform config from per-encoder {layers, width, heads, ffn[, norm, eps, act]} (the spec's
     teacher; eps and act where a checkpoint it imports fixes them).
@@ -143,7 +146,8 @@ def make_config(*, vision: dict, text: dict, fusion: dict, image_size: int, patc
                                  cross=True, kv_width=vision["width"],
                                  norm=fusion.get("norm", "post"), eps=fusion.get("eps", 1e-12),
                                  act=fusion.get("act", "gelu"))
-    return VLMConfig(vision=VisionConfig(venc, image_size=image_size, patch_size=patch_size, stem=stem),
+    return VLMConfig(vision=VisionConfig(venc, image_size=image_size, patch_size=patch_size, stem=stem,
+                                         pos_init=pos_init),
                      text=TextConfig(tenc, vocab_size=vocab_size, max_positions=max_positions),
                      fusion=fenc, heads=heads or ["itm", "itc"], num_answers=num_answers,
                      embed_dim=embed_dim, pool=pool)

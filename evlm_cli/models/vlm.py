@@ -64,6 +64,31 @@ class ConvStem(nn.Module):
         self.proj = nn.Sequential(*folded)
 
 
+def sincos_positions(grid: int, width: int) -> Tensor:
+    """MAE's fixed 2-D sin-cos table for a grid x grid patch grid, [grid * grid, width] in
+    row-major order: the first half of the channels encodes the row, the second the column,
+    each as sines and cosines of geometrically spaced frequencies (periods 2 pi up to
+    20,000 pi).
+
+    Its rows have norm sqrt(width / 2): as large as the patch features, where ViT's N(0, 0.02)
+    start is 30 times smaller. Measured on the mosaic benchmark's pre-trained teacher (that
+    start), which tile a patch token lies in could be read linearly from 96% of the tokens at
+    the input and 57% at the output (chance: 25%): the positions were drowned by the first
+    layer, and no question about a tile could be learnt.
+    """
+    if width % 4:
+        raise ValueError(f"2-D sin-cos positions need a width divisible by 4, not {width}")
+    quarter = width // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, columns = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
+                                   torch.arange(grid, dtype=torch.float64), indexing="ij")
+    parts = []
+    for coordinate in (rows, columns):
+        angles = coordinate.reshape(-1, 1) * frequencies[None]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
 class VisionEncoder(nn.Module):
     """ViT: patch embedding, CLS token, learned positions, pre-norm blocks, final norm."""
 
@@ -75,7 +100,13 @@ class VisionEncoder(nn.Module):
         else:
             self.stem = ConvStem(cfg, w)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, w))
-        self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches + 1, w) * 0.02)
+        if cfg.pos_init == "sincos":
+            grid = cfg.image_size // cfg.patch_size
+            self.pos_embed = nn.Parameter(torch.cat([torch.zeros(1, w), sincos_positions(grid, w)])[None])
+        elif cfg.pos_init == "normal":
+            self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches + 1, w) * 0.02)
+        else:
+            raise ValueError(f"unknown pos_init {cfg.pos_init!r} (known: normal, sincos)")
         self.norm_pre = nn.LayerNorm(w, eps=cfg.encoder.eps) if cfg.pre_norm else nn.Identity()
         self.encoder = Encoder(cfg.encoder, "vision")
         self.norm = nn.LayerNorm(w, eps=cfg.encoder.eps)

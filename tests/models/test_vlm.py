@@ -463,3 +463,25 @@ def test_padded_ffn_neurons_output_nothing():
             mlp.pad_hidden(16)
             assert mlp.hidden == 16 and mlp.fc1.weight.shape == (16, 8)
             torch.testing.assert_close(mlp(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_sincos_positions_start_as_large_as_the_patch_features_and_tell_patches_apart():
+    from evlm_cli.models.vlm import sincos_positions
+
+    model = VLM(tiny_config(vision=dict(layers=1, width=32, heads=4, ffn=64, ), image_size=32,
+                            pos_init="sincos"))
+    pos = model.vision.pos_embed.detach()[0]
+    assert pos.shape == (1 + 16, 32) and model.vision.pos_embed.requires_grad
+    assert torch.equal(pos[0], torch.zeros(32))  # CLS: no position
+    torch.testing.assert_close(pos[1:].norm(dim=1), torch.full((16,), 4.0))  # sqrt(32 / 2)
+    assert torch.cdist(pos[1:], pos[1:]).add(torch.eye(16) * 9).min() > 0.5  # all distinct
+    # Row-major: patches of one row share the row channels, of one column the column ones.
+    table = sincos_positions(4, 32)
+    assert torch.equal(table[0, :16], table[3, :16]) and torch.equal(table[0, 16:], table[12, 16:])
+    assert not torch.equal(table[0, :16], table[4, :16])
+    normal = VLM(tiny_config(image_size=32)).vision.pos_embed.detach()
+    assert normal.std() < 0.05  # ViT's start is 30 times smaller
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_positions(4, 30)
+    with pytest.raises(ValueError, match="unknown pos_init"):
+        VLM(tiny_config(pos_init="fourier"))
