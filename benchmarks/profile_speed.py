@@ -7,7 +7,9 @@ each batch size:
     the evaluate stage times them), and the speedup;
   - the speedup divided by the FLOPs ratio: 1.0 means the student runs as fast as its
     arithmetic allows;
-  - the top operators by self CPU time (torch.profiler), teacher and student, with their share.
+  - the top operators by self CPU time (torch.profiler), teacher and student, with their share,
+    and the share of each kind of operator: convolution (the stem, never pruned), matmul and
+    attention (what pruning narrows), other (what works on the full-width residual stream).
 Each model is timed twice, interleaved: as saved ("before") and as `for_inference` prepares
 it for timing and export ("after": BatchNorm folded into the stem, fused projections, FFN
 widths padded to a multiple of 16, empty sublayers folded into earlier biases).
@@ -55,8 +57,23 @@ def run_paths(run: Path) -> tuple[Path, Path, Path, str]:
             stages["prepare"].outputs["data"], params["task"])
 
 
-def top_operators(forward, inputs, threads: int, top: int, passes: int = 5) -> list[dict]:
-    """The `top` operators by self CPU time over `passes` forward passes, with their share."""
+# What FLOPs count and what they do not. Structured pruning narrows matmuls and attention;
+# the conv stem is not pruned; the rest (LayerNorms, residual additions, activations, copies,
+# embeddings) works on the residual stream, which pruning leaves at full width, and FLOP
+# counts give it almost nothing.
+OPERATOR_KINDS = {"convolution": ("convolution",),
+                  "matmul and attention": ("addmm", "mm", "bmm", "matmul", "linear",
+                                           "scaled_dot_product")}
+
+
+def kind_of(op: str) -> str:
+    return next((kind for kind, names in OPERATOR_KINDS.items()
+                 if any(name in op for name in names)), "other")
+
+
+def operator_profile(forward, inputs, threads: int, top: int, passes: int = 5) -> dict:
+    """Over `passes` forward passes: the `top` operators by self CPU time with their share, and
+    the share of each kind of operator (`OPERATOR_KINDS`)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -70,9 +87,14 @@ def top_operators(forward, inputs, threads: int, top: int, passes: int = 5) -> l
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)
     events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    return [{"op": e.key, "ms_per_pass": e.self_cpu_time_total / 1000 / passes,
-             "share": e.self_cpu_time_total / total, "calls_per_pass": e.count / passes}
-            for e in events[:top]]
+    kinds = dict.fromkeys([*OPERATOR_KINDS, "other"], 0.0)
+    for e in events:
+        kinds[kind_of(e.key)] += e.self_cpu_time_total / total
+    return {"top": [{"op": e.key, "ms_per_pass": e.self_cpu_time_total / 1000 / passes,
+                     "share": e.self_cpu_time_total / total, "calls_per_pass": e.count / passes}
+                    for e in events[:top]],
+            "by_kind": kinds, "ms_per_pass": total / 1000 / passes,
+            "operators_per_pass": sum(e.count for e in events) / passes}
 
 
 def main(argv=None) -> dict:
@@ -95,20 +117,23 @@ def main(argv=None) -> dict:
                                 repeats=args.repeats, warmup=args.warmup, threads=args.threads)
         ms = {name: r["median_ms"] for name, r in timed.items()}
         speed = {when: ms[f"teacher {when}"] / ms[f"student {when}"] for when in ("before", "after")}
-        ops = {name: top_operators(f, inputs, args.threads, args.top)
+        ops = {name: operator_profile(f, inputs, args.threads, args.top)
                for name, f in forwards.items()}
         results["batches"][f"batch_{bs}"] = {
             "latency_ms": ms, "speedup": speed,
             "speedup_over_flops_ratio": {when: v / ratio for when, v in speed.items()},
-            "top_operators": ops}
+            "operators": ops}
         print(f"\nbatch {bs}:")
         for when in ("before", "after"):
             print(f"  {when}: teacher {ms['teacher ' + when]:.2f} ms, student "
                   f"{ms['student ' + when]:.2f} ms, speedup {speed[when]:.2f}x = "
                   f"{speed[when] / ratio:.2f} of the FLOPs ratio")
-        for name, listed in ops.items():
-            print(f"  {name}: top {args.top} operators by self CPU time")
-            for op in listed:
+        for name, found in ops.items():
+            kinds = ", ".join(f"{kind} {share:.0%}" for kind, share in found["by_kind"].items())
+            print(f"  {name}: {found['ms_per_pass']:.2f} ms profiled, "
+                  f"{found['operators_per_pass']:.0f} operators per pass; {kinds}")
+            print(f"    top {args.top} operators by self CPU time:")
+            for op in found["top"]:
                 print(f"    {op['op']:<36}{op['ms_per_pass']:>9.3f} ms {op['share']:>7.1%}"
                       f"  {op['calls_per_pass']:>6.0f} calls")
     if args.out:
