@@ -183,8 +183,8 @@ class MLP(nn.Module):
         weights and bias outputs act(0) = 0 into zero columns, so the output is unchanged).
 
         A matmul whose output width is not a multiple of the vector width runs slowly: on
-        2 CPU cores a 128 -> 19 projection took as long as 128 -> 32, and 128 -> 15 twice
-        as long as 128 -> 16; pruning leaves such widths everywhere."""
+        one CPU core a 128 -> 19 projection of 384 rows took longer than 128 -> 32, and
+        128 -> 15 twice as long as 128 -> 16; pruning leaves such widths everywhere."""
         padded = -(-self.hidden // multiple) * multiple
         if not self.hidden or padded == self.hidden:
             return

@@ -379,6 +379,8 @@ def fold_constants(encoder: Encoder, start: Tensor | None) -> None:
                 continue
             folded = set(block.folded)
             for name, sublayer in block.sublayers():
+                if name in folded:  # already moved (a copy prepared twice)
+                    continue
                 empty = not (sublayer.heads if isinstance(sublayer, Attention) else sublayer.hidden)
                 if not empty:
                     target = _output_bias(sublayer)

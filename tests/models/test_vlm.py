@@ -409,7 +409,7 @@ def test_for_inference_fuses_pads_and_folds_and_every_task_computes_the_same(nor
     from evlm_cli.models.vlm import for_inference
 
     model = uneven_model(norm)
-    fast = for_inference(model)
+    fast = for_inference(for_inference(model))  # preparing a prepared copy changes nothing
     for encoder in (fast.vision.encoder, fast.text, fast.fusion):
         for block in encoder.layers:
             for name, sub in block.sublayers():
