@@ -48,6 +48,16 @@ def additive_mask(mask: Tensor | None, dtype: torch.dtype, causal: bool = False,
     return additive
 
 
+def linear_with(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """An nn.Linear holding copies of `weight` [out, in] and `bias` [out] (inference copies)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
 @dataclass
 class KeyValues:
     """One attention sublayer's keys and values [rows, heads, positions, head_dim] from earlier
@@ -89,6 +99,7 @@ class Attention(nn.Module):
         self.qkv: nn.Linear | None = None  # inference only: see fuse_projections
         self.kv: nn.Linear | None = None
 
+    @torch.no_grad()
     def fuse_projections(self, cross: bool) -> None:
         """Inference only (the model is not trained or saved afterwards): the projections of
         one input in one matmul (q, k and v for self-attention; k and v for `cross`), and the
@@ -98,20 +109,25 @@ class Attention(nn.Module):
             return
         parts = ("k", "v") if cross else ("q", "k", "v")
         linears = [getattr(self, name) for name in parts]
-        fused = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears))
-        with torch.no_grad():
-            fused.weight.copy_(torch.cat([m.weight for m in linears]))
-            fused.bias.copy_(torch.cat([m.bias for m in linears]))
-            out = nn.Linear(self.out.in_features, self.out.out_features)
-            out.weight.copy_(self.out.weight)
-            out.bias.copy_(self.out_bias)
+        fused = linear_with(torch.cat([m.weight for m in linears]),
+                            torch.cat([m.bias for m in linears]))
         for name in parts:
             delattr(self, name)
         if cross:
             self.kv = fused
         else:
             self.qkv = fused
-        self.out, self.out_bias = out, None
+        self.out, self.out_bias = linear_with(self.out.weight, self.out_bias), None
+
+    @property
+    def output_bias(self) -> Tensor:
+        """The bias the sublayer adds last, wherever it is kept."""
+        return self.out_bias if self.out_bias is not None else self.out.bias
+
+    @property
+    def empty(self) -> bool:
+        """Pruned to no heads: it adds its output bias alone, whatever its input."""
+        return not self.heads
 
     def _project(self, x: Tensor, kv: Tensor | None, cache: KeyValues | None
                  ) -> tuple[Tensor, Tensor, Tensor]:
@@ -168,16 +184,24 @@ class MLP(nn.Module):
             self.fc2 = nn.Linear(hidden, width, bias=False)
         self.fc2_bias = nn.Parameter(torch.zeros(width))
 
+    @torch.no_grad()
     def fuse_projections(self) -> None:
         """Inference only: the output bias inside the second projection (one operator less)."""
         if not self.hidden or self.fc2_bias is None:
             return
-        fc2 = nn.Linear(self.fc2.in_features, self.fc2.out_features)
-        with torch.no_grad():
-            fc2.weight.copy_(self.fc2.weight)
-            fc2.bias.copy_(self.fc2_bias)
-        self.fc2, self.fc2_bias = fc2, None
+        self.fc2, self.fc2_bias = linear_with(self.fc2.weight, self.fc2_bias), None
 
+    @property
+    def output_bias(self) -> Tensor:
+        """The bias the sublayer adds last, wherever it is kept."""
+        return self.fc2_bias if self.fc2_bias is not None else self.fc2.bias
+
+    @property
+    def empty(self) -> bool:
+        """Pruned to no neurons: it adds its output bias alone, whatever its input."""
+        return not self.hidden
+
+    @torch.no_grad()
     def pad_hidden(self, multiple: int) -> None:
         """Inference only: zero neurons up to a multiple of `multiple` (a neuron of zero
         weights and bias outputs act(0) = 0 into zero columns, so the output is unchanged).
@@ -188,17 +212,11 @@ class MLP(nn.Module):
         padded = -(-self.hidden // multiple) * multiple
         if not self.hidden or padded == self.hidden:
             return
-        fc1 = nn.Linear(self.fc1.in_features, padded)
-        fc2 = nn.Linear(padded, self.fc2.out_features, bias=self.fc2.bias is not None)
-        with torch.no_grad():
-            for tensor in (fc1.weight, fc1.bias, fc2.weight):
-                tensor.zero_()
-            fc1.weight[: self.hidden] = self.fc1.weight
-            fc1.bias[: self.hidden] = self.fc1.bias
-            fc2.weight[:, : self.hidden] = self.fc2.weight
-            if fc2.bias is not None:
-                fc2.bias.copy_(self.fc2.bias)
-        self.fc1, self.fc2, self.hidden = fc1, fc2, padded
+        extra = padded - self.hidden
+        pad = nn.functional.pad
+        self.fc1 = linear_with(pad(self.fc1.weight, (0, 0, 0, extra)), pad(self.fc1.bias, (0, extra)))
+        self.fc2 = linear_with(pad(self.fc2.weight, (0, extra)), self.fc2.bias)
+        self.hidden = padded
 
     def forward(self, x: Tensor, neuron_gate: Tensor | None = None) -> Tensor:
         if not self.hidden:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from evlm_cli.models.blocks import Attention, DecoderCache, Encoder, EncoderOutput, Gates
+from evlm_cli.models.blocks import DecoderCache, Encoder, EncoderOutput, Gates
 from evlm_cli.models.config import ENCODERS, EncoderConfig, VisionConfig, VLMConfig
 from evlm_cli.models.groups import PrunableGroup
 
@@ -355,13 +355,6 @@ def for_inference(model: VLM) -> VLM:
     return fast
 
 
-def _output_bias(sublayer: nn.Module) -> Tensor | None:
-    """The bias a sublayer adds last: where a later constant can be added exactly."""
-    if isinstance(sublayer, Attention):
-        return sublayer.out_bias if sublayer.out_bias is not None else sublayer.out.bias
-    return sublayer.fc2_bias if sublayer.fc2_bias is not None else sublayer.fc2.bias
-
-
 def fold_constants(encoder: Encoder, start: Tensor | None) -> None:
     """Move the output of each empty sublayer (no heads or no neurons: its bias, whatever its
     input) into the bias added just before it, and skip the sublayer (inference only).
@@ -381,11 +374,10 @@ def fold_constants(encoder: Encoder, start: Tensor | None) -> None:
             for name, sublayer in block.sublayers():
                 if name in folded:  # already moved (a copy prepared twice)
                     continue
-                empty = not (sublayer.heads if isinstance(sublayer, Attention) else sublayer.hidden)
-                if not empty:
-                    target = _output_bias(sublayer)
+                if not sublayer.empty:
+                    target = sublayer.output_bias
                 elif target is not None:
-                    target.add_(_output_bias(sublayer))
+                    target.add_(sublayer.output_bias)
                     folded.add(name)
             block.folded = frozenset(folded)
 

@@ -468,7 +468,7 @@ def test_padded_ffn_neurons_output_nothing():
 def test_sincos_positions_start_as_large_as_the_patch_features_and_tell_patches_apart():
     from evlm_cli.models.vlm import sincos_positions
 
-    model = VLM(tiny_config(vision=dict(layers=1, width=32, heads=4, ffn=64, ), image_size=32,
+    model = VLM(tiny_config(vision=dict(layers=1, width=32, heads=4, ffn=64), image_size=32,
                             pos_init="sincos"))
     pos = model.vision.pos_embed.detach()[0]
     assert pos.shape == (1 + 16, 32) and model.vision.pos_embed.requires_grad
