@@ -386,18 +386,28 @@ def detail_lines(m: dict, dense: bool = False) -> list[str]:
 
 
 def exported_rows(m: dict) -> list[str]:
-    """The exported student, one row per file: the int8 row never replaces the fp32 one."""
+    """The exported student, one row per file (the int8 row never replaces the fp32 one), timed
+    next to the teacher exported the same way: the speedups compare like with like."""
     if not m.get("exported"):
         return []
     batches = list(m["latency_ms"])
     head = "".join(f"{'ms ' + bs.replace('batch_', 'b'):>10}{'speedup':>9}" for bs in batches)
     lines = ["", f"  {'student, ONNX Runtime':<24}{'metric':>10}{'retention':>11}"
              f"{head}{'MB':>8}"]
+    teacher = "teacher_onnx_fp32"  # evaluate's row; runs evaluated before it was timed lack it
+    if teacher in m["latency_ms"][batches[0]]:
+        cells = "".join(f"{m['latency_ms'][bs][teacher]:>10.2f}{'':>9}" for bs in batches)
+        lines.append(f"  {'teacher fp32':<24}{'-':>10}{'-':>10} {cells}")
     for name, e in m["exported"].items():
         cells = "".join(f"{m['latency_ms'][bs][name]:>10.2f}{e['speedup'][bs]:>8.2f}x"
                         for bs in batches)
         lines.append(f"  {name.replace('onnx_', ''):<24}{e['value']:>10.4f}{e['retention']:>10.1%} "
                      f"{cells}{e['size_bytes'] / 1e6:>8.2f}")
+    fp32 = m["exported"].get("onnx_fp32", {})
+    if "over_flops_ratio" in fp32:
+        lines.append("  fp32 student over the teacher: " + ", ".join(
+            f"{ratio:.2f} of the FLOPs ratio at {bs.replace('_', ' ')}"
+            for bs, ratio in fp32["over_flops_ratio"].items()))
     return lines
 
 

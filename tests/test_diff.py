@@ -90,3 +90,28 @@ def test_summary_shows_the_dense_student_between_teacher_and_student():
                                 "(dense", "97.9%)"]
     rows = dict(result_rows(m))
     assert rows["dense vqa_accuracy"] == 0.93 and rows["dense retention"] == pytest.approx(0.979, abs=1e-3)
+
+
+def test_summary_times_the_exported_student_against_the_exported_teacher():
+    run = _run("a", [1, 32], 1e-4)
+    run["params"].update(task="vqa", prune={"mode": "modal-adaptive", "target_sparsity": 0.9})
+    m = run["metrics"]
+    for bs, teacher_ms, student_ms in (("batch_1", 4.0, 2.0), ("batch_32", 60.0, 10.0)):
+        m["latency_ms"][bs].update(teacher_onnx_fp32=teacher_ms, onnx_fp32=student_ms)
+    m["exported"] = {"onnx_fp32": {
+        "value": 0.9, "retention": 0.947, "size_bytes": 2_000_000,
+        "speedup": {"batch_1": 2.0, "batch_32": 6.0},
+        "over_flops_ratio": {"batch_1": 0.5, "batch_32": 1.5}}}
+    lines = summary_table(run).splitlines()
+    at = next(i for i, line in enumerate(lines) if "student, ONNX Runtime" in line)
+    assert lines[at + 1].split() == ["teacher", "fp32", "-", "-", "4.00", "60.00"]
+    assert lines[at + 2].split() == ["fp32", "0.9000", "94.7%", "2.00", "2.00x", "10.00", "6.00x",
+                                     "2.00"]
+    assert lines[at + 3] == ("  fp32 student over the teacher: 0.50 of the FLOPs ratio at batch 1, "
+                             "1.50 of the FLOPs ratio at batch 32")
+    # a run evaluated before the teacher was exported: no teacher row, no ratio
+    del m["exported"]["onnx_fp32"]["over_flops_ratio"]
+    for bs in m["latency_ms"]:
+        del m["latency_ms"][bs]["teacher_onnx_fp32"]
+    lines = summary_table(run).splitlines()
+    assert not any("teacher fp32" in line or "FLOPs ratio at" in line for line in lines)

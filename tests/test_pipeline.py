@@ -100,7 +100,16 @@ def test_run_rerun_partial_reruns_and_sharing(finished):
     assert set(metrics["exported"]) == {"onnx_fp32", "onnx_int8"}
     assert abs(metrics["exported"]["onnx_fp32"]["value"] - metrics["value"]) < 1e-9
     assert set(metrics["latency_ms"]["batch_1"]) == {"teacher", "dense_student", "student",
-                                                     "onnx_fp32", "onnx_int8"}
+                                                     "onnx_fp32", "onnx_int8",
+                                                     "teacher_onnx_fp32"}
+    # the exported student's speedup is over the teacher exported the same way
+    for bs, ms in metrics["latency_ms"].items():
+        fp32 = metrics["exported"]["onnx_fp32"]
+        assert fp32["speedup"][bs] == pytest.approx(ms["teacher_onnx_fp32"] / ms["onnx_fp32"])
+        assert fp32["over_flops_ratio"][bs] == pytest.approx(
+            fp32["speedup"][bs] * metrics["gflops_per_example"]
+            / metrics["teacher_gflops_per_example"])
+    assert "teacher fp32" in first and "of the FLOPs ratio at batch 1" in first
     # the dense distilled student, timed alongside: depth x pruning is the whole speedup
     # ... and scored: the dense stage trained it on the task (tiny_vqa alone asks for it)
     assert 0 <= metrics["dense_value"] <= 1
