@@ -269,6 +269,7 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class DenseConfig:
     epochs: float
+    weights: LossWeights
 
 
 @dataclass(frozen=True)

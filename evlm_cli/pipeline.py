@@ -102,7 +102,8 @@ KINDS: dict[str, StageKind] = {k.name: k for k in [
         inputs={"prepared": "prepare.data", "teacher": "teacher.model"},
         outputs=(Output("metrics", "metrics.json", "metrics"),), shared=True),
     StageKind(
-        "dense", "the distilled student, not pruned, trained on the task as finetune trains: "
+        "dense", "the distilled student, not pruned, trained on the task with KD from the task "
+        "teacher (by default pruning's terms: hidden states and attention too): "
         "the depth-only baseline evaluate scores",
         "evlm_cli.recipe.finetune:run_dense", (*_TRAINING, "finetune", "dense"),
         inputs={"prepared": "prepare.data", "student": "distill.model",

@@ -1,4 +1,4 @@
-"""Stage kind `dense`: the distilled student, not pruned, trained on the task as finetune trains: the depth-only baseline evaluate scores.
+"""Stage kind `dense`: the distilled student, not pruned, trained on the task with KD from the task teacher (by default pruning's terms: hidden states and attention too): the depth-only baseline evaluate scores.
 
 Reads params: seed, task, device, resources, augment, finetune, dense. Takes: prepared (prepare.data),
 student (distill.model), teacher (teacher.model). Writes: model (model), log (log.csv, plots).

@@ -93,7 +93,7 @@ def test_specs_differing_downstream_share_upstream_stages(tmp_path):
     assert e[1].params["resources"]["threads"] == 7  # the stage still reads it
 
 
-def test_the_dense_baseline_is_shared_by_targets_and_seeds_and_follows_finetune():
+def test_the_dense_baseline_is_shared_by_targets_and_seeds_and_follows_its_settings():
     a = {s.kind.name: s for s in plan(tiny("a"))}
     assert a["dense"].name.startswith("shared-dense-")
     assert a["evaluate"].inputs["dense_model"] == a["dense"].outputs["model"]
@@ -101,8 +101,10 @@ def test_the_dense_baseline_is_shared_by_targets_and_seeds_and_follows_finetune(
     # another target, and another seed of the same spec, reuse it
     assert names(tiny("b", **{"prune.target_sparsity": 0.3}))["dense"] == a["dense"].name
     assert names(tiny("s", seed=3, shared_seed=0))["dense"] == a["dense"].name
-    # it trains as finetune trains, for its own epochs: either change retrains it alone
-    for change in ({"finetune.train.lr": 0.01}, {"dense.epochs": 3}):
+    # it trains with finetune's optimiser, for its own epochs and with its own loss weights:
+    # any of them retrains it alone
+    for change in ({"finetune.train.lr": 0.01}, {"dense.epochs": 3},
+                   {"dense.weights.hidden": 0.0}):
         other = names(tiny("c", **change))
         assert other["dense"] != a["dense"].name and other["teacher"] == a["teacher"].name
     # dense: null: no stage, and evaluate times the untrained dense student without scoring it

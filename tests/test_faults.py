@@ -38,8 +38,12 @@ def project(tmp_path_factory):
     augmented = {**spec, "augment": {"crop_scale": [0.5, 1.0], "flip": True,
                                      "randaugment": {"ops": 2, "magnitude": 9}},
                  "resources": {**spec["resources"], "data_workers": 2}}
+    # the dense baseline with finetune's loss weights instead of its default (prune's)
+    logits_only = {**spec, "dense": {**spec["dense"], "weights": {
+        "task": 1.0, "logits": 1.0, "hidden": 0.0, "attention": 0.0}}}
     with prepared_project(tmp_path_factory.mktemp("faults"),
-                          {"params.yaml": spec, "augmented.yaml": augmented}) as root:
+                          {"params.yaml": spec, "augmented.yaml": augmented,
+                           "logits_only.yaml": logits_only}) as root:
         yield root
 
 
@@ -115,6 +119,24 @@ def test_a_killed_stage_resumes_and_ends_as_an_uninterrupted_one(project, kind, 
     if variant:  # augmentation changed what it trained on
         plain = load_file(project / f"{kind}-whole/model/model.safetensors")
         assert any(not (plain[k] == a[k]).all() for k in a)
+
+
+def test_the_dense_baseline_distils_what_pruning_distils(project):
+    """dense.weights defaults to prune's: the depth-only baseline learns the teacher's hidden
+    states and attention, as the pruned student does while it is pruned. With finetune's
+    weights it learns the logits alone."""
+    for kind in ("teacher_pretrain", "distill", "teacher"):  # inputs, unless made already
+        if not (project / f"{kind}-whole/model").exists():
+            assert run_stage(kind, arguments(kind, "whole")) == 0
+    assert run_stage("dense", arguments("dense", "kd")) == 0
+    assert run_stage("dense", arguments("dense", "logits", "logits_only.yaml")) == 0
+    with_kd, logits_only = (list(csv.DictReader((project / f"dense-{run}/log.csv").open()))
+                            for run in ("kd", "logits"))
+    assert len(with_kd) == len(logits_only) == STEPS
+    for row in with_kd:
+        assert min(float(row[term]) for term in ("logits", "hidden", "attention")) > 0, row
+    assert "logits" in logits_only[0]
+    assert "hidden" not in logits_only[0] and "attention" not in logits_only[0]
 
 
 def test_a_full_disk_keeps_the_previous_outputs(project, monkeypatch, capsys):

@@ -1,7 +1,9 @@
 """Finetune stages: a student trained on the task with its loss and KD from the task teacher.
 
 `finetune` recovers the sliced student's accuracy; `dense` trains the distilled student, not
-pruned, the same way: the depth-only baseline that evaluate scores next to the pruned one.
+pruned, the same way but with its own loss weights: the depth-only baseline that evaluate
+scores next to the pruned one. Those default to pruning's (hidden states and attention
+distilled too), since the pruned student learns from them while it is pruned.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 from pathlib import Path
 
 from evlm_cli.compress.objective import Objective
-from evlm_cli.config import OptimConfig, Params
+from evlm_cli.config import LossWeights, OptimConfig, Params
 from evlm_cli.data.loader import PreparedData, open_prepared
 from evlm_cli.io import atomic_path
 from evlm_cli.models.checkpoint import load_model, save_model
@@ -24,9 +26,9 @@ from evlm_cli.train import Optim, adamw, finish, fit, make_run, setup
 def run_finetune(params: Params, *, prepared: Path, student: Path, teacher: Path, model: Path,
                  log: Path) -> dict:
     device = setup(params.seed, params.resources.threads, params.device)
-    return _train_on_task("finetune", params, params.finetune.train, load_model(student),
-                          load_model(teacher), open_prepared(prepared, params.resources, params.augment),
-                          device=device,
+    data = open_prepared(prepared, params.resources, params.augment)
+    return _train_on_task("finetune", params, params.finetune.train, params.finetune.weights,
+                          load_model(student), load_model(teacher), data, device=device,
                           prepared=prepared, student=student, teacher=teacher, model=model,
                           log=log)
 
@@ -38,27 +40,28 @@ def run_dense(params: Params, *, prepared: Path, student: Path, teacher: Path, m
     data = open_prepared(prepared, params.resources, params.augment)
     dense = task_student(student, teacher_model, params.task, data)
     train = dataclasses.replace(params.finetune.train, epochs=params.dense.epochs)
-    return _train_on_task("dense", params, train, dense, teacher_model, data, device=device,
-                          prepared=prepared, student=student, teacher=teacher, model=model,
-                          log=log)
+    return _train_on_task("dense", params, train, params.dense.weights, dense, teacher_model,
+                          data, device=device, prepared=prepared, student=student,
+                          teacher=teacher, model=model, log=log)
 
 
-def _train_on_task(name: str, params: Params, train: OptimConfig, student_model: VLM,
-                   teacher_model: VLM, data: PreparedData, *, device, prepared: Path,
-                   student: Path, teacher: Path, model: Path, log: Path) -> dict:
-    """Train `student_model` with finetune's loss weights and temperature under `train`,
-    then write it to `model`. The paths key the resume folder."""
+def _train_on_task(name: str, params: Params, train: OptimConfig, weights: LossWeights,
+                   student_model: VLM, teacher_model: VLM, data: PreparedData, *, device,
+                   prepared: Path, student: Path, teacher: Path, model: Path, log: Path) -> dict:
+    """Train `student_model` with `weights` and finetune's temperature under `train`, then
+    write it to `model`. The paths key the resume folder."""
     f = params.finetune
     student_model = student_model.to(device)
     teacher_model = teacher_model.to(device).eval()
     layer_maps = json.loads((Path(student) / "layer_map.json").read_text())
-    objective = Objective(student_model, params.task, f.weights, f.temperature, teacher_model,
+    objective = Objective(student_model, params.task, weights, f.temperature, teacher_model,
                           layer_maps)
     run = make_run(name, data.split("train"), train, params.seed,
                    modules={"student": student_model, **objective.modules},
                    optims=[Optim(adamw(list(student_model.parameters()) + objective.parameters(),
                                        train))],
-                   loss=objective, device=device, log_path=log, key=(f, train, params.augment),
+                   loss=objective, device=device, log_path=log,
+                   key=(weights, f.temperature, train, params.augment),
                    inputs=(student, teacher, prepared), augment=data.augmenter(params.augment))
     last = fit(run)
     summary = {"last_step": last,
