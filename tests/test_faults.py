@@ -130,8 +130,7 @@ def test_the_dense_baseline_distils_what_pruning_distils(project):
             assert run_stage(kind, arguments(kind, "whole")) == 0
     assert run_stage("dense", arguments("dense", "kd")) == 0
     assert run_stage("dense", arguments("dense", "logits", "logits_only.yaml")) == 0
-    with_kd, logits_only = (list(csv.DictReader((project / f"dense-{run}/log.csv").open()))
-                            for run in ("kd", "logits"))
+    with_kd, logits_only = (log_rows(project / f"dense-{run}/log.csv") for run in ("kd", "logits"))
     assert len(with_kd) == len(logits_only) == STEPS
     for row in with_kd:
         assert min(float(row[term]) for term in ("logits", "hidden", "attention")) > 0, row
