@@ -99,7 +99,7 @@ def make_dataset(root: Path, count: int, size: int, seed: int = 0) -> dict[str, 
 def make_params(root: Path, files: dict[str, Path], size: int, batch_size: int,
                 storage: str = "auto") -> dict:
     """The default spec with the generated data, a tiny model, one epoch for the teacher."""
-    from evlm_cli.spec import load_spec
+    from evlm_cli.spec.load import load_spec
 
     spec = load_spec(ROOT / "specs" / "vqa_50pct.yaml")
     spec["pairs"].update(source="xvlm-json", train=[str(files["pairs"])], image_root=str(root),
@@ -173,7 +173,7 @@ def run_stage(root: Path, kind: str, args: list[str]) -> dict:
 def loader_rate(prepared: Path, workers: int, batch_size: int, batches: int) -> float:
     """Images per second through the training loader alone (no model), shuffled batches."""
     from evlm_cli.data.loader import PreparedData
-    from evlm_cli.train import EpochBatches
+    from evlm_cli.training.loop import EpochBatches
 
     split = PreparedData(prepared, workers=workers).split("train")
     epoch = EpochBatches(split, batch_size, seed=0)

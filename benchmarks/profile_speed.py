@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from evlm_cli.compile import plan
 from evlm_cli.compress.measure import count_flops, measure_latency
 from evlm_cli.data.loader import PreparedData
 from evlm_cli.models.checkpoint import load_model
 from evlm_cli.models.vlm import TaskLogits, for_inference
+from evlm_cli.pipeline.compile import plan
 from evlm_cli.recipe.scoring import fixed_batch
 
 

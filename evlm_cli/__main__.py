@@ -1,5 +1,5 @@
 """`python -m evlm_cli` is the `evlm` command."""
 
-from evlm_cli.cli import main
+from evlm_cli.cli.main import main
 
 main()

@@ -2,13 +2,13 @@
 
 Reads params: seed, task, device, resources, augment, finetune, dense. Takes: prepared (prepare.data),
 student (distill.model), teacher (teacher.model). Writes: model (model), log (log.csv, plots).
-Runs evlm_cli.recipe.finetune.run_dense(). Declared in evlm_cli/pipeline.py; DVC runs it
+Runs evlm_cli.recipe.finetune.run_dense(). Declared in evlm_cli/pipeline/registry.py; DVC runs it
 as `evlm stage dense --params FILE ...`, and this file takes the same arguments.
 """
 
 import sys
 
-from evlm_cli.stage import run_stage
+from evlm_cli.pipeline.entry import run_stage
 
 if __name__ == "__main__":
     sys.exit(run_stage("dense", sys.argv[1:]))

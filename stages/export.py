@@ -2,13 +2,13 @@
 
 Reads params: task, resources, export. Takes: prepared (prepare.data), student
 (finetune.model). Writes: onnx (onnx). Only in specs with an `export:` section. Runs
-evlm_cli.recipe.export.run_export(). Declared in evlm_cli/pipeline.py; DVC runs it as `evlm
+evlm_cli.recipe.export.run_export(). Declared in evlm_cli/pipeline/registry.py; DVC runs it as `evlm
 stage export --params FILE ...`, and this file takes the same arguments.
 """
 
 import sys
 
-from evlm_cli.stage import run_stage
+from evlm_cli.pipeline.entry import run_stage
 
 if __name__ == "__main__":
     sys.exit(run_stage("export", sys.argv[1:]))

@@ -2,13 +2,13 @@
 
 Reads params: seed, task, device, resources, augment, finetune. Takes: prepared (prepare.data),
 student (prune.model), teacher (teacher.model). Writes: model (model), log (log.csv, plots).
-Runs evlm_cli.recipe.finetune.run_finetune(). Declared in evlm_cli/pipeline.py; DVC runs it
+Runs evlm_cli.recipe.finetune.run_finetune(). Declared in evlm_cli/pipeline/registry.py; DVC runs it
 as `evlm stage finetune --params FILE ...`, and this file takes the same arguments.
 """
 
 import sys
 
-from evlm_cli.stage import run_stage
+from evlm_cli.pipeline.entry import run_stage
 
 if __name__ == "__main__":
     sys.exit(run_stage("finetune", sys.argv[1:]))

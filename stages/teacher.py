@@ -3,13 +3,13 @@
 Reads params: seed, task, device, resources, augment, task_teacher. Takes: prepared (prepare.data),
 pretrained (teacher_pretrain.model), and the files the spec names. Writes: model (model),
 log (log.csv, plots). Runs evlm_cli.recipe.teacher.run_teacher(). Declared in
-evlm_cli/pipeline.py; DVC runs it as `evlm stage teacher --params FILE ...`, and this file
+evlm_cli/pipeline/registry.py; DVC runs it as `evlm stage teacher --params FILE ...`, and this file
 takes the same arguments.
 """
 
 import sys
 
-from evlm_cli.stage import run_stage
+from evlm_cli.pipeline.entry import run_stage
 
 if __name__ == "__main__":
     sys.exit(run_stage("teacher", sys.argv[1:]))

@@ -2,13 +2,13 @@
 
 Reads params: task, device, resources, evaluate. Takes: prepared (prepare.data), teacher
 (teacher.model). Writes: metrics (metrics.json, metrics). Runs
-evlm_cli.recipe.evaluate.run_teacher_eval(). Declared in evlm_cli/pipeline.py; DVC runs it
+evlm_cli.recipe.evaluate.run_teacher_eval(). Declared in evlm_cli/pipeline/registry.py; DVC runs it
 as `evlm stage teacher_eval --params FILE ...`, and this file takes the same arguments.
 """
 
 import sys
 
-from evlm_cli.stage import run_stage
+from evlm_cli.pipeline.entry import run_stage
 
 if __name__ == "__main__":
     sys.exit(run_stage("teacher_eval", sys.argv[1:]))

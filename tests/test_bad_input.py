@@ -15,8 +15,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from evlm_cli.spec import load_spec
-from evlm_cli.stage import run_stage
+from evlm_cli.pipeline.entry import run_stage
+from evlm_cli.spec.load import load_spec
 
 TINY = Path(__file__).resolve().parent / "specs" / "tiny_vqa.yaml"
 PREVIOUS = '{"previous": "output"}'

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from evlm_cli.cli import main
+from evlm_cli.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SPEC = str(ROOT / "specs" / "vqa_50pct.yaml")
@@ -130,7 +130,7 @@ def test_real_process_with_debug_shows_the_traceback(bad_spec):
 
 
 def test_stage_help_lists_the_kinds_and_an_unknown_kind_is_refused():
-    from evlm_cli.pipeline import KINDS
+    from evlm_cli.pipeline.registry import KINDS
 
     result = invoke("stage", "--help")
     assert result.exit_code == 0
@@ -143,8 +143,8 @@ def test_stage_help_lists_the_kinds_and_an_unknown_kind_is_refused():
 
 
 def test_a_folder_inside_a_dvc_project_is_refused(in_tmp_dir):
-    from evlm_cli.errors import EvlmError
-    from evlm_cli.runner import ensure_dvc_project
+    from evlm_cli.core.errors import EvlmError
+    from evlm_cli.pipeline.runner import ensure_dvc_project
 
     (in_tmp_dir / ".dvc").mkdir()
     (in_tmp_dir / "sub").mkdir()

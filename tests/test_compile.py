@@ -7,9 +7,9 @@ import subprocess
 
 import yaml
 
-from evlm_cli.compile import compile_specs, plan
-from evlm_cli.pipeline import KINDS
-from evlm_cli.spec import load_spec
+from evlm_cli.pipeline.compile import compile_specs, plan
+from evlm_cli.pipeline.registry import KINDS
+from evlm_cli.spec.load import load_spec
 
 TINY = "tests/specs/tiny_vqa.yaml"
 

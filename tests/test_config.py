@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from evlm_cli.config import (
+from evlm_cli.core.config import (
     ConfigError,
     DataConfig,
     OptimConfig,
@@ -17,8 +17,8 @@ from evlm_cli.config import (
     params_from_dict,
     to_dict,
 )
-from evlm_cli.packaged import minilm_dir
-from evlm_cli.spec import load_schema, load_spec, resolve_ref
+from evlm_cli.core.packaged import minilm_dir
+from evlm_cli.spec.load import load_schema, load_spec, resolve_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "specs").glob("*.yaml")) + [ROOT / "tests/specs/tiny_vqa.yaml",
@@ -141,7 +141,7 @@ def test_the_librarys_choices_are_the_schemas_enums():
     from evlm_cli.compress.l0 import MODES
     from evlm_cli.data.sources import PAIR_SOURCES, SOURCES
     from evlm_cli.models.config import POOLS
-    from evlm_cli.spec import METRICS_BY_TASK
+    from evlm_cli.spec.load import METRICS_BY_TASK
 
     schema = load_schema()
     props = schema["properties"]
@@ -155,7 +155,7 @@ def test_the_librarys_choices_are_the_schemas_enums():
 
 
 def test_path_keys_name_real_keys_of_the_schema():
-    from evlm_cli.config import PATH_KEYS
+    from evlm_cli.core.config import PATH_KEYS
 
     keys = schema_keys(load_schema(), load_schema())
     assert {".".join(p.key) for p in PATH_KEYS} <= keys

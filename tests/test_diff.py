@@ -2,7 +2,7 @@
 
 import pytest
 
-from evlm_cli.diff import allocation_lines, diff_rows, render, result_rows, summary_table
+from evlm_cli.report.diff import allocation_lines, diff_rows, render, result_rows, summary_table
 
 
 def _run(name: str, batch_sizes: list[int], lr: float) -> dict:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from evlm_cli.cli import main
+from evlm_cli.cli.main import main
 from tests.test_diff import _run
 
 

@@ -19,9 +19,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from evlm_cli.spec import load_spec
-from evlm_cli.stage import run_stage
-from evlm_cli.train import DUMP_GRADS_ENV, KILL_ENV
+from evlm_cli.pipeline.entry import run_stage
+from evlm_cli.spec.load import load_spec
+from evlm_cli.training.loop import DUMP_GRADS_ENV, KILL_ENV
 from tests.tiny_project import prepared_project
 
 TINY = Path(__file__).resolve().parent / "specs" / "tiny_vqa.yaml"
@@ -148,8 +148,8 @@ def test_ctrl_c_stops_every_worker(project):
 def _sync_check_worker(rank: int, store_file: str, results) -> None:
     import torch
 
-    from evlm_cli import distributed
-    from evlm_cli.errors import TrainingError
+    from evlm_cli.core.errors import TrainingError
+    from evlm_cli.training import distributed
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2")
     torch.distributed.init_process_group(

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from evlm_cli.spec import load_spec
-from evlm_cli.stage import run_stage
-from evlm_cli.train import KILL_ENV
+from evlm_cli.pipeline.entry import run_stage
+from evlm_cli.spec.load import load_spec
+from evlm_cli.training.loop import KILL_ENV
 from tests.tiny_project import prepared_project
 
 TINY = Path(__file__).resolve().parent / "specs" / "tiny_vqa.yaml"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evlm_cli.io import (
+from evlm_cli.core.io import (
     FILE_MODE,
     atomic_path,
     atomic_save_safetensors,

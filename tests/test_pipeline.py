@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from evlm_cli.spec import load_schema
+from evlm_cli.spec.load import load_schema
 
 REPO = Path(__file__).resolve().parents[1]
 EVLM = [sys.executable, "-m", "evlm_cli"]
@@ -249,7 +249,7 @@ def test_code_dependencies_are_exact(finished, tmp_path):
     # DVC lists prune alone: finetune and evaluate follow once prune's outputs change
     assert changed_stages(project, copy) == {"prune"}
 
-    with open(copy / "evlm_cli/errors.py", "a") as f:  # every stage imports the errors
+    with open(copy / "evlm_cli/core/errors.py", "a") as f:  # every stage imports the errors
         f.write("\n# an edit\n")
     assert changed_stages(project, copy) == {"prepare_pairs", "teacher_pretrain", "distill",
                                               "prepare", "teacher", "teacher_eval", "dense",

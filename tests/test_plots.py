@@ -3,8 +3,8 @@
 from click.testing import CliRunner
 from PIL import Image
 
-from evlm_cli.cli import main
-from evlm_cli.plots import allocation_grid, read_log, run_plot
+from evlm_cli.cli.main import main
+from evlm_cli.report.plots import allocation_grid, read_log, run_plot
 from tests.test_seeds import three_seeds  # noqa: F401  (a fixture)
 
 MASKS = {"encoders": {

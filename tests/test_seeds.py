@@ -7,10 +7,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from evlm_cli.cli import main
-from evlm_cli.compile import compile_specs, plan
-from evlm_cli.diff import diff_rows, group_table, load_runs, mean_std
-from evlm_cli.spec import seed_runs
+from evlm_cli.cli.main import main
+from evlm_cli.pipeline.compile import compile_specs, plan
+from evlm_cli.report.diff import diff_rows, group_table, load_runs, mean_std
+from evlm_cli.spec.load import seed_runs
 from tests.test_compile import stages_of, tiny
 from tests.test_diff import _run
 from tests.test_diff_rev import write_run

@@ -8,11 +8,11 @@ import jsonschema
 import pytest
 import yaml
 
+from evlm_cli.core.errors import SpecError
+from evlm_cli.core.fileformat import weights_format
+from evlm_cli.core.packaged import local_path, minilm_dir
 from evlm_cli.data.sources import source_problems
-from evlm_cli.errors import SpecError
-from evlm_cli.fileformat import weights_format
-from evlm_cli.packaged import local_path, minilm_dir
-from evlm_cli.spec import (
+from evlm_cli.spec.load import (
     SCHEMA_PATH,
     InvalidSpecError,
     load_schema,
@@ -131,7 +131,7 @@ def test_shipped_specs_are_valid_and_named_after_their_file(spec_file):
 def test_the_mosaic_spec_pretrains_as_the_default_but_for_its_positions():
     """Its teacher starts from 2-D sin-cos positions; everything task-agnostic else agrees, so
     the pairs are prepared once for both."""
-    from evlm_cli.compile import plan
+    from evlm_cli.pipeline.compile import plan
 
     mosaic, default = (load_spec(ROOT / "specs" / f"{name}.yaml")
                        for name in ("mosaic_vqa_90pct", "vqa_50pct"))
@@ -290,10 +290,10 @@ def test_schema_is_valid_json_schema():
 
 
 def test_schema_ships_in_the_package_and_the_top_level_link_shows_it():
-    assert SCHEMA_PATH == ROOT / "evlm_cli" / "schemas" / "spec.schema.json"
+    assert SCHEMA_PATH == ROOT / "evlm_cli" / "spec" / "spec.schema.json"
     link = ROOT / "schemas" / "spec.schema.json"
     assert link.is_symlink()
-    assert os.readlink(link) == "../evlm_cli/schemas/spec.schema.json"
+    assert os.readlink(link) == "../evlm_cli/spec/spec.schema.json"
     assert link.read_bytes() == SCHEMA_PATH.read_bytes()
 
 
@@ -437,7 +437,7 @@ def test_source_problems_name_fields_not_spec_keys():
 def test_export_without_its_packages_names_the_extra(monkeypatch, tmp_path):
     import importlib.util
 
-    import evlm_cli.spec as spec_module
+    import evlm_cli.spec.load as spec_module
 
     real = importlib.util.find_spec
     monkeypatch.setattr(spec_module.importlib.util, "find_spec",
@@ -451,7 +451,7 @@ def test_export_without_its_packages_names_the_extra(monkeypatch, tmp_path):
 
 
 def test_captioning_without_java_is_refused_before_anything_runs(monkeypatch):
-    import evlm_cli.spec as spec_module
+    import evlm_cli.spec.load as spec_module
 
     monkeypatch.setattr(spec_module.shutil, "which", lambda name: None)
     with pytest.raises(InvalidSpecError) as error:

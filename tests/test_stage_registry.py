@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from evlm_cli.codedeps import closure
-from evlm_cli.config import Params
-from evlm_cli.pipeline import KINDS, UNTRACKED_SECTIONS
+from evlm_cli.core.config import Params
+from evlm_cli.pipeline.codedeps import closure
+from evlm_cli.pipeline.registry import KINDS, UNTRACKED_SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,10 +76,10 @@ def test_bad_params_file_is_one_line_and_exit_2(tmp_path):
 
 
 def test_code_closure_follows_imports_and_stays_inside_each_kind():
-    prune = closure(["evlm_cli.stage", KINDS["prune"].module])
-    teacher = closure(["evlm_cli.stage", KINDS["teacher"].module])
-    assert {"evlm_cli.compress.l0", "evlm_cli.compress.slice", "evlm_cli.train",
-            "evlm_cli.models.blocks", "evlm_cli.errors"} <= set(prune)
+    prune = closure(["evlm_cli.pipeline.entry", KINDS["prune"].module])
+    teacher = closure(["evlm_cli.pipeline.entry", KINDS["teacher"].module])
+    assert {"evlm_cli.compress.l0", "evlm_cli.compress.slice", "evlm_cli.training.loop",
+            "evlm_cli.models.blocks", "evlm_cli.core.errors"} <= set(prune)
     assert "evlm_cli.compress.l0" not in teacher and "evlm_cli.compress.measure" not in teacher
-    assert "evlm_cli.pipeline" not in prune  # declarations: their effect is in dvc.yaml
-    assert "evlm_cli.cli" not in prune and "evlm_cli.spec" not in prune
+    assert "evlm_cli.pipeline.registry" not in prune  # declarations: their effect is in dvc.yaml
+    assert "evlm_cli.cli.main" not in prune and "evlm_cli.spec.load" not in prune

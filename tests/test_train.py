@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import torch
 
-from evlm_cli.config import OptimConfig
-from evlm_cli.train import adamw, setup, total_steps
+from evlm_cli.core.config import OptimConfig
+from evlm_cli.training.loop import adamw, setup, total_steps
 
 BASE = OptimConfig(epochs=1, batch_size=8, lr=1e-3, weight_decay=0.01, warmup_ratio=0.1,
                    grad_clip=1.0, checkpoint_every=100, max_steps=None, answer_balance=0.0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from evlm_cli.stage import run_stage
+from evlm_cli.pipeline.entry import run_stage
 
 
 @contextmanager

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from evlm_cli.compress import distill as kd
-from evlm_cli.config import ENCODERS, LossWeights
+from evlm_cli.core.config import ENCODERS, LossWeights
 from evlm_cli.models.blocks import Gates
 from evlm_cli.models.vlm import CAUSAL_TASKS, VLM, VLMOutput, model_inputs
 from evlm_cli.tasks import TASKS

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from evlm_cli.config import AugmentConfig
-from evlm_cli.errors import DataError
+from evlm_cli.core.config import AugmentConfig
+from evlm_cli.core.errors import DataError
 
 # Geometric RandAugment ops fill what they uncover with mid grey (ALBEF's fill).
 FILL = 128

@@ -16,9 +16,9 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from evlm_cli.core.errors import DataError
 from evlm_cli.data.easy_vqa import read_easy_vqa
 from evlm_cli.data.records import PairRecord, RetrievalRecord, VqaRecord
-from evlm_cli.errors import DataError
 
 SHAPES = ("circle", "rectangle", "triangle")
 # The CSS colours easy-VQA paints with: the inside of every shape is exactly one of them.

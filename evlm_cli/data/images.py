@@ -27,8 +27,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from evlm_cli.errors import DataError
-from evlm_cli.io import atomic_save_safetensors, atomic_write_json
+from evlm_cli.core.errors import DataError
+from evlm_cli.core.io import atomic_save_safetensors, atomic_write_json
+from evlm_cli.data.prepared_files import load_tensors, read_json
 
 STORAGES = ("auto", "memory", "files")
 # `auto` holds decoded pixels in memory up to this size: easy-VQA (61 MB) and its mosaics
@@ -158,8 +159,6 @@ class FileImages:
 
 def open_store(directory: Path, storage: str, size: int) -> TensorImages | FileImages:
     """The image store of a prepared folder, as its meta.json names it."""
-    from evlm_cli.data.loader import load_tensors, read_json  # loader imports this module
-
     if storage == "files":
         path = directory / FILES_FILE
         paths = read_json(path)

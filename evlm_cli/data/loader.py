@@ -9,7 +9,6 @@ from its indices (and, in training, a seed for its augmentation), and `stream` r
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,14 +17,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from evlm_cli.config import AugmentConfig, Resources
+from evlm_cli.core.config import AugmentConfig, Resources
+from evlm_cli.core.errors import DataError, EvlmError
 from evlm_cli.data.augment import Augmenter, SideSwap
 from evlm_cli.data.images import FileImages, TensorImages, open_store
+from evlm_cli.data.prepared_files import load_tensors, read_json
 from evlm_cli.data.tokenizer import load_tokenizer
-from evlm_cli.errors import DataError, EvlmError
 
 if TYPE_CHECKING:  # transformers costs ~2 s to import: only functions that build a
     from transformers import BertTokenizerFast  # tokenizer import it
@@ -320,22 +319,3 @@ class _KeyedBatches(Dataset):
             if get_worker_info() is None:
                 raise
             return _Failure(error.message)
-
-
-def read_json(path: Path):
-    if not path.is_file():
-        raise DataError(f"{path}: missing; run the prepare stage first")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not valid JSON ({error}); prepare again") from None
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise DataError(f"{path}: missing; run the prepare stage first")
-    try:
-        return load_file(str(path))
-    except Exception as error:  # safetensors raises its own error type for a corrupt header
-        raise DataError(f"{path}: cannot be read as safetensors ({error})") from error

@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from evlm_cli.config import DataConfig, PairsConfig
+from evlm_cli.core.config import DataConfig, PairsConfig
+from evlm_cli.core.errors import DataError
+from evlm_cli.core.io import atomic_path, atomic_save_safetensors, atomic_write_json
 from evlm_cli.data.captions import read_easy_vqa_pairs, read_easy_vqa_retrieval
 from evlm_cli.data.easy_vqa import easy_vqa_answers, read_easy_vqa
 from evlm_cli.data.images import (
@@ -64,8 +66,6 @@ from evlm_cli.data.xvlm_json import (
     read_retrieval_eval,
     read_vqa,
 )
-from evlm_cli.errors import DataError
-from evlm_cli.io import atomic_path, atomic_save_safetensors, atomic_write_json
 from evlm_cli.tasks.vqa import answer_scores
 
 if TYPE_CHECKING:  # transformers costs ~2 s to import: only functions that build a

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 
-from evlm_cli.errors import DataError
+from evlm_cli.core.errors import DataError
 
 if TYPE_CHECKING:  # transformers costs ~2 s to import: only functions that build a
     from transformers import BertTokenizerFast  # tokenizer import it

@@ -21,8 +21,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from evlm_cli.core.errors import DataError
 from evlm_cli.data.records import Nlvr2Record, PairRecord, RetrievalRecord, VqaRecord
-from evlm_cli.errors import DataError
 
 PathLike = str | os.PathLike
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from evlm_cli.errors import EvlmError
+from evlm_cli.core.errors import EvlmError
+from evlm_cli.core.packaged import EXPORT_INSTALL
 from evlm_cli.models.vlm import VLM, TaskLogits, for_inference
-from evlm_cli.packaged import EXPORT_INSTALL
 
 INPUTS = ("images", "input_ids", "attention_mask")
 OUTPUT = "logits"

@@ -7,8 +7,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from evlm_cli.config import TeacherConfig
-from evlm_cli.errors import CheckpointError
+from evlm_cli.core.config import TeacherConfig
+from evlm_cli.core.errors import CheckpointError
 from evlm_cli.models.checkpoint import check_state, load_model, read_weights
 from evlm_cli.models.config import EncoderConfig, VisionConfig, VLMConfig, make_config
 from evlm_cli.models.importers import import_hf_bert, import_timm_vit, import_xvlm, load_hf_bert_dir

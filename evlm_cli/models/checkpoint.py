@@ -10,11 +10,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from evlm_cli.errors import CheckpointError
-from evlm_cli.fileformat import WEIGHT_FILES, file_weights_format
-from evlm_cli.io import atomic_path, atomic_write_json
-from evlm_cli.layout import MODEL_CONFIG as CONFIG
-from evlm_cli.layout import MODEL_WEIGHTS as WEIGHTS
+from evlm_cli.core.errors import CheckpointError
+from evlm_cli.core.fileformat import WEIGHT_FILES, file_weights_format
+from evlm_cli.core.io import atomic_path, atomic_write_json
+from evlm_cli.core.layout import MODEL_CONFIG as CONFIG
+from evlm_cli.core.layout import MODEL_WEIGHTS as WEIGHTS
 from evlm_cli.models.config import VLMConfig
 from evlm_cli.models.vlm import VLM
 

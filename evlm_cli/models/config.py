@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from evlm_cli.config import ENCODERS  # noqa: F401  (re-exported: models speak of encoders too)
+from evlm_cli.core.config import ENCODERS  # noqa: F401  (re-exported: models speak of encoders too)
 
 POOLS = ("cls", "max")
 

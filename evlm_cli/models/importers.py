@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from evlm_cli.errors import CheckpointError
+from evlm_cli.core.errors import CheckpointError
 from evlm_cli.models.checkpoint import read_weights
 from evlm_cli.models.config import EncoderConfig, TextConfig, VisionConfig
 from evlm_cli.models.vlm import LAYER_PREFIX, resample_pos_embed

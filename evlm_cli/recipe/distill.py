@@ -7,14 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from evlm_cli.compress.objective import Objective
-from evlm_cli.config import Params, to_dict
+from evlm_cli.core.config import Params, to_dict
+from evlm_cli.core.io import atomic_path, atomic_write_json
 from evlm_cli.data.loader import open_prepared
-from evlm_cli.io import atomic_path, atomic_write_json
 from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.student import student_from_teacher
 from evlm_cli.recipe.scoring import evaluate_task
 from evlm_cli.recipe.teacher import masking
-from evlm_cli.train import Optim, adamw, empty_log, finish, fit, make_run, setup
+from evlm_cli.training.loop import Optim, adamw, empty_log, finish, fit, make_run, setup
 
 
 def run_distill(params: Params, *, pairs: Path, teacher: Path, model: Path, log: Path) -> dict:

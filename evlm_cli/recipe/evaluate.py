@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 
 from evlm_cli.compress.measure import count_flops, measure_latency
-from evlm_cli.config import ENCODERS, EvaluateConfig, LatencyConfig, Params
+from evlm_cli.core.config import ENCODERS, EvaluateConfig, LatencyConfig, Params
+from evlm_cli.core.io import atomic_write_json
+from evlm_cli.core.layout import MODEL_WEIGHTS
 from evlm_cli.data.loader import PreparedData, open_prepared
 from evlm_cli.deploy.onnx import FP32_FILE, INT8_FILE, OnnxModel, export_onnx
-from evlm_cli.io import atomic_write_json
-from evlm_cli.layout import MODEL_WEIGHTS
 from evlm_cli.models.checkpoint import load_model
 from evlm_cli.models.generate import greedy_decode
 from evlm_cli.models.vlm import (
@@ -32,7 +32,7 @@ from evlm_cli.recipe.scoring import (
 )
 from evlm_cli.recipe.student import task_student
 from evlm_cli.tasks import TASKS
-from evlm_cli.train import setup
+from evlm_cli.training.loop import setup
 
 # Evaluation draws nothing at random; its params carry no seed.
 EVAL_SEED = 0

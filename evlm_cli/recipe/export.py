@@ -6,15 +6,15 @@ from pathlib import Path
 
 import torch
 
-from evlm_cli.config import Params
+from evlm_cli.core.config import Params
+from evlm_cli.core.errors import TrainingError
+from evlm_cli.core.io import atomic_path, atomic_write_json
 from evlm_cli.data.loader import PreparedData
 from evlm_cli.deploy.onnx import FP32_FILE, INT8_FILE, OnnxModel, export_onnx, quantize_int8
-from evlm_cli.errors import TrainingError
-from evlm_cli.io import atomic_path, atomic_write_json
 from evlm_cli.models.checkpoint import load_model
 from evlm_cli.models.vlm import TaskLogits
 from evlm_cli.recipe.scoring import fixed_batch
-from evlm_cli.train import setup
+from evlm_cli.training.loop import setup
 
 # The exported fp32 graph must compute what PyTorch does; float reordering stays far below this.
 PARITY_TOLERANCE = 1e-4

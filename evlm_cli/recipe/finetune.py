@@ -13,14 +13,14 @@ import json
 from pathlib import Path
 
 from evlm_cli.compress.objective import Objective
-from evlm_cli.config import LossWeights, OptimConfig, Params
+from evlm_cli.core.config import LossWeights, OptimConfig, Params
+from evlm_cli.core.io import atomic_path
 from evlm_cli.data.loader import PreparedData, open_prepared
-from evlm_cli.io import atomic_path
 from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.vlm import VLM
 from evlm_cli.recipe.scoring import evaluate_task
 from evlm_cli.recipe.student import task_student
-from evlm_cli.train import Optim, adamw, finish, fit, make_run, setup
+from evlm_cli.training.loop import Optim, adamw, finish, fit, make_run, setup
 
 
 def run_finetune(params: Params, *, prepared: Path, student: Path, teacher: Path, model: Path,

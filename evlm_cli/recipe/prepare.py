@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evlm_cli.config import Params
+from evlm_cli.core.config import Params
+from evlm_cli.core.io import atomic_path
 from evlm_cli.data.prepare import prepare, prepare_pairs
-from evlm_cli.io import atomic_path
 
 
 def run_prepare_pairs(params: Params, *, data: Path) -> dict:

@@ -11,15 +11,15 @@ import torch
 from evlm_cli.compress.l0 import L0Gates, SparsityConstraint
 from evlm_cli.compress.objective import Objective
 from evlm_cli.compress.slice import slice_model
-from evlm_cli.config import Params
+from evlm_cli.core.config import Params
+from evlm_cli.core.errors import TrainingError
+from evlm_cli.core.io import atomic_path, atomic_write_json
 from evlm_cli.data.loader import open_prepared
-from evlm_cli.errors import TrainingError
-from evlm_cli.io import atomic_path, atomic_write_json
 from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.vlm import param_breakdown
 from evlm_cli.recipe.scoring import evaluate_task
 from evlm_cli.recipe.student import task_student
-from evlm_cli.train import Optim, adamw, empty_log, finish, fit, make_run, setup
+from evlm_cli.training.loop import Optim, adamw, empty_log, finish, fit, make_run, setup
 
 # Training that ends further than this from the target gets a warning: the final selection
 # still meets the target, but it then overrules the gates on many units.

@@ -14,7 +14,7 @@ from evlm_cli.tasks import TASKS
 from evlm_cli.tasks.caption import caption_metrics
 from evlm_cli.tasks.retrieval import METRIC as RETRIEVAL_HEADLINE
 from evlm_cli.tasks.retrieval import rerank_top_k, retrieval_metrics
-from evlm_cli.train import trim_text
+from evlm_cli.training.loop import trim_text
 
 # Task logits from (images, input_ids, attention_mask): a PyTorch model or an exported one.
 Forward = Callable[[Tensor, Tensor, Tensor], Tensor]

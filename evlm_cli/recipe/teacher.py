@@ -5,16 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from evlm_cli.compress.objective import TASK_ONLY, Masking, Objective
-from evlm_cli.config import OptimConfig, Params, to_dict
+from evlm_cli.core.config import OptimConfig, Params, to_dict
+from evlm_cli.core.errors import CheckpointError
+from evlm_cli.core.io import atomic_path
 from evlm_cli.data.loader import PreparedData, open_prepared
-from evlm_cli.errors import CheckpointError
-from evlm_cli.io import atomic_path
 from evlm_cli.models.build import build_teacher, require_vocabulary
 from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.vlm import VLM, with_heads
 from evlm_cli.recipe.scoring import evaluate_task
 from evlm_cli.tasks import PRETRAIN_HEADS, TASKS
-from evlm_cli.train import Optim, adamw, empty_log, finish, fit, make_run, setup
+from evlm_cli.training.loop import Optim, adamw, empty_log, finish, fit, make_run, setup
 
 
 def param_groups(model, pretrained: set[str], optim_cfg: OptimConfig, lr_scale: float):

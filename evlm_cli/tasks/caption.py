@@ -15,7 +15,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 from torch import Tensor
 
-from evlm_cli.errors import DataError
+from evlm_cli.core.errors import DataError
 
 IGNORE = -100  # F.cross_entropy's default ignore_index
 HEADLINE = "cider"  # the headline value among caption_metrics' keys

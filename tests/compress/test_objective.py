@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from evlm_cli.compress.objective import Masking, Objective
-from evlm_cli.config import LossWeights
+from evlm_cli.core.config import LossWeights
 from evlm_cli.models.config import make_config
 from evlm_cli.models.student import student_from_teacher
 from evlm_cli.models.vlm import VLM

@@ -7,10 +7,10 @@ import torch
 from evlm_cli.compress.l0 import L0Gates, SparsityConstraint
 from evlm_cli.compress.objective import TASK_ONLY, Objective
 from evlm_cli.compress.slice import slice_model
-from evlm_cli.config import OptimConfig
+from evlm_cli.core.config import OptimConfig
 from evlm_cli.models.config import make_config
 from evlm_cli.models.vlm import VLM, param_breakdown
-from evlm_cli.train import Optim, Run, adamw, fit, setup
+from evlm_cli.training.loop import Optim, Run, adamw, fit, setup
 
 NUM_ANSWERS, VOCAB, TEXT_LEN, BATCH = 4, 30, 6, 8
 STEPS = 300

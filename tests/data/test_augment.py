@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from evlm_cli.config import AugmentConfig, DataConfig, RandAugmentConfig, build
+from evlm_cli.core.config import AugmentConfig, DataConfig, RandAugmentConfig, build
+from evlm_cli.core.errors import DataError
 from evlm_cli.data.augment import Augmenter, SideSwap, crop_box
 from evlm_cli.data.loader import PreparedData, resolve_workers
 from evlm_cli.data.prepare import prepare
-from evlm_cli.errors import DataError
-from evlm_cli.train import EpochBatches
+from evlm_cli.training.loop import EpochBatches
 
 SIZE = 16
 ALL = AugmentConfig(crop_scale=(0.5, 1.0), flip=True,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from evlm_cli.core.errors import DataError
 from evlm_cli.data.captions import (
     CAPTION_TEMPLATES,
     COLORS,
@@ -22,7 +23,6 @@ from evlm_cli.data.captions import (
 )
 from evlm_cli.data.easy_vqa import read_easy_vqa
 from evlm_cli.data.records import VqaRecord
-from evlm_cli.errors import DataError
 
 SIDE = 64
 BACKGROUND = (248, 234, 230)  # a tint like easy-VQA's

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from evlm_cli.config import DataConfig, build
+from evlm_cli.core.config import DataConfig, build
+from evlm_cli.core.errors import DataError
 from evlm_cli.data.loader import PreparedData, PreparedSplit
 from evlm_cli.data.prepare import prepare
-from evlm_cli.errors import DataError
 
 COUNT, SIZE = 37, 16  # an odd count, so sharding needs padding
 

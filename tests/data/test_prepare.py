@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from evlm_cli.config import DataConfig, build
+from evlm_cli.core.config import DataConfig, build
+from evlm_cli.core.errors import DataError
 from evlm_cli.data.loader import PreparedData
 from evlm_cli.data.prepare import limit_examples, prepare, read_task_splits
 from evlm_cli.data.records import split_off_pairs_by_image
 from evlm_cli.data.tokenizer import load_tokenizer
-from evlm_cli.errors import DataError
 
 LIMIT, SIZE, TEXT_LEN = 64, 32, 16
 OUTPUTS = [

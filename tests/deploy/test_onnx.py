@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from evlm_cli.compress.slice import slice_model
+from evlm_cli.core.errors import EvlmError
 from evlm_cli.deploy.onnx import OnnxModel, export_onnx, quantize_int8
-from evlm_cli.errors import EvlmError
 from tests.compress.test_slice import model_and_inputs, random_gates
 
 pytest.importorskip("onnxruntime")

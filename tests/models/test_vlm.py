@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from evlm_cli.errors import CheckpointError
+from evlm_cli.core.errors import CheckpointError
 from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.config import EncoderConfig, TextConfig, VisionConfig, VLMConfig, make_config
 from evlm_cli.models.vlm import VLM, param_breakdown, prunable_groups
@@ -292,7 +292,7 @@ def test_with_heads_at_another_image_size_resamples_only_the_positions():
 
 
 def test_an_evlm_teacher_imports_its_encoders_and_gains_the_heads_it_lacks(tmp_path):
-    from evlm_cli.config import TeacherConfig, build
+    from evlm_cli.core.config import TeacherConfig, build
     from evlm_cli.models.build import build_teacher
 
     shape = dict(layers=2, width=24, heads=3, ffn=48)

@@ -4,7 +4,7 @@ does; captions are generated in batches, so each must be what its image alone ge
 import pytest
 import torch
 
-from evlm_cli.config import DataConfig, PairsConfig
+from evlm_cli.core.config import DataConfig, PairsConfig
 from evlm_cli.data.loader import PreparedData
 from evlm_cli.data.prepare import prepare, prepare_pairs
 from evlm_cli.models.config import make_config

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from evlm_cli.config import OptimConfig
-from evlm_cli.errors import CheckpointError
+from evlm_cli.core.config import OptimConfig
+from evlm_cli.core.errors import CheckpointError
 from evlm_cli.models.checkpoint import save_model
 from evlm_cli.models.config import make_config
 from evlm_cli.models.vlm import VLM

@@ -15,7 +15,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from evlm_cli.errors import DataError
+from evlm_cli.core.errors import DataError
 from evlm_cli.tasks import caption
 from evlm_cli.tasks.caption import IGNORE, caption_metrics, lm_labels, lm_loss
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from evlm_cli.errors import EvlmError
+from evlm_cli.core.errors import EvlmError
 
 # What ONNX export needs installed, and how to install it: the `export` extra of evlm.
 EXPORT_PACKAGES = ("onnx", "onnxruntime")

@@ -13,8 +13,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from evlm_cli.errors import EvlmError
-from evlm_cli.layout import PROJECT_LOCK
+from evlm_cli.core.errors import EvlmError
+from evlm_cli.core.layout import PROJECT_LOCK
 
 
 @contextlib.contextmanager

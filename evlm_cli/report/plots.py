@@ -12,9 +12,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from evlm_cli.config import ENCODERS
-from evlm_cli.diff import UNIT_LABELS, mean_std, members_of
-from evlm_cli.io import atomic_path
+from evlm_cli.core.config import ENCODERS
+from evlm_cli.core.io import atomic_path
+from evlm_cli.report.diff import UNIT_LABELS, mean_std, members_of
 
 # Curves drawn per stage from log.csv, when the log has them, each in its own panel.
 CURVES = (("loss", "training loss"), ("expected_sparsity/overall", "expected sparsity (prune)"))

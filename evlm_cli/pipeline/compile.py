@@ -2,7 +2,7 @@
 
 Shared kinds are named by a hash of everything they depend on, `shared-<kind>-<hash8>`, so
 specs that agree upstream share one stage and its outputs. A spec's own stages are named
-`<spec>-<kind>`. Each stage depends on its kind's code fingerprint (`evlm_cli.codedeps`).
+`<spec>-<kind>`. Each stage depends on its kind's code fingerprint (`evlm_cli.pipeline.codedeps`).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import yaml
 
-from evlm_cli.codedeps import fingerprint_text
-from evlm_cli.config import PATH_KEYS
-from evlm_cli.io import atomic_write_text
-from evlm_cli.layout import CODE_DIR, PROJECT_LOCK, RUNS, SHARED, STATE, WORK_ROOT
-from evlm_cli.packaged import MINILM
-from evlm_cli.pipeline import KINDS, StageKind, tracked_sections
+from evlm_cli.core.config import PATH_KEYS
+from evlm_cli.core.io import atomic_write_text
+from evlm_cli.core.layout import CODE_DIR, PROJECT_LOCK, RUNS, SHARED, STATE, WORK_ROOT
+from evlm_cli.core.packaged import MINILM
+from evlm_cli.pipeline.codedeps import fingerprint_text
+from evlm_cli.pipeline.registry import KINDS, StageKind, tracked_sections
 
 # The command DVC runs: an entry point that exists wherever evlm is installed.
 ENTRY_COMMAND = ("evlm", "stage")
@@ -86,7 +86,7 @@ def user_files(spec: dict, kind: StageKind) -> list[Path]:
 
 
 def code_file(kind_name: str) -> Path:
-    """The fingerprint of the code a kind's stages run (see `evlm_cli.codedeps`)."""
+    """The fingerprint of the code a kind's stages run (see `evlm_cli.pipeline.codedeps`)."""
     return CODE_DIR / f"{kind_name}.json"
 
 

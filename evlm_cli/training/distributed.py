@@ -23,22 +23,14 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from evlm_cli.core.ranks import is_main, world  # noqa: F401  (the training layer's own names)
+
 if TYPE_CHECKING:  # torch is imported where it is used: `is_main` serves the torch-free CLI
     import torch
     from torch import nn
 
 # Set by `relaunch` in the processes it starts, so that they never relaunch again.
 LAUNCHED_ENV = "EVLM_TORCHRUN"
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process: (0, 1) outside torchrun."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main() -> bool:
-    """Whether this process writes logs, checkpoints and outputs (rank 0)."""
-    return world()[0] == 0
 
 
 def relaunch(kind: str, argv: list[str], processes: int) -> None:
@@ -118,7 +110,7 @@ def check_in_sync(params: Iterable[nn.Parameter], what: str) -> None:
     (the same start, the same averaged gradients, the same updates)."""
     import torch
 
-    from evlm_cli.errors import TrainingError
+    from evlm_cli.core.errors import TrainingError
 
     if world()[1] == 1:
         return

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evlm_cli.distributed import is_main
+from evlm_cli.core.ranks import is_main
 
 if TYPE_CHECKING:  # the command line writes files too, and must not load torch to do it
     import torch

@@ -2,9 +2,9 @@
 
 A declaration says which params sections a kind reads, which artifacts of other kinds it
 takes, what it writes (outputs, metrics, plots) and which function runs it. The compiler
-(`evlm_cli.compile`), the DVC command (`evlm stage KIND ...`) and the stage entry
-(`evlm_cli.stage`) are all derived from these declarations, and so are the code dependencies
-(`evlm_cli.codedeps`), and the files a stage depends on: those the spec names in the
+(`evlm_cli.pipeline.compile`), the DVC command (`evlm stage KIND ...`) and the stage entry
+(`evlm_cli.pipeline.entry`) are all derived from these declarations, and so are the code dependencies
+(`evlm_cli.pipeline.codedeps`), and the files a stage depends on: those the spec names in the
 sections it reads (`config.PATH_KEYS`). Adding a kind means adding a declaration here and
 the library code.
 
@@ -38,7 +38,7 @@ class StageKind:
     optional_inputs: dict[str, str] = field(default_factory=dict)
     # A params section that switches the kind on: absent or null leaves it out of the plan.
     enabled_by: str | None = None
-    # A training kind: with resources.processes > 1 it runs under torchrun (evlm_cli.distributed).
+    # A training kind: with resources.processes > 1 it runs under torchrun (evlm_cli.training.distributed).
     trains: bool = False
     # Shared kinds are named by a hash of their params and upstream stages, so specs that
     # agree on them share one stage; the others belong to one spec.

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from evlm_cli.config import ENCODERS
-from evlm_cli.errors import EvlmError
-from evlm_cli.layout import RUNS
-from evlm_cli.pipeline import FINAL_KIND
+from evlm_cli.core.config import ENCODERS
+from evlm_cli.core.errors import EvlmError
+from evlm_cli.core.layout import RUNS
+from evlm_cli.pipeline.registry import FINAL_KIND
 
 # metrics.json groups of a task's other measures, each with a "teacher_" twin.
 DETAILS = ("recall", "scores")

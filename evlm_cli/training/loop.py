@@ -25,11 +25,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from evlm_cli import distributed
-from evlm_cli.config import OptimConfig
-from evlm_cli.errors import TrainingError
-from evlm_cli.io import atomic_path
-from evlm_cli.layout import WORK_ROOT
+from evlm_cli.core.config import OptimConfig
+from evlm_cli.core.errors import TrainingError
+from evlm_cli.core.io import atomic_path
+from evlm_cli.core.layout import WORK_ROOT
+from evlm_cli.training import distributed
 
 CHECKPOINT = "resume.pt"
 # Fault injection for the fault tests: "KIND:STEP" makes a stage of that kind kill itself with

@@ -1,7 +1,7 @@
 """The resolved spec as frozen dataclasses: built once where a stage loads its params.
 
 The library takes these typed configs, never the spec's dictionary. Field names follow the
-spec's keys, so the schema (`evlm_cli/schemas/spec.schema.json`) documents every one of them.
+spec's keys, so the schema (`evlm_cli/spec/spec.schema.json`) documents every one of them.
 They have no defaults: the schema holds those, and a stage's params are always resolved, so
 a missing key is an error rather than a second, silently different default. This module imports
 neither torch nor anything below it: the command line and the compiler read it too.
@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from evlm_cli.packaged import local_path
+from evlm_cli.core.packaged import local_path
 
 # The three encoders of the X-VLM layout, in the order reports list them.
 ENCODERS = ("vision", "text", "fusion")
@@ -282,7 +282,7 @@ class ExportConfig:
 class Params:
     """The sections of the resolved spec that one stage reads; the others stay None.
 
-    A stage kind declares its sections in the registry (`evlm_cli.pipeline`), and only those
+    A stage kind declares its sections in the registry (`evlm_cli.pipeline.registry`), and only those
     are built, so code that reads an undeclared section fails at once instead of reading a
     value DVC does not track.
     """

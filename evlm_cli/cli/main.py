@@ -7,9 +7,19 @@ from pathlib import Path
 
 import click
 
-from evlm_cli.compile import compile_specs as compile_specs_to_dvc
-from evlm_cli.compile import plan, write_code_fingerprints
-from evlm_cli.diff import (
+from evlm_cli.core.errors import EvlmError
+from evlm_cli.core.layout import RUNS
+from evlm_cli.pipeline.compile import compile_specs as compile_specs_to_dvc
+from evlm_cli.pipeline.compile import plan, write_code_fingerprints
+from evlm_cli.pipeline.registry import FINAL_KIND, KINDS
+from evlm_cli.pipeline.runner import (
+    StageFailed,
+    ensure_dvc_project,
+    project_lock,
+    repro,
+    stage_status,
+)
+from evlm_cli.report.diff import (
     diff_json,
     diff_rows,
     load_group,
@@ -20,11 +30,7 @@ from evlm_cli.diff import (
     run_summary,
     show_text,
 )
-from evlm_cli.errors import EvlmError
-from evlm_cli.layout import RUNS
-from evlm_cli.pipeline import FINAL_KIND, KINDS
-from evlm_cli.runner import StageFailed, ensure_dvc_project, project_lock, repro, stage_status
-from evlm_cli.spec import load_schema, load_spec, seed_runs
+from evlm_cli.spec.load import load_schema, load_spec, seed_runs
 
 # click's own usage errors already exit with 2; ours match them.
 EXIT_USER_ERROR = 2
@@ -50,7 +56,7 @@ class EvlmGroup(click.Group):
 def main(debug: bool) -> None:
     """Compress vision-language models with the EfficientVLM recipe.
 
-    A YAML spec (the JSON Schema evlm_cli/schemas/spec.schema.json says every key) says
+    A YAML spec (the JSON Schema evlm_cli/spec/spec.schema.json says every key) says
     what to compress and how; it compiles into a DVC pipeline: prepare, teacher, distil,
     modal-adaptive L0 pruning, physical slicing, fine-tuning and evaluation.
     """
@@ -191,7 +197,7 @@ def diff(runs: tuple[str, ...], fmt: str, plot_path: str | None) -> None:
     else:
         click.echo(render(*diff_rows(loaded), fmt))
     if plot_path:
-        from evlm_cli.plots import pareto  # loads matplotlib; the tables do not
+        from evlm_cli.report.plots import pareto  # loads matplotlib; the tables do not
 
         click.echo(f"wrote {pareto(loaded, Path(plot_path))}")
 
@@ -215,7 +221,7 @@ def show(target: str, plot_path: str | None) -> None:
                                 for s in plan(member["params"])))
     click.echo(show_text(run, stage_status(stages)))
     if plot_path:
-        from evlm_cli.plots import run_plot  # loads matplotlib; the text does not
+        from evlm_cli.report.plots import run_plot  # loads matplotlib; the text does not
 
         members = members_of([run])
         logs = {s.name: path for member in members for s in plan(member["params"])
@@ -274,7 +280,7 @@ def stage(kind: str | None, args: tuple[str, ...]) -> None:
     """Run one DVC stage of KIND (what dvc.yaml's commands call).
 
     The arguments are `--params FILE` and one `--NAME PATH` per input and output of the
-    kind, as evlm_cli/pipeline.py declares them; `evlm stage KIND --help` lists them.
+    kind, as evlm_cli/pipeline/registry.py declares them; `evlm stage KIND --help` lists them.
     """
     ctx = click.get_current_context()
     if kind in (None, "-h", "--help"):
@@ -283,7 +289,9 @@ def stage(kind: str | None, args: tuple[str, ...]) -> None:
         ctx.exit(0 if kind else EXIT_USER_ERROR)
     if kind not in KINDS:
         raise EvlmError(f"evlm stage: unknown kind {kind!r} (expected one of: {', '.join(KINDS)})")
-    from evlm_cli.stage import run_stage  # the stage's own imports load torch, --help does not
+    from evlm_cli.pipeline.entry import (
+        run_stage,  # the stage's own imports load torch, --help does not
+    )
 
     ctx.exit(run_stage(kind, list(args)))
 

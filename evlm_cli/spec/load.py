@@ -17,14 +17,14 @@ from typing import Any
 import jsonschema
 import yaml
 
-from evlm_cli.config import ENCODERS, PATH_KEYS, ConfigError, params_from_dict
+from evlm_cli.core.config import ENCODERS, PATH_KEYS, ConfigError, params_from_dict
+from evlm_cli.core.errors import SpecError
+from evlm_cli.core.fileformat import WEIGHT_FILES, file_weights_format
+from evlm_cli.core.layout import MODEL_FILES, RESERVED_NAMES
+from evlm_cli.core.packaged import EXPORT_INSTALL, EXPORT_PACKAGES, MINILM, local_path
 from evlm_cli.data.sources import RENDERED_SOURCES, absent, source_problems
-from evlm_cli.errors import SpecError
-from evlm_cli.fileformat import WEIGHT_FILES, file_weights_format
-from evlm_cli.layout import MODEL_FILES, RESERVED_NAMES
-from evlm_cli.packaged import EXPORT_INSTALL, EXPORT_PACKAGES, MINILM, local_path
 
-SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "spec.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parent / "spec.schema.json"
 
 METRICS_BY_TASK = {
     "vqa": ("vqa_accuracy",),
@@ -89,7 +89,7 @@ def validate_spec_text(text: str, source: str) -> dict:
     try:  # what every stage will build from its params: a mismatch is found now, not mid-run
         params_from_dict(spec)
     except ConfigError as error:
-        raise InvalidSpecError([f"{source}: {error} (the schema and evlm_cli/config.py disagree)"]) from error
+        raise InvalidSpecError([f"{source}: {error} (the schema and evlm_cli/core/config.py disagree)"]) from error
     return spec
 
 

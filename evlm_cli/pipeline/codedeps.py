@@ -20,9 +20,9 @@ PACKAGE = "evlm_cli"
 ROOT = Path(evlm_cli.__file__).resolve().parent
 
 # The stage entry every stage runs through: it reads the params and calls the run function.
-ENTRY = "evlm_cli.stage"
+ENTRY = "evlm_cli.pipeline.entry"
 # Declarations, not code a stage runs: what they say about a stage is in dvc.yaml itself.
-NOT_CODE = ("evlm_cli.pipeline",)
+NOT_CODE = ("evlm_cli.pipeline.registry",)
 
 
 def module_file(module: str) -> Path | None:

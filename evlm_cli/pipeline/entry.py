@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from evlm_cli import distributed
-from evlm_cli.config import ConfigError, params_from_dict
-from evlm_cli.errors import EvlmError
-from evlm_cli.pipeline import KINDS
+from evlm_cli.core.config import ConfigError, params_from_dict
+from evlm_cli.core.errors import EvlmError
+from evlm_cli.pipeline.registry import KINDS
+from evlm_cli.training import distributed
 
 
 def parse(kind_name: str, argv: list[str]) -> argparse.Namespace:

@@ -1,0 +1,1 @@
+"""Torch-free readers of the results contract: runs and seed groups, tables, plots."""

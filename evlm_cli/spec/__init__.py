@@ -1,0 +1,1 @@
+"""The spec: YAML with line marks, schema messages, the domain rules, `extends:`, the schema."""
