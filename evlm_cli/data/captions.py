@@ -34,8 +34,8 @@ COLORS = {
 }
 SIZES = ("small", "medium", "large")
 # Size is the longest side of the shape's bounding box over the image side. easy-VQA's shapes
-# span 7 to 33 px of 64; cutting between 17 and 18 px and between 25 and 26 px splits the 4000
-# train images 32% small, 34% medium, 34% large (as near thirds as whole pixels allow).
+# span 7 to 33 px of 64; the cuts between 17 and 18 px and between 25 and 26 px split the train
+# images into near thirds, as near as whole pixels allow (docs/easy_vqa_demo.md).
 SMALL_BELOW = 0.27
 LARGE_FROM = 0.40
 # Position is the 3x3 cell (rows top/middle/bottom, columns left/center/right) holding the
@@ -285,7 +285,7 @@ def _border_color(pixels: np.ndarray) -> np.ndarray:
 
 def _most_common_color(colors: np.ndarray) -> np.ndarray:
     """The most frequent row of uint8 [N, 3], as float32 [3]."""
-    # Packed into one integer per colour: np.unique over rows is several times slower.
+    # Packed into one integer per colour: np.unique over rows is slower.
     packed = colors.reshape(-1, 3).astype(np.int32) @ np.array([1 << 16, 1 << 8, 1], np.int32)
     values, counts = np.unique(packed, return_counts=True)
     most = int(values[counts.argmax()])

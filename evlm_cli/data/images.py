@@ -12,7 +12,7 @@ Two stores, chosen at prepare time (`storage`):
 
 `auto` keeps the pixels in memory up to `MEMORY_LIMIT_BYTES` decoded, and reads files beyond.
 The measurement behind the choice of files over a memory-mapped decoded store is in
-`benchmarks/data_scale.py` and the README.
+`benchmarks/data_scale.py` and docs/results/data_scale.md.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ where a {tile} is "top left", "top right", "bottom left" or "bottom right" and a
 (easy-VQA's answers, checked against the pixels). The words are the captions' words (which the
 tokenizer every task uses is trained on) but for how, many, are, two, same and the digits.
 
-This is derived demo data; the README says so. A split's mosaics use only that split's images
+This is derived demo data (docs/easy_vqa_demo.md). A split's mosaics use only that split's images
 (train and val split easy-VQA's train images as every easy-VQA task does for the same seed;
 test uses its test images). The mosaics are rendered as PNG files at twice easy-VQA's side, so
 prepare decodes and resizes them as it does any image file.

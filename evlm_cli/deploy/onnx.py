@@ -80,7 +80,7 @@ class OnnxModel:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         # Idle ONNX Runtime threads otherwise spin for a while after each call, taking the
-        # cores from whatever runs next: timed next to PyTorch, PyTorch measured 2.5x slower.
+        # cores from whatever runs next, which slows PyTorch timed beside it (docs/onnx.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options,

@@ -206,9 +206,9 @@ class MLP(nn.Module):
         """Inference only: zero neurons up to a multiple of `multiple` (a neuron of zero
         weights and bias outputs act(0) = 0 into zero columns, so the output is unchanged).
 
-        A matmul whose output width is not a multiple of the vector width runs slowly: on
-        one CPU core a 128 -> 19 projection of 384 rows took longer than 128 -> 32, and
-        128 -> 15 twice as long as 128 -> 16; pruning leaves such widths everywhere."""
+        A matmul whose output width is not a multiple of the vector width runs slowly, and
+        pruning leaves such widths everywhere, so inference pads them
+        (docs/notes/ffn_padding.md)."""
         padded = -(-self.hidden // multiple) * multiple
         if not self.hidden or padded == self.hidden:
             return

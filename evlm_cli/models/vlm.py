@@ -71,10 +71,9 @@ def sincos_positions(grid: int, width: int) -> Tensor:
     20,000 pi).
 
     Its rows have norm sqrt(width / 2): as large as the patch features, where ViT's N(0, 0.02)
-    start is 30 times smaller. Measured on the mosaic benchmark's pre-trained teacher (that
-    start), which tile a patch token lies in could be read linearly from 96% of the tokens at
-    the input and 57% at the output (chance: 25%): the positions were drowned by the first
-    layer, and no question about a tile could be learnt.
+    start is much smaller, so small that the first layer drowned the positions and no question
+    about a mosaic tile could be learnt. The mosaic spec starts from this table
+    (docs/notes/sincos_positions.md).
     """
     if width % 4:
         raise ValueError(f"2-D sin-cos positions need a width divisible by 4, not {width}")
@@ -282,8 +281,7 @@ class VLM(nn.Module):
 
         Max pooling lets a comparison that forms at one word ("is there a red shape?" at
         "red") reach the head without first being routed into CLS, which a model trained
-        from scratch learns slowly. On easy-VQA, with the default recipe (4 epochs), the CLS
-        teacher reached 87.6% validation accuracy and the max-pooled one 99.4% (one seed each).
+        from scratch learns slowly; the default specs pool by max (docs/notes/pooling.md).
         """
         if self.config.pool == "cls":
             return fused_tokens[:, 0]
@@ -319,7 +317,7 @@ class VLM(nn.Module):
 
 
 # FFN widths are padded with zero neurons to a multiple of this for inference: 16 floats are
-# one AVX-512 register, and narrower multiples measured slower (see `MLP.pad_hidden`).
+# one AVX-512 register, and narrower multiples ran slower (docs/notes/ffn_padding.md).
 INFERENCE_WIDTH_MULTIPLE = 16
 
 
@@ -327,7 +325,8 @@ def for_inference(model: VLM) -> VLM:
     """A copy of `model`, in eval mode, as it runs fastest for inference and computing the
     same logits. What latency is timed on and what is exported; parameter counts are taken
     from the model as saved. A pruned model's narrow layers spend their time in operators
-    whose cost does not shrink with width, so this removes operators:
+    whose cost does not shrink with width, so this removes operators
+    (docs/notes/inference_copy.md):
       - a convolutional stem's BatchNorms are folded into its convolutions;
       - each attention's projections of one input run as one matmul, and every output bias
         sits inside its projection (`fuse_projections`);
