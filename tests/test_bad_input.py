@@ -227,14 +227,15 @@ def test_a_dataset_file_that_is_not_json_is_named(project, capsys):
 
 
 @pytest.mark.parametrize("answers, why", [
-    ('{"red": 1}', "not a list"),
-    ('["blue", "green"]', "none of"),
+    ('{"red": 1}', "expected a JSON list of strings"),
+    ('["blue", "green"]', "none of the train questions' answers is in it"),
 ])
-def test_an_answer_list_that_does_not_fit_is_named(project, capsys, answers, why):
+def test_an_answer_list_that_does_not_fit_is_named_with_why(project, capsys, answers, why):
     root, spec = project
-    folder, params = xvlm_params(root, spec, f"answers_{why.replace(' ', '_')}")
+    folder, params = xvlm_params(root, spec, f"answers_{why.split()[0]}")
     (folder / "answers.json").write_text(answers)
-    prepare_fails(capsys, root, folder, params, [folder / "answers.json"])
+    line = prepare_fails(capsys, root, folder, params, [folder / "answers.json"])
+    assert why in line
 
 
 def test_a_missing_tokenizer_is_named(project, capsys):

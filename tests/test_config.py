@@ -50,7 +50,8 @@ def test_every_schema_key_has_a_typed_field_and_back():
     # patch_size, stem and pos_init are vision-only in the schema, one EncoderShape serves all three
     vision_only = {f"teacher.{e}.{k}" for e in ("text", "fusion") for k in ("patch_size", "stem", "pos_init")}
     norm_free = {"teacher.vision.norm"}  # the vision encoder is always pre-norm (a ViT)
-    assert config_keys(Params) - vision_only - norm_free == schema_keys(schema, schema)
+    load_time = {"extends"}  # resolved as the spec is read: params never carry it
+    assert config_keys(Params) - vision_only - norm_free == schema_keys(schema, schema) - load_time
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
@@ -139,9 +140,9 @@ def test_configs_are_frozen_and_have_no_defaults_of_their_own():
 
 def test_the_librarys_choices_are_the_schemas_enums():
     from evlm_cli.compress.l0 import MODES
+    from evlm_cli.core.catalogue import CATALOGUE
     from evlm_cli.data.sources import PAIR_SOURCES, SOURCES
     from evlm_cli.models.config import POOLS
-    from evlm_cli.spec.load import METRICS_BY_TASK
 
     schema = load_schema()
     props = schema["properties"]
@@ -149,8 +150,9 @@ def test_the_librarys_choices_are_the_schemas_enums():
     assert set(PAIR_SOURCES) == set(props["pairs"]["properties"]["source"]["enum"])
     assert set(MODES) == set(props["prune"]["properties"]["mode"]["enum"])
     assert set(POOLS) == set(props["teacher"]["properties"]["pool"]["enum"])
-    assert set(METRICS_BY_TASK) == set(props["task"]["enum"])
-    metrics = {m for ms in METRICS_BY_TASK.values() for m in ms}
+    assert set(CATALOGUE) == set(props["task"]["enum"])
+    assert all(name == info.name for name, info in CATALOGUE.items())
+    metrics = {m for info in CATALOGUE.values() for m in info.metrics}
     assert metrics == set(props["evaluate"]["properties"]["metric"]["enum"]) - {None}
 
 

@@ -1,1 +1,3 @@
-"""The spec: YAML with line marks, schema messages, the domain rules, `extends:`, the schema."""
+"""The spec: YAML with line marks (yaml_marks), `extends:` (extends), the schema and its
+defaults (schema), schema errors as messages (messages), the domain rules (rules), and the
+loader that runs them in turn (load)."""
