@@ -109,6 +109,7 @@ def evlm_process(*args, cwd):
                           timeout=120)
 
 
+@pytest.mark.e2e
 def test_real_process_exits_2_with_one_line_per_problem_and_no_traceback(bad_spec):
     finished = evlm_process("validate", "bad.yaml", cwd=bad_spec.parent)
     assert finished.returncode == 2
@@ -119,6 +120,7 @@ def test_real_process_exits_2_with_one_line_per_problem_and_no_traceback(bad_spe
     ]
 
 
+@pytest.mark.e2e
 def test_real_process_with_debug_shows_the_traceback(bad_spec):
     finished = evlm_process("--debug", "validate", "bad.yaml", cwd=bad_spec.parent)
     assert finished.returncode == 2
@@ -154,6 +156,7 @@ def test_a_folder_inside_a_dvc_project_is_refused(in_tmp_dir):
     assert not (in_tmp_dir / "sub" / ".dvc").exists()
 
 
+@pytest.mark.e2e
 def test_a_second_evlm_waits_for_the_first_and_says_so(in_tmp_dir):
     """While one evlm holds the project (here: this test), `evlm compile` waits with a message
     naming the holder and writes nothing; once it is released, the compile completes."""

@@ -2,11 +2,14 @@
 
 A tiny prune stage (the one with L0 gates and Lagrange multipliers) runs with
 `resources.processes` 1 and 2 on CPU (gloo). The first step's gradients, gates' and
-multipliers' included, must agree; the 2-process run writes its outputs once; and a 2-process
-run killed after a checkpoint resumes and ends bit-identical to an uninterrupted one.
+multipliers' included, must agree, and so must the trained models; the 2-process run writes its
+outputs once; and a 2-process run killed after a checkpoint resumes and ends bit-identical to an
+uninterrupted one. The gradients are written, and the kill made, by callbacks the test installs
+in the stage's training loop (`tests.helpers.hooked_stage`, started under torchrun).
 """
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -16,19 +19,25 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
 from evlm_cli.pipeline.entry import run_stage
 from evlm_cli.spec.load import load_spec
-from evlm_cli.training.loop import DUMP_GRADS_ENV, KILL_ENV
-from tests.tiny_project import prepared_project
+from tests.helpers import hooked_stage
+from tests.helpers.project_dir import prepared_project
+
+pytestmark = pytest.mark.e2e
 
 TINY = Path(__file__).resolve().parent / "specs" / "tiny_vqa.yaml"
 STEPS, EVERY, BATCH = 4, 2, 16
 # Float sums run in another order when a batch is split in two (and the two halves' text is
 # trimmed to different lengths): the gradients agree to rounding, not bit for bit.
 ATOL, RTOL = 1e-6, 1e-4
+# The same rounding carried through STEPS AdamW steps: 1.1e-6 at most, measured. A step that
+# differs moves a weight by about the learning rate (1e-4): 10 times the bound.
+MODEL_ATOL, MODEL_RTOL = 1e-5, 0.0
 
 
 @pytest.fixture(scope="module")
@@ -59,22 +68,43 @@ def project(tmp_path_factory):
         yield root
 
 
-def prune(root: Path, processes: int | str, out: str, **env_extra
-          ) -> subprocess.CompletedProcess:
-    """The prune stage as DVC runs it; with 2 processes it relaunches itself under torchrun."""
-    args = ["--params", f"params{processes}.yaml", "--prepared", "data", "--student", "student",
+def prune_arguments(params: int | str, out: str) -> list[str]:
+    return ["--params", f"params{params}.yaml", "--prepared", "data", "--student", "student",
             "--teacher", "teacher", "--model", f"{out}/model", "--masks", f"{out}/masks.json",
             "--log", f"{out}/log.csv"]
-    env = {k: v for k, v in os.environ.items() if k not in (KILL_ENV, DUMP_GRADS_ENV)}
-    env.update(OMP_NUM_THREADS="1", **env_extra)
-    return subprocess.run([sys.executable, "-m", "evlm_cli", "stage", "prune", *args], cwd=root,
-                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def prune(root: Path, processes: int | str, out: str) -> subprocess.CompletedProcess:
+    """The prune stage as DVC runs it; with 2 processes it relaunches itself under torchrun."""
+    return subprocess.run([sys.executable, "-m", "evlm_cli", "stage", "prune",
+                           *prune_arguments(processes, out)], cwd=root,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=600)
+
+
+def hooked_prune(root: Path, processes: int, out: str, **hooks) -> subprocess.CompletedProcess:
+    """The prune stage with `hooked_stage`'s callbacks in every process's loop; with 2
+    processes under torchrun, started here as the stage's relaunch would start it."""
+    command = hooked_stage.command("prune", prune_arguments(processes, out),
+                                   processes=processes, **hooks)
+    return subprocess.run(command, cwd=root, env=hooked_stage.environment(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def kept_units(masks: Path) -> dict:
+    """The model's shape after slicing and each layer's kept units, from masks.json."""
+    summary = json.loads(masks.read_text())
+    kept = {(encoder, layer["layer"], unit): value["kept_indices"]
+            for encoder, part in summary["encoders"].items() for layer in part["layers"]
+            for unit, value in layer.items() if isinstance(value, dict)}
+    assert kept
+    return {"shape": summary["shape"], "kept_params": summary["kept_params"], **kept}
 
 
 def test_two_processes_train_as_one_and_resume(project):
-    one = prune(project, 1, "one", **{DUMP_GRADS_ENV: str(project / "grads1.safetensors")})
+    one = hooked_prune(project, 1, "one", dump_grads=project / "grads1.safetensors")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = prune(project, 2, "two", **{DUMP_GRADS_ENV: str(project / "grads2.safetensors")})
+    two = hooked_prune(project, 2, "two", dump_grads=project / "grads2.safetensors")
     assert two.returncode == 0, two.stderr[-3000:]
 
     # the first step's gradients: every parameter, the gates and multipliers among them
@@ -92,9 +122,13 @@ def test_two_processes_train_as_one_and_resume(project):
     assert not [p for p in (project / "two").rglob(".*.tmp")]
     m1, m2 = (load_file(project / f"{r}/model/model.safetensors") for r in ("one", "two"))
     assert m1.keys() == m2.keys()
+    for key in m1:  # the trained models, every tensor: equal to rounding
+        torch.testing.assert_close(m2[key], m1[key], atol=MODEL_ATOL, rtol=MODEL_RTOL,
+                                   msg=lambda text, key=key: f"{key}: {text}")
+    assert kept_units(project / "one/masks.json") == kept_units(project / "two/masks.json")
 
     # killed (SIGKILL) right after the step-2 checkpoint: torchrun fails, nothing looks done
-    killed = prune(project, 2, "resumed", **{KILL_ENV: f"prune:{EVERY}"})
+    killed = hooked_prune(project, 2, "resumed", kill_after=EVERY)
     assert killed.returncode != 0
     assert not (project / "resumed/model").exists() and not (project / "resumed/log.csv").exists()
     again = prune(project, 2, "resumed")

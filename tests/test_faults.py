@@ -3,15 +3,14 @@ ends exactly where an uninterrupted run ends.
 
 Each training kind runs three times on a tiny project: once uninterrupted; once as its own
 process, killed (SIGKILL, as a crash or the OOM killer would) right after the checkpoint of
-step 4 (`EVLM_FAULT_KILL`); and once more, which must resume from step 4.
+step 4 (a callback the test installs in that process's training loop); and once more, which
+must resume from step 4.
 """
 
 import csv
 import errno
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,10 @@ from safetensors.torch import load_file
 
 from evlm_cli.pipeline.entry import run_stage
 from evlm_cli.spec.load import load_spec
-from evlm_cli.training.loop import KILL_ENV
-from tests.tiny_project import prepared_project
+from tests.helpers import hooked_stage
+from tests.helpers.project_dir import prepared_project
+
+pytestmark = pytest.mark.e2e
 
 TINY = Path(__file__).resolve().parent / "specs" / "tiny_vqa.yaml"
 STEPS, EVERY, KILL_AT = 8, 4, 4
@@ -72,16 +73,13 @@ def arguments(kind: str, run: str, params: str = "params.yaml") -> list[str]:
     return args
 
 
-def stage(root: Path, kind: str, run: str, kill: bool = False, params: str = "params.yaml"
-          ) -> subprocess.CompletedProcess:
-    """The stage as its own process, as DVC runs it (so that SIGKILL kills only it)."""
-    args = arguments(kind, run, params)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop(KILL_ENV, None)
-    if kill:
-        env[KILL_ENV] = f"{kind}:{KILL_AT}"
-    return subprocess.run([sys.executable, "-m", "evlm_cli", "stage", kind, *args], cwd=root,
-                          env=env, capture_output=True, text=True)
+def killed_stage(root: Path, kind: str, run: str, params: str = "params.yaml"
+                 ) -> subprocess.CompletedProcess:
+    """The stage as its own process, as DVC runs it (so that SIGKILL kills only it), killed
+    right after its checkpoint of step KILL_AT."""
+    command = hooked_stage.command(kind, arguments(kind, run, params), kill_after=KILL_AT)
+    return subprocess.run(command, cwd=root, env=hooked_stage.environment(), capture_output=True,
+                          text=True, timeout=600)
 
 
 def log_rows(path: Path) -> list[dict]:
@@ -98,7 +96,7 @@ def test_a_killed_stage_resumes_and_ends_as_an_uninterrupted_one(project, kind, 
     params = "augmented.yaml" if variant else "params.yaml"
     whole, resumed = f"whole{variant}", f"resumed{variant}"
     assert run_stage(kind, arguments(kind, whole, params)) == 0  # in this process: no kill asked
-    killed = stage(project, kind, resumed, kill=True, params=params)
+    killed = killed_stage(project, kind, resumed, params)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     # nothing that DVC or evlm would take for a finished output
     for name in (*STAGES[kind][1], "log"):

@@ -1,13 +1,13 @@
 """Atomic writes: the final name holds the whole output or nothing, and no temporary is left."""
 
 import json
+import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from evlm_cli.core.io import (
-    FILE_MODE,
     atomic_path,
     atomic_save_safetensors,
     atomic_write_json,
@@ -49,5 +49,14 @@ def test_directory_is_replaced_as_a_whole(tmp_path):
 
 
 def test_outputs_are_not_private(tmp_path):
+    """safetensors writes 0600 files; an output gets the mode any new file gets: 0666 less
+    the umask, as a plain open() makes it."""
+    umask = os.umask(0)
+    os.umask(umask)
     atomic_save_safetensors(tmp_path / "t.safetensors", {"x": torch.zeros(2)})
-    assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == FILE_MODE
+    atomic_write_text(tmp_path / "a.txt", "text")
+    (tmp_path / "plain.txt").write_text("text")
+    plain = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert plain == 0o666 & ~umask
+    for name in ("t.safetensors", "a.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == plain, name

@@ -177,9 +177,11 @@ def loaded_after(statement: str) -> set[str]:
 
 
 TORCH_FREE = ["evlm_cli.cli.main", "evlm_cli.spec.load", "evlm_cli.pipeline.compile",
-              "evlm_cli.pipeline.registry", "evlm_cli.report.diff", "evlm_cli.core.config"]
+              "evlm_cli.pipeline.registry", "evlm_cli.report.tables", "evlm_cli.core.config",
+              "evlm_cli.core.results"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("module", TORCH_FREE)
 def test_the_command_line_loads_no_torch(module):
     loaded = loaded_after(f"import {module}")
@@ -187,6 +189,7 @@ def test_the_command_line_loads_no_torch(module):
     assert not loaded & {"torch", "transformers", "timm", "safetensors.torch", "matplotlib"}
 
 
+@pytest.mark.e2e
 def test_validate_and_help_start_in_a_fraction_of_the_time_torch_takes_to_import():
     """Measured side by side: a return of heavy imports would make them as slow as torch."""
     spec = Path(__file__).resolve().parents[1] / "specs/vqa_50pct.yaml"

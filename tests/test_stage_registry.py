@@ -57,12 +57,14 @@ def test_stages_folder_is_the_index_one_file_per_kind():
         assert kind.run.replace(":", ".") + "()" in said, name
 
 
+@pytest.mark.e2e
 def test_a_stage_file_runs_like_the_entry_point():
     out = subprocess.run([sys.executable, str(ROOT / "stages/prune.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "evlm stage prune" in out and "--student" in out and "--masks" in out
 
 
+@pytest.mark.e2e
 def test_bad_params_file_is_one_line_and_exit_2(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("prune: {train: {}, colour: red}\n")

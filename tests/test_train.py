@@ -5,7 +5,16 @@ from dataclasses import replace
 import torch
 
 from evlm_cli.core.config import OptimConfig
-from evlm_cli.training.loop import adamw, setup, total_steps
+from evlm_cli.training.loop import (
+    CHECKPOINT,
+    Callback,
+    adamw,
+    callbacks_installed,
+    fit,
+    setup,
+    total_steps,
+)
+from tests.helpers.training import linear_run
 
 BASE = OptimConfig(epochs=1, batch_size=8, lr=1e-3, weight_decay=0.01, warmup_ratio=0.1,
                    grad_clip=1.0, checkpoint_every=100, max_steps=None, answer_balance=0.0)
@@ -29,8 +38,60 @@ def test_total_steps_from_epochs_or_max_steps():
     assert total_steps(optim(epochs=0), 10) == 0
 
 
-def test_setup_seeds_and_picks_the_device():
-    assert setup(5, None, "cpu").type == "cpu"
+def test_setup_seeds_the_generator():
+    setup(5, None, "cpu")
     first = torch.rand(3)
-    setup(5, None, "auto")
+    setup(5, None, "cpu")
     assert torch.equal(first, torch.rand(3))
+    setup(6, None, "cpu")
+    assert not torch.equal(first, torch.rand(3))
+
+
+def test_auto_picks_cuda_when_there_is_one_and_the_cpu_otherwise(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert setup(5, None, "auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert setup(5, None, "auto") == torch.device("cpu")
+    # a device named in the spec is taken as it is
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert setup(5, None, "cpu") == torch.device("cpu")
+
+
+class Recorder(Callback):
+    """What the loop shows its callbacks, and when."""
+
+    def __init__(self):
+        self.calls = []
+
+    def after_backward(self, step, run):
+        grad = run.modules["model"].weight.grad
+        self.calls.append(("backward", step, None if grad is None else grad.clone()))
+
+    def after_checkpoint(self, step, run):
+        state = torch.load(run.work_dir / CHECKPOINT, weights_only=True)
+        self.calls.append(("checkpoint", step, state["step"]))
+
+
+def test_callbacks_see_each_steps_gradients_and_each_checkpoint_once_written(tmp_path):
+    run = linear_run(tmp_path, steps=6, checkpoint_every=2)
+    recorder = Recorder()
+    fit(run, callbacks=[recorder])
+    order = [(what, step) for what, step, _ in recorder.calls]
+    # a checkpoint after steps 2 and 4 (the last step writes the outputs instead)
+    assert order == [("backward", 0), ("backward", 1), ("checkpoint", 2), ("backward", 2),
+                     ("backward", 3), ("checkpoint", 4), ("backward", 4), ("backward", 5)]
+    assert all(saved == step for what, step, saved in recorder.calls if what == "checkpoint")
+    # the gradient of step 0 is that of the loss on the first batch at the initial weights
+    first = linear_run(tmp_path / "reference", steps=1)
+    batch = first.batches.batches[0]
+    first.loss(batch, 0, 1)[0].backward()
+    torch.testing.assert_close(recorder.calls[0][2], first.modules["model"].weight.grad)
+
+
+def test_installed_callbacks_reach_every_fit_inside_the_block_only(tmp_path):
+    inside, outside = Recorder(), Recorder()
+    with callbacks_installed(inside):
+        fit(linear_run(tmp_path / "a", steps=2))
+    fit(linear_run(tmp_path / "b", steps=2), callbacks=[outside])
+    assert [step for _, step, _ in inside.calls] == [0, 1]
+    assert [step for _, step, _ in outside.calls] == [0, 1]

@@ -1,7 +1,9 @@
 """The one training loop: run setup, progress, AdamW schedule, clipping, NaN guard, log.csv, resume.
 
 Stages hand it the modules to checkpoint, their optimisers, a loss function and batches.
-Distillation and pruning are loss terms and extra optimisers, not loops of their own.
+Distillation and pruning are loss terms and extra optimisers, not loops of their own. Whoever
+needs to watch or interrupt a run from outside (the fault and multi-process tests) passes
+`Callback`s, or installs them for a whole stage with `callbacks_installed`.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import math
 import os
 import random
 import shutil
-import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -32,11 +34,6 @@ from evlm_cli.core.layout import WORK_ROOT
 from evlm_cli.training import distributed
 
 CHECKPOINT = "resume.pt"
-# Fault injection for the fault tests: "KIND:STEP" makes a stage of that kind kill itself with
-# SIGKILL right after saving its checkpoint at that step, as a crash or an OOM kill would.
-KILL_ENV = "EVLM_FAULT_KILL"
-# For the multi-process test: a file to write the first step's gradients to (rank 0).
-DUMP_GRADS_ENV = "EVLM_DUMP_GRADS"
 
 
 class Batches(Protocol):
@@ -68,6 +65,35 @@ class Run:
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast: bool = False  # bf16 autocast (GPU)
+
+
+class Callback:
+    """A hook into `fit`: `after_backward` is called at every step, `after_checkpoint` after
+    each resume checkpoint; each does nothing unless a subclass overrides it. Callbacks run in
+    every process of a multi-process run."""
+
+    def after_backward(self, step: int, run: Run) -> None:
+        """The gradients of step `step` (0 first) are in the parameters' `.grad`: averaged
+        over the processes, not yet clipped or applied."""
+
+    def after_checkpoint(self, step: int, run: Run) -> None:
+        """The resume checkpoint after `step` steps is on disk, and every process is past it."""
+
+
+# Callbacks that every `fit` in this process calls besides its own (`callbacks_installed`).
+_installed: list[Callback] = []
+
+
+@contextmanager
+def callbacks_installed(*callbacks: Callback) -> Iterator[None]:
+    """Have every `fit` in this process call `callbacks` while the block runs: how a program
+    that runs a whole stage (`evlm_cli.pipeline.entry.run_stage`) hooks into its loop."""
+    _installed.extend(callbacks)
+    try:
+        yield
+    finally:
+        for callback in callbacks:
+            _installed.remove(callback)
 
 
 def total_steps(optim_cfg: OptimConfig, steps_per_epoch: int) -> int:
@@ -204,8 +230,12 @@ class _Log:
             self.file.close()
 
 
-def fit(run: Run) -> dict[str, float]:
-    """Train until the configured number of steps; resume from `work_dir` if a checkpoint is there."""
+def fit(run: Run, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
+    """Train until the configured number of steps; resume from `work_dir` if a checkpoint is there.
+
+    `callbacks`, then those installed with `callbacks_installed`, are called in that order.
+    """
+    callbacks = [*callbacks, *_installed]
     steps_per_epoch = len(run.batches)
     total = total_steps(run.optim_cfg, steps_per_epoch)
     main = run.optims[0].optimizer
@@ -261,8 +291,8 @@ def fit(run: Run) -> dict[str, float]:
                     o.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 distributed.average_gradients(every_param)  # N processes train as one
-                if step == 0 and os.environ.get(DUMP_GRADS_ENV) and main_rank:
-                    _dump_gradients(Path(os.environ[DUMP_GRADS_ENV]), run)
+                for callback in callbacks:
+                    callback.after_backward(step, run)
                 grad_norm = (torch.nn.utils.clip_grad_norm_(clip_params, clip).item()
                              if clip else float("nan"))
                 for o in run.optims:
@@ -287,8 +317,8 @@ def fit(run: Run) -> dict[str, float]:
                     if main_rank:
                         _save(ckpt_path, run, schedule, step)
                     distributed.barrier()  # no rank runs ahead of a checkpoint half-written
-                    if os.environ.get(KILL_ENV) == f"{run.desc}:{step}":
-                        os.kill(os.getpid(), signal.SIGKILL)
+                    for callback in callbacks:
+                        callback.after_checkpoint(step, run)
                 if step >= total:
                     break
                 waited_from = time.perf_counter()
@@ -302,17 +332,6 @@ def fit(run: Run) -> dict[str, float]:
         with atomic_path(run.log_path) as tmp:
             shutil.copyfile(run.work_dir / "log.csv", tmp)
     return last
-
-
-def _dump_gradients(path: Path, run: Run) -> None:
-    """Every gradient of the first step, named by module (the DDP test compares them)."""
-    from safetensors.torch import save_file
-
-    grads = {f"{name}.{key}": p.grad.detach().float().cpu().contiguous()
-             for name, module in run.modules.items()
-             for key, p in module.named_parameters() if p.grad is not None}
-    with atomic_path(path) as tmp:
-        save_file(grads, str(tmp))
 
 
 def _save(path: Path, run: Run, schedule, step: int) -> None:

@@ -10,7 +10,7 @@ from evlm_cli.models.config import make_config
 from evlm_cli.models.groups import PrunableGroup
 from evlm_cli.models.vlm import VLM, param_breakdown
 from evlm_cli.recipe.prune import budget_warnings
-from tests.compress.test_l0 import set_log_alpha, step_all, train_two_modalities
+from tests.helpers.gates import set_log_alpha, step_all, train_two_modalities
 
 TOLERANCE = 0.005
 # Far too few for the multipliers to bring the expected sparsity to any of the targets.

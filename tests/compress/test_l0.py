@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from evlm_cli.compress.l0 import (
     LOG_ALPHA_RANGE,
@@ -14,6 +13,7 @@ from evlm_cli.compress.l0 import (
     target_at,
 )
 from evlm_cli.models.groups import PrunableGroup
+from tests.helpers.gates import set_log_alpha, step_all, train_two_modalities
 
 
 def tiny_groups():
@@ -22,11 +22,6 @@ def tiny_groups():
         PrunableGroup("vision.0.attn_layer", "vision", "attn_layer", 0, 1, 0),
         PrunableGroup("text.0.ffn", "text", "ffn", 0, 3, 4),
     ]
-
-
-def set_log_alpha(gates, name, values):
-    with torch.no_grad():
-        gates.log_alpha_of(name).copy_(torch.tensor(values))
 
 
 def p_kept(log_alpha):
@@ -148,15 +143,6 @@ def two_encoder_groups():
     return groups
 
 
-def step_all(optimizers, loss, gates):
-    for opt in optimizers:
-        opt.zero_grad()
-    loss.backward()
-    for opt in optimizers:
-        opt.step()
-    gates.clamp_()
-
-
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
 def test_lagrangian_alone_reaches_target(target):
     torch.manual_seed(0)
@@ -167,38 +153,6 @@ def test_lagrangian_alone_reaches_target(target):
     for step in range(300):
         step_all(optimizers, constraint.loss(step, 300), gates)
     assert gates.expected_sparsity().item() == pytest.approx(target, abs=0.02)
-
-
-class TwoModalityNet(nn.Module):
-    """y = head(concat(gate_v * relu(W_v x_v), gate_t * relu(W_t x_t))), one gated layer each."""
-
-    def __init__(self, inputs, hidden):
-        super().__init__()
-        self.vision, self.text = nn.Linear(inputs, hidden), nn.Linear(inputs, hidden)
-        self.head = nn.Linear(2 * hidden, 1)
-
-    def forward(self, x_vision, x_text, gates):
-        return self.head(torch.cat([gates["vision.0.ffn"] * torch.relu(self.vision(x_vision)),
-                                    gates["text.0.ffn"] * torch.relu(self.text(x_text))], -1))
-
-
-def train_two_modalities(mode, steps=600, inputs=6, hidden=16, target=0.5, min_keep=0.0):
-    """The label depends on the vision input only; returns the trained gates and constraint."""
-    torch.manual_seed(0)
-    true_weights = torch.randn(inputs, 1)
-    net = TwoModalityNet(inputs, hidden)
-    per_neuron = inputs + 2  # its row of W, its bias, its column of the head
-    gates = L0Gates([PrunableGroup("vision.0.ffn", "vision", "ffn", 0, hidden, per_neuron),
-                     PrunableGroup("text.0.ffn", "text", "ffn", 0, hidden, per_neuron)])
-    constraint = SparsityConstraint(gates, mode, target=target, warmup_fraction=0.5,
-                                    min_keep=min_keep)
-    optimizers = [torch.optim.Adam(net.parameters(), lr=3e-2),
-                  torch.optim.Adam(gates.parameters(), lr=0.1), constraint.ascent_optimizer(0.1)]
-    for step in range(steps):
-        x_vision, x_text = torch.randn(64, inputs), torch.randn(64, inputs)
-        task = ((net(x_vision, x_text, gates()) - x_vision @ true_weights) ** 2).mean()
-        step_all(optimizers, task + constraint.loss(step, steps), gates)
-    return gates, constraint
 
 
 def test_modal_adaptive_prunes_the_useless_modality_more():

@@ -5,44 +5,8 @@ import torch
 
 from evlm_cli.compress.slice import slice_model
 from evlm_cli.models.checkpoint import load_model, save_model
-from evlm_cli.models.config import make_config
 from evlm_cli.models.vlm import VLM, param_breakdown, prunable_groups
-
-
-def model_and_inputs(norm="post", pool="cls"):
-    torch.manual_seed(0)
-    cfg = make_config(vision=dict(layers=3, width=32, heads=4, ffn=64),
-                      text=dict(layers=2, width=24, heads=3, ffn=48, norm=norm),
-                      fusion=dict(layers=2, width=24, heads=3, ffn=48, norm=norm), image_size=16,
-                      patch_size=8, vocab_size=40, max_positions=16, heads=["vqa", "itm", "itc"],
-                      num_answers=5, embed_dim=8, pool=pool)
-    model = VLM(cfg).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(3, 3, 16, 16, generator=g)
-    ids = torch.randint(1, 40, (3, 7), generator=g)
-    mask = torch.ones(3, 7, dtype=torch.long)
-    mask[1, -3:] = 0
-    return model, (images, ids, mask)
-
-
-def random_gates(model: VLM, sparsity: float, units=("heads", "ffn", "layers"), seed=0):
-    """Random deterministic gates: soft values in (0.2, 1] on kept units, exact zeros elsewhere."""
-    g = torch.Generator().manual_seed(seed)
-    gates = {}
-    for grp in prunable_groups(model.config, units):
-        if grp.unit.endswith("_layer"):
-            gates[grp.name] = torch.tensor([1.0]) if torch.rand(1, generator=g) > 0.15 else torch.zeros(1)
-            continue
-        values = 0.2 + 0.8 * torch.rand(grp.size, generator=g)
-        drop = torch.randperm(grp.size, generator=g)[: round(sparsity * grp.size)]
-        values[drop] = 0
-        gates[grp.name] = values
-    gates["vision.1.heads"] = torch.zeros(4)  # a layer with all heads pruned
-    gates["text.0.ffn"] = torch.zeros(48)  # a layer with all FFN neurons pruned
-    gates["fusion.1.cross_layer"] = torch.tensor([0.7])  # a soft layer gate is folded too
-    return gates
+from tests.helpers.models import model_and_inputs, random_gates
 
 
 def outputs(model, x, gates=None):

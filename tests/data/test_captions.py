@@ -186,13 +186,19 @@ def test_captions_use_every_word_of_the_questions():
 
 
 def test_negated_captions_name_only_the_shapes_not_shown():
+    """Each shape has captions that rule the other two out; the negated clause names both of
+    them and not the shape shown, which the rest of the caption names."""
     for shape in SHAPES:
         facts = ShapeFacts(shape, "red", "small", "center")
-        for text in captions(facts):
-            if " no " in f" {text} " or " not " in f" {text} ":
-                negated = text.split(":")[0].split(", only")[0].split(" in the image")[0]
-                assert shape not in negated, text
-                assert all(other in negated for other in SHAPES if other != shape), text
+        negations = [text for text in captions(facts)
+                     if " no " in f" {text} " or " not " in f" {text} "]
+        assert negations, f"no caption of a {shape} rules out the other shapes"
+        for text in negations:
+            negated = text.split(":")[0].split(", only")[0].split(" in the image")[0]
+            assert negated != text, f"no clause boundary found in {text!r}"
+            assert shape not in negated, text
+            assert all(other in negated for other in SHAPES if other != shape), text
+            assert f"red {shape}" in text[len(negated):], text
 
 
 def test_captions_tell_apart_every_fact():

@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import easy_vqa
 import numpy as np
 import pytest
 import torch
@@ -104,22 +105,33 @@ def test_val_images_unseen_in_train(easy_dirs):
     assert not {r["image"] for r in splits["train"]} & {r["image"] for r in splits["val"]}
 
 
-def test_rows_point_at_their_image_and_question(easy_dirs):
-    spec, out, *_ = easy_dirs
-    splits, answers = read_task_splits(build(DataConfig, spec["data"]), spec["task"], spec["seed"])
-    records = limit_examples(splits["val"], LIMIT, spec["seed"], 1)
-    tensors = load_file(out / "val.safetensors")
+# easy-VQA as the package ships it: questions, answers and image ids per file, by index
+RAW_EASY_VQA = {"train": (easy_vqa.get_train_questions, easy_vqa.get_train_image_paths),
+                "test": (easy_vqa.get_test_questions, easy_vqa.get_test_image_paths)}
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_rows_point_at_their_image_and_question(easy_dirs, split):
+    """Every row, against easy-VQA's own files: its question_id is the question's index in
+    its file (val is carved from train), and the row holds that question, its answer and its
+    image, resized."""
+    _, out, *_ = easy_dirs
+    questions, image_paths = RAW_EASY_VQA["test" if split == "test" else "train"]
+    texts, answers, image_ids = questions()
+    paths = image_paths()
+    assert json.loads((out / "answers.json").read_text()) == list(easy_vqa.get_answers())
+    tensors = load_file(out / f"{split}.safetensors")
     images = load_file(out / "images.safetensors")["images"]
     tokenizer = load_tokenizer(out / "tokenizer")
-    for row in (0, LIMIT - 1):
-        record = records[row]
-        assert tensors["question_id"][row].item() == record["question_id"]
+    for row in range(LIMIT):
+        index = tensors["question_id"][row].item()
         ids = tensors["input_ids"][row][tensors["attention_mask"][row].bool()].tolist()
-        assert tokenizer.decode(ids, skip_special_tokens=True) == record["question"]
-        assert answers[int(tensors["targets"][row].argmax())] == record["answers"][0]
-        expected = Image.open(record["image"]).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+        assert tokenizer.decode(ids, skip_special_tokens=True) == texts[index]
+        assert easy_vqa.get_answers()[int(tensors["targets"][row].argmax())] == answers[index]
+        expected = Image.open(paths[image_ids[index]]).convert("RGB").resize(
+            (SIZE, SIZE), Image.Resampling.BICUBIC)
         stored = images[tensors["image_index"][row]].permute(1, 2, 0).numpy()
-        assert np.array_equal(stored, np.asarray(expected))
+        assert np.array_equal(stored, np.asarray(expected)), (split, row)
 
 
 def test_prepare_is_deterministic(easy_dirs):

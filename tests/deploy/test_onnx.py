@@ -1,14 +1,14 @@
 """ONNX export: the exported graph computes what PyTorch does, pruned layers included."""
 
+import onnx
+import onnxruntime  # noqa: F401  (the test extra has it: a missing one fails, not skips)
 import pytest
 import torch
 
 from evlm_cli.compress.slice import slice_model
 from evlm_cli.core.errors import EvlmError
 from evlm_cli.deploy.onnx import OnnxModel, export_onnx, quantize_int8
-from tests.compress.test_slice import model_and_inputs, random_gates
-
-pytest.importorskip("onnxruntime")
+from tests.helpers.models import model_and_inputs, random_gates
 
 OPSET = 17
 
@@ -64,16 +64,21 @@ def test_int8_is_smaller_and_close(tmp_path):
     model = pruned_model("max")
     fp32 = export_onnx(model, "vqa", inputs(2, 5, seed=0), tmp_path / "model.onnx", OPSET)
     int8 = quantize_int8(fp32, tmp_path / "model.int8.onnx")
-    import onnx
-
     graph = onnx.load(str(int8)).graph
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= {n.op_type for n in graph.node}
     assert sum(i.data_type == onnx.TensorProto.INT8 for i in graph.initializer) >= 10
-    x = inputs(4, 6, seed=3)
+    x = inputs(64, 9, seed=3)
     a, b = OnnxModel(fp32)(*x), OnnxModel(int8)(*x)
     assert not torch.equal(a, b)  # it really is another model
-    # int8 weights perturb the logits by a fraction of their spread, not more
-    assert (a - b).abs().max().item() < 0.25 * (a.max() - a.min()).item()
+    # Dynamic int8 rounds each quantised MatMul's weights to steps of max|w|/127 and its input
+    # to steps of its range/255: about 1% relative noise each, for these weights (std 0.3).
+    # The graph quantises 30 MatMuls, and independent noise adds in quadrature: ~5% of the
+    # logits' norm (measured: 5.4-5.7%, onnxruntime 1.32). 10% leaves room for other runtime
+    # versions; a wrong scale or zero point is off by the order of the logits themselves.
+    relative = ((a - b).norm() / a.norm()).item()
+    assert relative < 0.10, relative
+    # and it answers as the fp32 model does (the closest top-two margin here is 5x the error)
+    assert torch.equal(a.argmax(dim=1), b.argmax(dim=1))
 
 
 def test_unreadable_onnx_file_names_the_file(tmp_path):

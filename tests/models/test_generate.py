@@ -9,8 +9,7 @@ from evlm_cli.compress.slice import slice_model
 from evlm_cli.models.blocks import DecoderCache
 from evlm_cli.models.generate import beam_search, decode_texts, greedy_decode
 from evlm_cli.models.vlm import VLM
-from tests.compress.test_slice import random_gates
-from tests.models.test_vlm import tiny_config
+from tests.helpers.models import random_gates, tiny_config
 
 PAD, BOS, EOS = 0, 2, 3
 MAX_LEN = 10

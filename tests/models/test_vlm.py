@@ -7,18 +7,9 @@ import torch
 
 from evlm_cli.core.errors import CheckpointError
 from evlm_cli.models.checkpoint import load_model, save_model
-from evlm_cli.models.config import EncoderConfig, TextConfig, VisionConfig, VLMConfig, make_config
+from evlm_cli.models.config import EncoderConfig, TextConfig, VisionConfig, VLMConfig
 from evlm_cli.models.vlm import VLM, param_breakdown, prunable_groups
-
-
-def tiny_config(**kw) -> VLMConfig:
-    base = dict(vision=dict(layers=2, width=32, heads=4, ffn=64),
-                text=dict(layers=2, width=24, heads=3, ffn=48),
-                fusion=dict(layers=2, width=24, heads=3, ffn=48), image_size=16, patch_size=8,
-                vocab_size=40, max_positions=16, heads=["vqa", "itm", "itc", "mlm"], num_answers=5,
-                embed_dim=8)
-    base.update(kw)
-    return make_config(**base)
+from tests.helpers.models import tiny_config
 
 
 def uneven_config() -> VLMConfig:

@@ -149,6 +149,7 @@ def test_lm_loss_refuses_a_batch_without_labels():
         lm_loss(torch.randn(1, 3, 6), torch.full((1, 3), IGNORE))
 
 
+@pytest.mark.e2e  # METEOR's JVM: 10-30 s to load its tables
 def test_metrics_match_pycocoevalcap_called_directly(scored):
     metrics, _ = scored
     # pycocoevalcap's own pipeline with string ids in a shuffled order, so neither the type
@@ -161,13 +162,22 @@ def test_metrics_match_pycocoevalcap_called_directly(scored):
     bleus, _ = Bleu(4).compute_score(gts, res, verbose=0)
     cider, _ = Cider().compute_score(gts, res)
     rouge, _ = Rouge().compute_score(gts, res)
+    scorer = Meteor()  # its own JVM, stopped here rather than whenever it is collected
+    try:
+        meteor, _ = scorer.compute_score(gts, res)
+    finally:
+        with scorer.lock:
+            scorer.meteor_p.stdin.close()
+            scorer.meteor_p.kill()
+            scorer.meteor_p.wait()
 
     assert 0.1 < metrics["bleu_4"] < 0.9  # neither degenerate nor perfect
     for n, bleu in enumerate(bleus, start=1):
         assert metrics[f"bleu_{n}"] == pytest.approx(bleu, abs=1e-9)
     assert metrics["cider"] == pytest.approx(cider, abs=1e-9)
     assert metrics["rouge_l"] == pytest.approx(rouge, abs=1e-9)
-    assert 0 < metrics["meteor"] < 1
+    assert metrics["meteor"] == pytest.approx(meteor, abs=1e-9)
+    assert 0.1 < metrics["meteor"] < 0.9
     assert set(metrics) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider"}
 
     # The tokenisation matters here: raw captions score differently.
@@ -176,6 +186,7 @@ def test_metrics_match_pycocoevalcap_called_directly(scored):
     assert abs(raw_bleus[3] - metrics["bleu_4"]) > 0.01
 
 
+@pytest.mark.e2e  # METEOR's JVM: 10-30 s to load its tables
 def test_meteor_process_is_closed(scored):
     _, meteors = scored
     assert len(meteors) == 1

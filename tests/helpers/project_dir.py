@@ -1,5 +1,5 @@
-"""A tiny project folder for tests that run stages in process: the tiny VQA spec, edited,
-written as params files, with the pairs and the task data prepared."""
+"""A tiny project folder for tests that run stages: the tiny VQA spec, edited, written as
+params files, with the pairs and the task data prepared (in process)."""
 
 import os
 from collections.abc import Iterator
