@@ -1,6 +1,5 @@
 """The compiler: stage names, params keys, code deps, sharing between specs, stale stages."""
 
-import copy
 import json
 import shlex
 import subprocess
@@ -9,25 +8,7 @@ import yaml
 
 from evlm_cli.pipeline.compile import compile_specs, plan
 from evlm_cli.pipeline.registry import KINDS
-from evlm_cli.spec.load import load_spec
-
-TINY = "tests/specs/tiny_vqa.yaml"
-
-
-def tiny(name="tiny_vqa", **changes):
-    spec = copy.deepcopy(load_spec(TINY))
-    spec["name"] = name
-    for dotted, value in changes.items():
-        node = spec
-        *path, last = dotted.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return spec
-
-
-def stages_of(root):
-    return yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+from tests.helpers.project import stages_of, tiny
 
 
 def test_stage_names_params_and_deps(tmp_path):

@@ -2,14 +2,15 @@
 
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from evlm_cli.cli.main import main
-from tests.test_diff import _run
+from evlm_cli.core.results import Score
+from tests.helpers.runs import fake_run, write_run
 
 
 def git(*args, cwd="."):
@@ -17,22 +18,16 @@ def git(*args, cwd="."):
                    cwd=cwd, check=True, capture_output=True)
 
 
-def write_run(root: Path, run: dict) -> None:
-    folder = root / "runs" / run["name"]
-    (folder / "evaluate").mkdir(parents=True, exist_ok=True)
-    (folder / "params.yaml").write_text(yaml.safe_dump(run["params"]))
-    (folder / "evaluate" / "metrics.json").write_text(json.dumps(run["metrics"]))
-
-
 @pytest.fixture
 def committed_run(in_tmp_dir):
     """Run `a` committed with lr 1e-4 and accuracy 0.9, then changed to 3e-4 and 0.8."""
     git("init", "-q")
-    write_run(in_tmp_dir, _run("a", [1, 32], 1e-4))
+    write_run(in_tmp_dir, fake_run("a", [1, 32], 1e-4))
     git("add", "runs")
     git("commit", "-q", "-m", "run a")
-    changed = _run("a", [1, 32], 3e-4)
-    changed["metrics"]["value"] = 0.8
+    changed = fake_run("a", [1, 32], 3e-4)
+    changed = replace(changed, results=replace(
+        changed.results, student=replace(changed.results.student, score=Score(0.8))))
     write_run(in_tmp_dir, changed)
     return in_tmp_dir
 
@@ -42,8 +37,8 @@ def test_diff_against_the_commit_shows_both_versions(committed_run):
     assert result.exit_code == 0, result.output
     shown = json.loads(result.output)
     assert list(shown) == ["a@HEAD", "a"]
-    assert shown["a@HEAD"]["metrics"]["value"] == 0.9
-    assert shown["a"]["metrics"]["value"] == 0.8
+    assert shown["a@HEAD"]["metrics"]["student"]["score"]["value"] == 0.9
+    assert shown["a"]["metrics"]["student"]["score"]["value"] == 0.8
     assert shown["a@HEAD"]["params"]["finetune"]["lr"] == 1e-4
     table = CliRunner().invoke(main, ["diff", "a@HEAD", "a"]).output.splitlines()
     rows = {line.split()[0]: line.split()[1:] for line in table[1:]}
@@ -71,7 +66,7 @@ def test_a_revision_that_looks_like_an_option_is_refused(committed_run):
 
 
 def test_outside_a_git_repository_the_error_says_so(in_tmp_dir):
-    write_run(in_tmp_dir, _run("a", [1], 1e-4))
+    write_run(in_tmp_dir, fake_run("a", [1], 1e-4))
     result = CliRunner().invoke(main, ["diff", "a@HEAD", "a"])
     assert result.exit_code == 2
     assert "a@HEAD:" in result.output and "git" in result.output.lower()

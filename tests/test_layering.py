@@ -160,7 +160,7 @@ def test_the_circle_finder_finds_a_planted_circle():
     # the base reaching up into the training layer (io once asked distributed who writes)
     ("evlm_cli.core.io", "from evlm_cli.training.distributed import is_main"),
     # the torch-free side reaching into torch code, even inside a function
-    ("evlm_cli.report.diff", "def f():\n    from evlm_cli.models.config import ENCODERS"),
+    ("evlm_cli.report.tables", "def f():\n    from evlm_cli.models.config import ENCODERS"),
     ("evlm_cli.spec.rules", "from evlm_cli.data.prepare import prepare"),
     # sideways between the top folders, and the training loop reaching into a library
     ("evlm_cli.spec.load", "from evlm_cli.report.runs import load_runs"),

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from evlm_cli.core.results import EvaluateResults
 from evlm_cli.spec.load import load_schema
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +64,40 @@ def edit_spec(path: Path, name: str | None = None, **changes) -> Path:
     return path
 
 
+def results_of(project: Path, name: str) -> EvaluateResults:
+    return EvaluateResults.read(project / f"runs/{name}/evaluate/metrics.json")
+
+
+def accuracy_by_hand(project: Path, name: str, kind: str = "finetune") -> float:
+    """The share of run `name`'s test examples whose predicted answer (the argmax of the task
+    logits of the model stage `kind` wrote) is the labelled one, counted here: the reference
+    for the run's accuracy (easy-VQA questions and statements have one answer each)."""
+    import torch
+
+    from evlm_cli.data.loader import open_prepared
+    from evlm_cli.models.checkpoint import load_model
+    from evlm_cli.models.vlm import TaskLogits
+    from evlm_cli.pipeline.compile import plan
+    from evlm_cli.training.loop import trim_text
+
+    params = yaml.safe_load((project / f"runs/{name}/params.yaml").read_text())
+    stages = {s.kind.name: s for s in plan(params)}
+    model = TaskLogits(load_model(project / stages[kind].outputs["model"]).eval(), params["task"])
+    test = open_prepared(project / stages["prepare"].outputs["data"]).split("test")
+    right = total = 0
+    with torch.inference_mode():
+        for batch in test.batches(params["evaluate"]["batch_size"]):  # as evaluate batches
+            batch = trim_text(batch)
+            targets = batch["targets"]
+            assert torch.equal(targets.sum(1), torch.ones(len(targets)))  # one answer each
+            logits = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+            right += int((logits.argmax(1) == targets.argmax(1)).sum())
+            total += len(targets)
+    assert total == len(test) > 0
+    return right / total
+
+
+@pytest.mark.e2e
 def test_run_rerun_partial_reruns_and_sharing(finished):
     project, first = finished
     spec_sections = set(load_schema()["properties"])
@@ -79,51 +114,57 @@ def test_run_rerun_partial_reruns_and_sharing(finished):
         assert sum(n.startswith(f"shared-{kind}-") for n in names) == 1, kind
     for kind in ("prepare", "teacher", "teacher_eval"):  # the task's own, one per task
         assert sum(n.startswith(f"shared-{kind}-") for n in stages) == 4, kind
-    nlvr2 = json.loads((project / "runs/tiny_nlvr2/evaluate/metrics.json").read_text())
-    assert nlvr2["metric"] == "nlvr2_accuracy" and 0 <= nlvr2["value"] <= 1
-    assert nlvr2["params"] < nlvr2["teacher_params"]
-    captions = json.loads((project / "runs/tiny_caption/evaluate/metrics.json").read_text())
+    nlvr2 = results_of(project, "tiny_nlvr2")
+    assert nlvr2.metric == "nlvr2_accuracy"
+    assert nlvr2.student.score.value == pytest.approx(accuracy_by_hand(project, "tiny_nlvr2"),
+                                                      abs=1e-12)
+    assert nlvr2.student.size.params < nlvr2.teacher.size.params
+    captions = results_of(project, "tiny_caption")
     caption_keys = {"bleu_4", "meteor", "rouge_l", "cider"}
-    assert caption_keys <= set(captions["scores"]) and caption_keys <= set(captions["teacher_scores"])
-    assert captions["value"] == captions["scores"]["cider"]
+    assert caption_keys <= set(captions.student.score.caption)
+    assert caption_keys <= set(captions.teacher.score.caption)
+    assert captions.student.score.value == captions.student.score.caption["cider"]
     # a captioner's cost is a whole caption: both models timed writing one, interleaved
-    assert set(captions["generation_ms"]["batch_1"]) == {"teacher", "student"}
+    caption_b1 = captions.generation["batch_1"]
+    assert caption_b1.teacher_ms > 0 and caption_b1.student_ms > 0
+    assert caption_b1.speedup == pytest.approx(caption_b1.teacher_ms / caption_b1.student_ms)
     assert "caption batch 1 (ms)" in first
     assert "CIDEr" in first and "METEOR" in first  # the summary shows all four
-    retrieval = json.loads((project / "runs/tiny_itr/evaluate/metrics.json").read_text())
-    assert set(retrieval["recall"]) >= {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"}
-    assert retrieval["value"] == retrieval["recall"]["r_mean"]
+    retrieval = results_of(project, "tiny_itr").student.score
+    assert set(retrieval.recall) >= {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"}
+    assert retrieval.value == retrieval.recall["r_mean"]
     assert "retention" in first and "speedup" in first  # the summary table
     assert "student, ONNX Runtime" in first
-    metrics = json.loads((project / "runs/tiny_vqa/evaluate/metrics.json").read_text())
+    metrics = results_of(project, "tiny_vqa")
     # the exported files, measured as their own rows: fp32 scores what PyTorch does
-    assert set(metrics["exported"]) == {"onnx_fp32", "onnx_int8"}
-    assert abs(metrics["exported"]["onnx_fp32"]["value"] - metrics["value"]) < 1e-9
-    assert set(metrics["latency_ms"]["batch_1"]) == {"teacher", "dense_student", "student",
-                                                     "onnx_fp32", "onnx_int8",
-                                                     "teacher_onnx_fp32"}
+    assert set(metrics.exported) == {"onnx_fp32", "onnx_int8"}
+    assert abs(metrics.exported["onnx_fp32"].value - metrics.student.score.value) < 1e-9
+    # every model timed at every batch size, the exported ones too
+    assert all(None not in vars(ms).values() for ms in metrics.latency_ms.values())
     # the exported student's speedup is over the teacher exported the same way
-    for bs, ms in metrics["latency_ms"].items():
-        fp32 = metrics["exported"]["onnx_fp32"]
-        assert fp32["speedup"][bs] == pytest.approx(ms["teacher_onnx_fp32"] / ms["onnx_fp32"])
-        assert fp32["over_flops_ratio"][bs] == pytest.approx(
-            fp32["speedup"][bs] * metrics["gflops_per_example"]
-            / metrics["teacher_gflops_per_example"])
+    for bs, ms in metrics.latency_ms.items():
+        fp32 = metrics.exported["onnx_fp32"]
+        assert fp32.speedup[bs] == pytest.approx(ms.teacher_onnx_fp32 / ms.onnx_fp32)
+        assert fp32.over_flops_ratio[bs] == pytest.approx(
+            fp32.speedup[bs] * metrics.student.size.gflops_per_example
+            / metrics.teacher.size.gflops_per_example)
     assert "teacher fp32" in first and "of the FLOPs ratio at batch 1" in first
     # the dense distilled student, timed alongside: depth x pruning is the whole speedup
     # ... and scored: the dense stage trained it on the task (tiny_vqa alone asks for it)
-    assert 0 <= metrics["dense_value"] <= 1
-    assert metrics["dense_retention"] == pytest.approx(metrics["dense_value"]
-                                                       / metrics["teacher_value"])
+    assert metrics.dense.value == pytest.approx(accuracy_by_hand(project, "tiny_vqa", "dense"),
+                                                abs=1e-12)
+    assert metrics.dense.retention == pytest.approx(metrics.dense.value
+                                                    / metrics.teacher.score.value)
     assert re.search(r"vqa_accuracy\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+retention [\d.]+% "
                      r"\(dense [\d.]+%\)", first)
-    assert "dense_value" not in nlvr2  # dense: null there
-    split = metrics["speedup_split"]["batch_1"]
-    assert split["depth"] * split["pruning"] == pytest.approx(metrics["speedup"]["batch_1"])
-    assert metrics["params"] < metrics["dense_params"] < metrics["teacher_params"]
-    assert 0 <= metrics["value"] <= 1 and metrics["params"] < metrics["teacher_params"]
+    assert nlvr2.dense.value is None  # dense: null there: timed, not scored
+    split = metrics.speedup["batch_1"]
+    assert split.depth * split.pruning == pytest.approx(split.total)
+    assert metrics.student.size.params < metrics.dense.size.params < metrics.teacher.size.params
+    assert metrics.student.score.value == pytest.approx(accuracy_by_hand(project, "tiny_vqa"),
+                                                        abs=1e-12)
     masks = json.loads((project / "runs/tiny_vqa/prune/masks.json").read_text())
-    assert masks["params_after"] == metrics["params"] < masks["params_before"]
+    assert masks["params_after"] == metrics.student.size.params < masks["params_before"]
 
     again = sh([*EVLM, "run", str(spec)], project)
     assert ran(again.stdout) == set()
@@ -140,8 +181,7 @@ def test_run_rerun_partial_reruns_and_sharing(finished):
 
     # Each target is met to within 0.005 of the prunable parameters, in the sliced model.
     for name, target in (("tiny_vqa", 0.5), ("tiny_sweep", 0.6)):
-        metrics = json.loads((project / f"runs/{name}/evaluate/metrics.json").read_text())
-        assert abs(metrics["sparsity"]["overall"] - target) <= 0.005, name
+        assert abs(results_of(project, name).sparsity.overall - target) <= 0.005, name
 
     # DVC's own views work on what evlm compiled
     assert "tiny_sweep-evaluate" in sh([sys.executable, "-m", "dvc", "dag"], project).stdout
@@ -163,11 +203,11 @@ def test_run_rerun_partial_reruns_and_sharing(finished):
     params = {label for label in rows if "." in label and label.split(".")[0] in spec_sections}
     assert params == {"prune.target_sparsity"}
     for column, name in enumerate(("tiny_vqa", "tiny_sweep")):
-        m = json.loads((project / f"runs/{name}/evaluate/metrics.json").read_text())
-        assert rows["vqa_accuracy"][column] == f"{m['value']:.4g}"
-        assert rows["sparsity overall"][column] == f"{m['sparsity']['overall']:.4g}"
-        assert rows["speedup batch 1"][column] == f"{m['speedup']['batch_1']:.4g}"
-        assert rows["params (M)"][column] == f"{m['params'] / 1e6:.4g}"
+        m = results_of(project, name)
+        assert rows["vqa_accuracy"][column] == f"{m.student.score.value:.4g}"
+        assert rows["sparsity overall"][column] == f"{m.sparsity.overall:.4g}"
+        assert rows["speedup batch 1"][column] == f"{m.speedup['batch_1'].total:.4g}"
+        assert rows["params (M)"][column] == f"{m.student.size.params / 1e6:.4g}"
     with Image.open(project / "diff.png") as image:
         image.load()
         assert image.format == "PNG" and min(image.size) >= 300
@@ -229,6 +269,7 @@ def changed_stages(project: Path, package: Path) -> set[str]:
     return ran("".join(f"Running stage '{name}'" for name in status))
 
 
+@pytest.mark.e2e
 def test_code_dependencies_are_exact(finished, tmp_path):
     """Editing a module reruns the stages whose run functions reach it through imports."""
     project, _ = finished

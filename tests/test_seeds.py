@@ -9,11 +9,12 @@ from click.testing import CliRunner
 
 from evlm_cli.cli.main import main
 from evlm_cli.pipeline.compile import compile_specs, plan
-from evlm_cli.report.diff import diff_rows, group_table, load_runs, mean_std
+from evlm_cli.report.runs import SeedGroup, load_runs
+from evlm_cli.report.seeds import mean_std
+from evlm_cli.report.tables import diff_rows, group_table
 from evlm_cli.spec.load import seed_runs
-from tests.test_compile import stages_of, tiny
-from tests.test_diff import _run
-from tests.test_diff_rev import write_run
+from tests.helpers.project import stages_of, tiny
+from tests.helpers.runs import SEED_VALUES, three_seeds  # noqa: F401  (a fixture)
 
 UPSTREAM = ("prepare_pairs", "teacher_pretrain", "distill", "prepare", "teacher", "teacher_eval")
 
@@ -64,24 +65,8 @@ def test_compile_with_seeds_writes_one_set_of_shared_stages(tmp_path):
     assert params["seed"] == 1 and params["shared_seed"] == 0
 
 
-VALUES = (0.90, 0.92, 0.97)
-
-
-@pytest.fixture
-def three_seeds(in_tmp_dir):
-    for seed, value in enumerate(VALUES):
-        run = _run(f"a-s{seed}", [1, 32], 1e-4)
-        run["metrics"]["value"] = value
-        run["metrics"]["speedup"]["batch_1"] = 2.0 + seed
-        run["params"].update(seed=seed, shared_seed=0, seed_scope="compression", task="vqa",
-                             prune={"mode": "modal-adaptive", "target_sparsity": 0.5})
-        write_run(in_tmp_dir, run)
-    write_run(in_tmp_dir, {**_run("b", [1, 32], 3e-4)})
-    return in_tmp_dir
-
-
 def test_mean_and_std_equal_a_hand_computation():
-    mean, std = mean_std(list(VALUES))
+    mean, std = mean_std(list(SEED_VALUES))
     assert mean == pytest.approx(0.93)
     # sample standard deviation: deviations -0.03, -0.01, 0.04 over n - 1 = 2
     assert std == pytest.approx(math.sqrt((0.03 ** 2 + 0.01 ** 2 + 0.04 ** 2) / 2))
@@ -89,9 +74,10 @@ def test_mean_and_std_equal_a_hand_computation():
     assert mean_std([0.5, None]) is None
 
 
-def test_diff_aggregates_a_group_of_seeds_and_shows_each_seed(three_seeds):
+def test_diff_aggregates_a_group_of_seeds_and_shows_each_seed(three_seeds):  # noqa: F811
     group = load_runs("a")
-    assert [r["name"] for r in group["seeds"]] == ["a-s0", "a-s1", "a-s2"]
+    assert isinstance(group, SeedGroup) and group.seeds == [0, 1, 2]
+    assert [r.name for r in group.runs] == ["a-s0", "a-s1", "a-s2"]
     header, rows = diff_rows([group, load_runs("b")])
     assert header == ["", "a (mean ± std, n=3)", "a-s0", "a-s1", "a-s2", "b"]
     by_label = {row[0]: row[1:] for row in rows}
@@ -103,10 +89,10 @@ def test_diff_aggregates_a_group_of_seeds_and_shows_each_seed(three_seeds):
     shown = json.loads(out.output)
     assert shown["a"]["seeds"] == ["a-s0", "a-s1", "a-s2"]
     assert shown["a"]["mean_std"]["vqa_accuracy"]["mean"] == pytest.approx(0.93)
-    assert shown["a"]["runs"]["a-s2"]["metrics"]["value"] == 0.97
+    assert shown["a"]["runs"]["a-s2"]["metrics"]["student"]["score"]["value"] == 0.97
 
 
-def test_the_group_summary_says_what_the_seeds_varied(three_seeds):
+def test_the_group_summary_says_what_the_seeds_varied(three_seeds):  # noqa: F811
     text = group_table(load_runs("a"))
     assert text.splitlines()[0] == "a: 3 seeds (0, 1, 2), vqa, modal-adaptive pruning to 50%"
     assert "the teachers and the distilled student are shared" in text

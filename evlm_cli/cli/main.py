@@ -19,18 +19,16 @@ from evlm_cli.pipeline.runner import (
     repro,
     stage_status,
 )
-from evlm_cli.report.diff import (
-    diff_json,
-    diff_rows,
+from evlm_cli.report.runs import (
+    SeedGroup,
     load_group,
     load_run,
     load_runs,
-    members_of,
-    render,
-    run_summary,
-    show_text,
+    read_params,
 )
-from evlm_cli.spec.load import load_schema, load_spec, seed_runs
+from evlm_cli.report.tables import diff_json, diff_rows, render, run_summary, show_text
+from evlm_cli.spec.load import load_spec, seed_runs
+from evlm_cli.spec.schema import load_schema
 
 # click's own usage errors already exit with 2; ours match them.
 EXIT_USER_ERROR = 2
@@ -217,22 +215,21 @@ def show(target: str, plot_path: str | None) -> None:
     spec = load_specs((target,))[0] if is_spec_file(target) else None
     run = load_runs(spec["name"] if spec else target, require_metrics=False)
     write_code_fingerprints()  # so the status sees code edited since the last compile
-    stages = list(dict.fromkeys(s.name for member in members_of([run])
-                                for s in plan(member["params"])))
+    stages = list(dict.fromkeys(s.name for member in run.members for s in plan(member.params)))
     click.echo(show_text(run, stage_status(stages)))
     if plot_path:
         from evlm_cli.report.plots import run_plot  # loads matplotlib; the text does not
 
-        members = members_of([run])
-        logs = {s.name: path for member in members for s in plan(member["params"])
+        members = run.members
+        logs = {s.name: path for member in members for s in plan(member.params)
                 for path in s.paths("plots")}
         click.echo(f"wrote {run_plot(members[0], logs, Path(plot_path))}"
-                   + (f" (allocation of {members[0]['name']})" if len(members) > 1 else ""))
+                   + (f" (allocation of {members[0].name})" if len(members) > 1 else ""))
     # A group of seeds is compared through its first seed's run of the spec.
-    expected = (seed_runs(spec, [run["params"]["seed"]])[0] if spec is not None and "seeds" in run
-                else spec)
-    if spec is not None and expected != run["params"]:
-        click.echo(f"\n{target} differs from the compiled {RUNS / run['name'] / 'params.yaml'}: "
+    expected = (seed_runs(spec, [run.params["seed"]])[0]
+                if spec is not None and isinstance(run, SeedGroup) else spec)
+    if spec is not None and expected != run.params:
+        click.echo(f"\n{target} differs from the compiled {RUNS / run.name / 'params.yaml'}: "
                    "the status above is the compiled one's; `evlm run` it to recompile")
 
 
@@ -257,15 +254,15 @@ def export_run(run_name: str, out_dir: str, opset: int, int8: bool) -> None:
     logits. Needs the optional packages: pip install 'evlm[export]'.
     """
     name = load_specs((run_name,))[0]["name"] if is_spec_file(run_name) else run_name
-    run = load_run(name, require_metrics=False)
-    stages = {s.kind.name: s for s in plan(run["params"])}
+    params = read_params(name)  # export needs no results, of any schema
+    stages = {s.kind.name: s for s in plan(params)}
     student, prepared = stages["finetune"].outputs["model"], stages["prepare"].outputs["data"]
     for path in (student, prepared):
         if not path.exists():
             raise EvlmError(f"{path}: missing; the run has not finished (evlm run its spec)")
     from evlm_cli.recipe.export import export_student  # loads torch; --help does not
 
-    summary = export_student(student, prepared, run["params"]["task"], opset, int8, Path(out_dir))
+    summary = export_student(student, prepared, params["task"], opset, int8, Path(out_dir))
     for variant, file in summary["files"].items():
         click.echo(f"wrote {Path(out_dir) / file} ({variant}, "
                    f"{summary['size_bytes'][variant] / 1e6:.2f} MB)")

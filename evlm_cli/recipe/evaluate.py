@@ -12,6 +12,20 @@ from evlm_cli.compress.measure import count_flops, measure_latency
 from evlm_cli.core.config import ENCODERS, EvaluateConfig, LatencyConfig, Params
 from evlm_cli.core.io import atomic_write_json
 from evlm_cli.core.layout import MODEL_WEIGHTS
+from evlm_cli.core.results import (
+    Dense,
+    EvaluateResults,
+    Exported,
+    Generation,
+    Latency,
+    Score,
+    Size,
+    Sparsity,
+    Speedup,
+    Student,
+    Teacher,
+    TeacherResults,
+)
 from evlm_cli.data.loader import PreparedData, open_prepared
 from evlm_cli.deploy.onnx import FP32_FILE, INT8_FILE, OnnxModel, export_onnx
 from evlm_cli.models.checkpoint import load_model
@@ -82,22 +96,34 @@ def generation_report(models: dict[str, VLM], data: PreparedData, ev: EvaluateCo
     return latency_report(writers, data, ev.latency)
 
 
-def run_teacher_eval(params: Params, *, prepared: Path, teacher: Path, metrics: Path) -> dict:
+def score_of(scores: dict) -> Score:
+    """`test_report`'s figures as the results contract holds them."""
+    return Score(value=scores["value"], recall=scores.get("recall"), caption=scores.get("scores"))
+
+
+def run_teacher_eval(params: Params, *, prepared: Path, teacher: Path,
+                     metrics: Path) -> dict:
     ev = params.evaluate
     device = setup(EVAL_SEED, params.resources.threads, params.device)
     data = open_prepared(prepared, params.resources)
     model = load_model(teacher).eval()
     scores = test_report(model, data, params.task, ev, device)
     model.cpu()
-    report = {"metric": ev.metric, **scores, **size_report(model, teacher, data),
-              "latency_ms": latency_report({"teacher": TaskLogits(for_inference(model),
-                                                                  params.task)},
-                                           data, ev.latency)}
-    atomic_write_json(metrics, report)
-    return report
+    size = size_report(model, teacher, data)
+    latency = latency_report({"teacher": TaskLogits(for_inference(model), params.task)},
+                             data, ev.latency)
+    results = TeacherResults(
+        metric=ev.metric, score=score_of(scores),
+        size=Size(size["params"]["total"], size["gflops_per_example"], size["size_bytes"]),
+        params_by_part=size["params"], prunable_params=size["prunable_params"],
+        latency_ms={bs: ms["teacher"] for bs, ms in latency.items()})
+    atomic_write_json(metrics, results.to_json())
+    # The stage's one-line summary (`pipeline.entry`); the file holds the rest.
+    return {"metric": results.metric, "value": results.score.value,
+            "params": results.size.params}
 
 
-def speedup_split(latency: dict, gflops: dict) -> dict:
+def speedup_split(latency: dict, gflops: dict) -> dict[str, Speedup]:
     """Per batch size: the speedup of depth (teacher / dense student) and of pruning (dense /
     pruned student), whose product is the whole; and each measured speedup over its FLOPs
     ratio, 1.0 when a model runs as fast as its arithmetic allows.
@@ -106,11 +132,11 @@ def speedup_split(latency: dict, gflops: dict) -> dict:
     out = {}
     for bs, ms in latency.items():
         depth, pruning = ms["teacher"] / ms["dense_student"], ms["dense_student"] / ms["student"]
-        out[bs] = {"depth": depth, "pruning": pruning,
-                   "depth_over_flops_ratio": depth / (gflops["teacher"] / gflops["dense_student"]),
-                   "pruning_over_flops_ratio":
-                       pruning / (gflops["dense_student"] / gflops["student"]),
-                   "over_flops_ratio": depth * pruning / (gflops["teacher"] / gflops["student"])}
+        out[bs] = Speedup(
+            total=ms["teacher"] / ms["student"], depth=depth, pruning=pruning,
+            depth_over_flops_ratio=depth / (gflops["teacher"] / gflops["dense_student"]),
+            pruning_over_flops_ratio=pruning / (gflops["dense_student"] / gflops["student"]),
+            over_flops_ratio=depth * pruning / (gflops["teacher"] / gflops["student"]))
     return out
 
 
@@ -124,7 +150,8 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
     teacher_model = load_model(teacher).eval()
     # The student before pruning: what depth alone gives. Trained on the task by the dense
     # stage, it is scored too; without that stage its head is untrained: timed, not scored.
-    t_metrics = json.loads(Path(teacher_metrics).read_text())
+    measured_teacher = TeacherResults.read(Path(teacher_metrics),
+                                           f"run {params.name}" if params.name else "the run")
     scores = test_report(student_model, data, task, ev, device)
     value = scores["value"]
     student_model.cpu()
@@ -145,57 +172,49 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
              ("student", student_model))}
     latency = latency_report({**{name: TaskLogits(model, task) for name, model in fast.items()},
                               **exported, **exported_teacher}, data, ev.latency)
-    speedup = {bs: r["teacher"] / r["student"] for bs, r in latency.items()}
-    writing = {}
+    generation = None
     if TASKS[task].generative:  # what a captioner costs: a whole caption, not one pass
-        generation = generation_report({"teacher": fast["teacher"], "student": fast["student"]},
-                                       data, ev)
-        writing = {"generation_ms": generation,
-                   "generation_speedup": {bs: r["teacher"] / r["student"]
-                                          for bs, r in generation.items()}}
+        written = generation_report({"teacher": fast["teacher"], "student": fast["student"]},
+                                    data, ev)
+        generation = {bs: Generation(teacher_ms=ms["teacher"], student_ms=ms["student"],
+                                     speedup=ms["teacher"] / ms["student"])
+                      for bs, ms in written.items()}
     # The teacher's size and FLOPs were measured by teacher_eval, from the same teacher.
     s_size = size_report(student_model, student, data)
     dense_gflops = count_flops(dense_student, *fixed_batch(data, 1)) / 1e9
     mask_info = json.loads(Path(masks).read_text())
-    retention = (lambda v: v / t_metrics["value"] if t_metrics["value"] else 0.0)  # noqa: E731
-    report = {
-        "metric": ev.metric,
-        "value": value,
-        "teacher_value": t_metrics["value"],
-        "retention": retention(value),
-        # The task's other measures, teacher next to student: recalls, caption metrics.
-        **{f"{prefix}{key}": source[key] for key in ("recall", "scores") if key in scores
-           for prefix, source in (("", scores), ("teacher_", t_metrics))},
-        "params": s_size["params"]["total"],
-        "teacher_params": t_metrics["params"]["total"],
-        "params_by_part": s_size["params"],
-        "gflops_per_example": s_size["gflops_per_example"],
-        "teacher_gflops_per_example": t_metrics["gflops_per_example"],
-        "size_bytes": s_size["size_bytes"],
-        "teacher_size_bytes": t_metrics["size_bytes"],
-        **({"dense_value": dense_value, "dense_retention": retention(dense_value)}
-           if dense_value is not None else {}),
-        "dense_params": param_breakdown(dense_student)["total"],
-        "dense_gflops_per_example": dense_gflops,
-        "latency_ms": latency,
-        "speedup": speedup,
-        "speedup_split": speedup_split(
-            latency, {"teacher": t_metrics["gflops_per_example"], "dense_student": dense_gflops,
-                      "student": s_size["gflops_per_example"]}),
-        **writing,
-        "sparsity": sparsity_report(mask_info),
-        "warnings": mask_info.get("warnings", []),
-    }
-    if exported:
-        flops_ratio = t_metrics["gflops_per_example"] / s_size["gflops_per_example"]
-        report["exported"] = exported_report(exported, latency, data, task, ev, value,
-                                             retention, flops_ratio)
-    atomic_write_json(metrics, report)
-    return report
+    teacher_value = measured_teacher.score.value
+    retention = (lambda v: v / teacher_value if teacher_value else 0.0)  # noqa: E731
+    gflops = {"teacher": measured_teacher.size.gflops_per_example, "dense_student": dense_gflops,
+              "student": s_size["gflops_per_example"]}
+    results = EvaluateResults(
+        metric=ev.metric,
+        teacher=Teacher(score=measured_teacher.score, size=measured_teacher.size),
+        dense=Dense(value=dense_value,
+                    retention=retention(dense_value) if dense_value is not None else None,
+                    size=Size(param_breakdown(dense_student)["total"], dense_gflops,
+                              None if dense_model is None
+                              else (Path(dense_model) / MODEL_WEIGHTS).stat().st_size)),
+        student=Student(score=score_of(scores), retention=retention(value),
+                        size=Size(s_size["params"]["total"], s_size["gflops_per_example"],
+                                  s_size["size_bytes"]),
+                        params_by_part=s_size["params"]),
+        latency_ms={bs: Latency(**ms) for bs, ms in latency.items()},
+        speedup=speedup_split(latency, gflops),
+        generation=generation,
+        sparsity=sparsity_report(mask_info),
+        warnings=tuple(mask_info.get("warnings", [])),
+        exported=exported_report(exported, latency, data, task, ev, value, retention,
+                                 gflops["teacher"] / gflops["student"]),
+    )
+    atomic_write_json(metrics, results.to_json())
+    return {"metric": results.metric, "value": value, "retention": results.student.retention,
+            "params": results.student.size.params, "sparsity": results.sparsity.overall}
 
 
 def exported_report(exported: dict, latency: dict, data: PreparedData, task: str,
-                    ev: EvaluateConfig, value: float, retention, flops_ratio: float) -> dict:
+                    ev: EvaluateConfig, value: float, retention,
+                    flops_ratio: float) -> dict[str, Exported]:
     """Each exported student file as its own row (the int8 figures never stand in for the fp32
     ones): its test metric, size, and its speedup over the teacher in ONNX Runtime (`latency`'s
     TEACHER_ONNX row), with that speedup over the FLOPs ratio (1.0 when it runs as fast as its
@@ -204,12 +223,12 @@ def exported_report(exported: dict, latency: dict, data: PreparedData, task: str
     for name, model in exported.items():
         v = evaluate_forward(model, data, "test", task, ev.batch_size, torch.device("cpu"))
         speedup = {bs: r[TEACHER_ONNX] / r[name] for bs, r in latency.items()}
-        out[name] = {"runtime": "onnxruntime", "value": v, "retention": retention(v),
-                     "retention_of_student": v / value if value else 0.0,
-                     "size_bytes": model.size_bytes, "speedup": speedup,
-                     "over_flops_ratio": {bs: s / flops_ratio for bs, s in speedup.items()},
-                     "speedup_over_pytorch_teacher": {bs: r["teacher"] / r[name]
-                                                      for bs, r in latency.items()}}
+        out[name] = Exported(
+            runtime="onnxruntime", value=v, retention=retention(v),
+            retention_of_student=v / value if value else 0.0, size_bytes=model.size_bytes,
+            speedup=speedup, over_flops_ratio={bs: s / flops_ratio for bs, s in speedup.items()},
+            speedup_over_pytorch_teacher={bs: r["teacher"] / r[name]
+                                          for bs, r in latency.items()})
     return out
 
 
@@ -230,9 +249,10 @@ def exported_models(onnx: Path, threads: int) -> dict:
             if (Path(onnx) / f).is_file()}
 
 
-def sparsity_report(masks: dict) -> dict:
+def sparsity_report(masks: dict) -> Sparsity:
     """Sparsity reached over the prunable parameters, overall and per encoder."""
     if "encoders" not in masks:  # prune.mode none
-        return {"overall": 0.0, **dict.fromkeys(ENCODERS, 0.0)}
-    return {"overall": masks["sparsity"],
-            **{e: masks["encoders"][e]["sparsity"] for e in ENCODERS if e in masks["encoders"]}}
+        return Sparsity(overall=0.0, **dict.fromkeys(ENCODERS, 0.0))
+    return Sparsity(overall=masks["sparsity"],
+                    **{e: masks["encoders"][e]["sparsity"] if e in masks["encoders"] else None
+                       for e in ENCODERS})

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from evlm_cli.core.config import ENCODERS
 from evlm_cli.core.io import atomic_path
-from evlm_cli.report.diff import UNIT_LABELS, mean_std, members_of
+from evlm_cli.report.runs import Loaded, Run, members_of
+from evlm_cli.report.seeds import mean_std
+from evlm_cli.report.tables import UNIT_LABELS
 
 # Curves drawn per stage from log.csv, when the log has them, each in its own panel.
 CURVES = (("loss", "training loss"), ("expected_sparsity/overall", "expected sparsity (prune)"))
@@ -37,30 +39,30 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _points(run: dict, batch: str) -> list[tuple[float, float]]:
+def _points(loaded: Loaded, batch: str) -> list[tuple[float, float]]:
     """(student latency ms, metric) per seed of a run or group at one batch size."""
-    return [(m["metrics"]["latency_ms"][batch]["student"], m["metrics"]["value"])
-            for m in members_of([run]) if batch in m["metrics"].get("latency_ms", {})]
+    return [(run.results.latency_ms[batch].student, run.results.student.score.value)
+            for run in loaded.members if batch in run.results.latency_ms]
 
 
-def pareto(runs: list[dict], path: Path) -> Path:
+def pareto(runs: list[Loaded], path: Path) -> Path:
     """Metric against latency per batch size (teacher, the dense student where it was scored,
     and the student of each run; a group of seeds at its mean with ± std bars, each seed faint
     behind), and sparsity per encoder."""
     plt = _pyplot()
     members = members_of(runs)
-    batches = list(dict.fromkeys(b for m in members for b in m["metrics"].get("latency_ms", {})))
+    results = [run.results for run in members]
+    batches = list(dict.fromkeys(b for r in results for b in r.latency_ms))
     fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5 * (len(batches) + 1), 4.2),
                              squeeze=False)
-    metric = members[0]["metrics"]["metric"]
+    metric = results[0].metric
     for ax, batch in zip(axes[0], batches, strict=False):
-        teachers = {(m["metrics"]["latency_ms"][batch]["teacher"], m["metrics"]["teacher_value"])
-                    for m in members if batch in m["metrics"].get("latency_ms", {})}
+        timed = [r for r in results if batch in r.latency_ms]
+        teachers = {(r.latency_ms[batch].teacher, r.teacher.score.value) for r in timed}
         ax.scatter(*zip(*teachers, strict=True), marker="s", color="black", label="teacher")
         # the depth-only baseline, where a dense stage trained it: a diamond per distinct one
-        dense = {(m["metrics"]["latency_ms"][batch]["dense_student"], m["metrics"]["dense_value"])
-                 for m in members if "dense_value" in m["metrics"]
-                 and batch in m["metrics"].get("latency_ms", {})}
+        dense = {(r.latency_ms[batch].dense_student, r.dense.value) for r in timed
+                 if r.dense.value is not None}
         if dense:
             ax.scatter(*zip(*dense, strict=True), marker="D", color="grey",
                        label="dense student (not pruned)")
@@ -74,7 +76,7 @@ def pareto(runs: list[dict], path: Path) -> Path:
                 ax.scatter(xs, ys, color=color, alpha=0.3, s=12)
             (x, dx), (y, dy) = mean_std(list(xs)), mean_std(list(ys))
             ax.errorbar([x], [y], xerr=[dx], yerr=[dy], fmt="o", color=color, capsize=3,
-                        label=run["name"] + (f" (n={len(points)})" if len(points) > 1 else ""))
+                        label=run.name + (f" (n={len(points)})" if len(points) > 1 else ""))
         ax.set_xlabel(f"latency at {batch.replace('_', ' ')} (ms, median)")
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} vs latency, {batch.replace('_', ' ')}")
@@ -83,10 +85,10 @@ def pareto(runs: list[dict], path: Path) -> Path:
     ax = axes[0][-1]
     width = 0.8 / len(runs)
     for index, run in enumerate(runs):
-        values = [[m["metrics"]["sparsity"].get(key, 0.0) for key in ("overall", *ENCODERS)]
-                  for m in members_of([run])]
+        values = [[getattr(member.results.sparsity, key) or 0.0
+                   for key in ("overall", *ENCODERS)] for member in run.members]
         means = [sum(column) / len(column) for column in zip(*values, strict=True)]
-        ax.bar([j + index * width for j in range(4)], means, width, label=run["name"])
+        ax.bar([j + index * width for j in range(4)], means, width, label=run.name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(4)], ["overall", *ENCODERS])
     ax.set_ylabel("sparsity of prunable params")
     ax.set_title("what was removed, per encoder")
@@ -128,11 +130,11 @@ def allocation_grid(masks: dict) -> list[tuple[str, list[list[float]], list[str]
     return grids
 
 
-def run_plot(run: dict, logs: dict[str, Path], path: Path) -> Path:
+def run_plot(run: Run, logs: dict[str, Path], path: Path) -> Path:
     """The allocation heatmaps of each encoder side by side (top row) and each stage's
     training curves (bottom row): `logs` maps a stage name to its log.csv."""
     plt = _pyplot()
-    grids = allocation_grid(run.get("masks") or {})
+    grids = allocation_grid(run.masks or {})
     curves = {stage: read_log(log) for stage, log in logs.items()}
     curves = {stage: columns for stage, columns in curves.items() if columns.get("step")}
     top = max(len(grids), 1)
@@ -177,6 +179,6 @@ def run_plot(run: dict, logs: dict[str, Path], path: Path) -> Path:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(run["name"])
+    fig.suptitle(run.name)
     fig.tight_layout()
     return _save(fig, path)

@@ -1,0 +1,262 @@
+"""The results contract: what the teacher_eval and evaluate stages write as metrics.json, typed
+and versioned, so every reader (diff, show, plots, the run summary, DVC) reads one shape.
+
+Each file carries `schema_version`. A file of another version is refused with the rerun that
+rewrites it; there are no readers of older shapes. Numbers are JSON leaves and absent figures
+null, so `dvc metrics show` and `dvc metrics diff` read the files as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from evlm_cli.core.errors import EvlmError
+
+# Raise it with any change a reader would notice: a field added, renamed, retyped or moved.
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Size:
+    """How big one model is."""
+
+    params: int
+    gflops_per_example: float
+    size_bytes: int | None  # its saved weights; None for a model evaluate builds in memory
+
+
+@dataclass(frozen=True)
+class Score:
+    """A model's task metric on the test split, with the task's other measures."""
+
+    value: float  # the headline metric the spec's evaluate.metric names
+    recall: dict[str, float] | None = None  # retrieval: tr_r1 ... ir_r10, r_mean
+    caption: dict[str, float] | None = None  # captioning: bleu_4, meteor, rouge_l, cider
+
+
+@dataclass(frozen=True)
+class TeacherResults:
+    """What teacher_eval writes: the task teacher, scored, sized and timed alone."""
+
+    schema_version: int = field(default=SCHEMA_VERSION, kw_only=True)
+    metric: str
+    score: Score
+    size: Size
+    params_by_part: dict[str, int]  # embeddings, vision, text, fusion, heads, total
+    prunable_params: dict[str, int]  # per encoder, and total
+    latency_ms: dict[str, float]  # batch_N -> median ms of one pass
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any, where: str, run: str = "the run") -> TeacherResults:
+        return _from_json(cls, data, where, rerun(run, "teacher_eval"))
+
+    @classmethod
+    def read(cls, path: Path, run: str = "the run") -> TeacherResults:
+        return cls.from_json(_read_json(path), str(path), run)
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The task teacher, as teacher_eval measured it."""
+
+    score: Score
+    size: Size
+
+
+@dataclass(frozen=True)
+class Dense:
+    """The student before pruning: what depth alone gives."""
+
+    value: float | None  # None when no dense stage trained it on the task: timed, not scored
+    retention: float | None
+    size: Size
+
+
+@dataclass(frozen=True)
+class Student:
+    """The pruned, fine-tuned student."""
+
+    score: Score
+    retention: float  # its value over the teacher's
+    size: Size
+    params_by_part: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Median ms of one pass at one batch size, every model interleaved in one process."""
+
+    teacher: float
+    dense_student: float
+    student: float
+    # The exported student files, and the teacher exported the same way, when exported.
+    onnx_fp32: float | None = None
+    onnx_int8: float | None = None
+    teacher_onnx_fp32: float | None = None
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """The student's speedup over the teacher at one batch size, split into depth (teacher /
+    dense student) and pruning (dense / pruned student), whose product is the total; each over
+    its FLOPs ratio, 1.0 when a model runs as fast as its arithmetic allows."""
+
+    total: float
+    depth: float
+    pruning: float
+    depth_over_flops_ratio: float
+    pruning_over_flops_ratio: float
+    over_flops_ratio: float
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Median ms to write a whole caption per image of a batch, teacher next to student."""
+
+    teacher_ms: float
+    student_ms: float
+    speedup: float
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """The share of the prunable parameters removed, overall and per encoder (None: the
+    encoder had no units to prune)."""
+
+    overall: float
+    vision: float | None
+    text: float | None
+    fusion: float | None
+
+
+@dataclass(frozen=True)
+class Exported:
+    """One exported student file in ONNX Runtime (the int8 row never stands in for fp32)."""
+
+    runtime: str
+    value: float
+    retention: float
+    retention_of_student: float
+    size_bytes: int
+    speedup: dict[str, float]  # batch_N -> over the teacher exported the same way
+    over_flops_ratio: dict[str, float]  # that speedup over the FLOPs ratio
+    speedup_over_pytorch_teacher: dict[str, float]
+
+
+@dataclass(frozen=True)
+class EvaluateResults:
+    """What evaluate writes: teacher, dense student and student side by side."""
+
+    schema_version: int = field(default=SCHEMA_VERSION, kw_only=True)
+    metric: str
+    teacher: Teacher
+    dense: Dense
+    student: Student
+    latency_ms: dict[str, Latency]  # batch_N -> per model
+    speedup: dict[str, Speedup]  # batch_N -> split
+    generation: dict[str, Generation] | None  # batch_N -> whole captions; captioning only
+    sparsity: Sparsity
+    warnings: tuple[str, ...]  # what the prune stage warned of
+    exported: dict[str, Exported]  # onnx_fp32, onnx_int8: the export stage's files, if any
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any, where: str, run: str = "the run") -> EvaluateResults:
+        return _from_json(cls, data, where, rerun(run, "evaluate"))
+
+    @classmethod
+    def read(cls, path: Path, run: str = "the run") -> EvaluateResults:
+        return cls.from_json(_read_json(path), str(path), run)
+
+
+def rerun(run: str, stage: str) -> str:
+    """The command that rewrites a stage's results in the current schema. A new evlm changes
+    the stage's code fingerprint, so DVC reruns the stage."""
+    return f"rerun `evlm run SPEC` for {run} (the {stage} stage reruns)"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise EvlmError(f"{path}: invalid JSON ({e})") from None
+
+
+Result = TypeVar("Result")
+
+
+def _from_json(cls: type[Result], data: Any, where: str, fix: str) -> Result:
+    """`data` as a `cls`; a file of another schema version, or a field missing or of the
+    wrong type, is one line naming `where`."""
+    found = data.get("schema_version") if isinstance(data, dict) else None
+    if found != SCHEMA_VERSION or isinstance(found, bool):
+        written = "no schema_version" if found is None else f"schema_version {found!r}"
+        raise EvlmError(f"{where}: results with {written}, expected {SCHEMA_VERSION} "
+                        f"(written by another evlm version): {fix}")
+    return _decode(cls, data, where, "")
+
+
+def _decode(kind: Any, value: Any, where: str, key: str) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _decode(inner, value, where, key)
+    if is_dataclass(kind):
+        if not isinstance(value, dict):
+            _wrong(where, key, "an object", value)
+        hints = typing.get_type_hints(kind)
+        known = {f.name for f in fields(kind)}
+        extra = sorted(set(value) - known)
+        if extra:
+            raise EvlmError(f"{where}: unknown field {_join(key, extra[0])} in the results")
+        out = {}
+        for f in fields(kind):
+            if f.name not in value:
+                if f.default is MISSING:
+                    raise EvlmError(f"{where}: field {_join(key, f.name)} is missing from the "
+                                    "results")
+                continue
+            out[f.name] = _decode(hints[f.name], value[f.name], where, _join(key, f.name))
+        return kind(**out)
+    if origin is dict:
+        if not isinstance(value, dict):
+            _wrong(where, key, "an object", value)
+        return {k: _decode(args[1], v, where, _join(key, k)) for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, list):
+            _wrong(where, key, "a list", value)
+        return tuple(_decode(args[0], v, where, f"{key}[{i}]") for i, v in enumerate(value))
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            _wrong(where, key, "a number", value)
+        return float(value)
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _wrong(where, key, "an integer", value)
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            _wrong(where, key, "a string", value)
+        return value
+    raise TypeError(f"the results contract has no reader for {kind!r}")
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _wrong(where: str, key: str, expected: str, value: Any) -> typing.NoReturn:
+    raise EvlmError(f"{where}: field {key or '(top level)'} should be {expected}, "
+                    f"found {json.dumps(value)[:60]}")
