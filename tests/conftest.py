@@ -29,3 +29,9 @@ def easy_vqa_tokenizer(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer")
     train_wordpiece(easy_vqa.get_train_questions()[0], 200, out)
     return out
+
+
+def pytest_collection_modifyitems(items):
+    """The pipeline module first: xdist hands modules to its workers in collection order, and
+    that one module takes most of the suite's time, so it must not start last."""
+    items.sort(key=lambda item: item.path.name != "test_pipeline.py")

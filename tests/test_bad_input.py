@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
@@ -17,8 +16,8 @@ from PIL import Image
 
 from evlm_cli.pipeline.entry import run_stage
 from evlm_cli.spec.load import load_spec
+from tests.helpers.project import TINY
 
-TINY = Path(__file__).resolve().parent / "specs" / "tiny_vqa.yaml"
 PREVIOUS = '{"previous": "output"}'
 PROGRESS = re.compile(r"\d+%\|")
 

@@ -11,10 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from evlm_cli.cli.main import main
+from tests.helpers.project import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SPEC = str(ROOT / "specs" / "vqa_50pct.yaml")
-TINY_SPEC = str(ROOT / "tests" / "specs" / "tiny_vqa.yaml")
+TINY_SPEC = str(TINY)
 TINY_ITR_SPEC = str(ROOT / "tests" / "specs" / "tiny_itr.yaml")
 TWO_PROBLEMS = "name: two_problems\ntask: vqa\nseed: -3\nprune:\n  target_sparsity: 1.5\n"
 
@@ -94,7 +95,7 @@ def test_run_of_a_bad_spec_writes_nothing_not_even_a_dvc_project(in_tmp_dir):
 
 
 def test_compile_writes_params_and_stages(in_tmp_dir):
-    shutil.copy(ROOT / "tests/specs/tiny_vqa.yaml", in_tmp_dir / "tiny.yaml")
+    shutil.copy(TINY, in_tmp_dir / "tiny.yaml")
     result = invoke("compile", "tiny.yaml")
     assert result.exit_code == 0, result.stderr
     assert (in_tmp_dir / "runs/tiny_vqa/params.yaml").is_file()
@@ -160,7 +161,7 @@ def test_a_folder_inside_a_dvc_project_is_refused(in_tmp_dir):
 def test_a_second_evlm_waits_for_the_first_and_says_so(in_tmp_dir):
     """While one evlm holds the project (here: this test), `evlm compile` waits with a message
     naming the holder and writes nothing; once it is released, the compile completes."""
-    shutil.copy(ROOT / "tests/specs/tiny_vqa.yaml", in_tmp_dir / "tiny.yaml")
+    shutil.copy(TINY, in_tmp_dir / "tiny.yaml")
     lock = in_tmp_dir / ".evlm" / "project.lock"
     lock.parent.mkdir()
     err_path = in_tmp_dir / "stderr.txt"

@@ -4,6 +4,7 @@ import json
 import shlex
 import subprocess
 
+import pytest
 import yaml
 
 from evlm_cli.pipeline.compile import compile_specs, plan
@@ -148,6 +149,7 @@ def test_export_is_a_stage_only_when_the_spec_asks_and_evaluate_then_reads_it():
 HOSTILE = "$(touch pwned) `touch pwned2`; touch pwned3 'q\" *"
 
 
+@pytest.mark.e2e
 def test_hostile_paths_never_reach_a_shell(tmp_path):
     """Spec paths with shell syntax, in a project folder named with it: every stage command,
     run by /bin/sh as DVC runs it, passes exactly its arguments and executes nothing else."""

@@ -5,8 +5,10 @@ from dataclasses import replace
 import pytest
 
 from evlm_cli.core.results import Dense, Exported, Speedup
+from evlm_cli.report.diff import diff_rows
 from evlm_cli.report.runs import result_rows
-from evlm_cli.report.tables import allocation_lines, diff_rows, render, summary_table
+from evlm_cli.report.show import allocation_lines
+from evlm_cli.report.summary import render, summary_table
 from tests.helpers.runs import fake_run, with_params
 
 PRUNED_90 = {"task": "vqa", "prune": {"mode": "modal-adaptive", "target_sparsity": 0.9}}

@@ -70,3 +70,17 @@ def test_outside_a_git_repository_the_error_says_so(in_tmp_dir):
     result = CliRunner().invoke(main, ["diff", "a@HEAD", "a"])
     assert result.exit_code == 2
     assert "a@HEAD:" in result.output and "git" in result.output.lower()
+
+
+def test_a_run_committed_in_an_older_results_version_is_refused_in_one_line(committed_run):
+    metrics = Path("runs/a/evaluate/metrics.json")
+    data = json.loads(metrics.read_text())
+    data["schema_version"] = 0
+    metrics.write_text(json.dumps(data))
+    git("commit", "-q", "-am", "an older evlm's results")
+    result = CliRunner().invoke(main, ["diff", "a@HEAD", "a"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "a@HEAD: runs/a/evaluate/metrics.json at HEAD: results with schema_version 0, "
+        "expected 1 (written by another evlm version): compare a run evaluated since, or read "
+        "HEAD with the evlm that wrote it"]

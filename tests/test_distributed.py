@@ -26,11 +26,11 @@ from safetensors.torch import load_file
 from evlm_cli.pipeline.entry import run_stage
 from evlm_cli.spec.load import load_spec
 from tests.helpers import hooked_stage
-from tests.helpers.project_dir import prepared_project
+from tests.helpers.prepared_project import prepared_project
+from tests.helpers.project import TINY
 
 pytestmark = pytest.mark.e2e
 
-TINY = Path(__file__).resolve().parent / "specs" / "tiny_vqa.yaml"
 STEPS, EVERY, BATCH = 4, 2, 16
 # Float sums run in another order when a batch is split in two (and the two halves' text is
 # trimmed to different lengths): the gradients agree to rounding, not bit for bit.

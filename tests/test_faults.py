@@ -19,11 +19,11 @@ from safetensors.torch import load_file
 from evlm_cli.pipeline.entry import run_stage
 from evlm_cli.spec.load import load_spec
 from tests.helpers import hooked_stage
-from tests.helpers.project_dir import prepared_project
+from tests.helpers.prepared_project import prepared_project
+from tests.helpers.project import TINY
 
 pytestmark = pytest.mark.e2e
 
-TINY = Path(__file__).resolve().parent / "specs" / "tiny_vqa.yaml"
 STEPS, EVERY, KILL_AT = 8, 4, 4
 # Columns of log.csv that measure the machine, not the training.
 TIMING = {"examples_per_s", "data_wait"}

@@ -160,7 +160,7 @@ def test_the_circle_finder_finds_a_planted_circle():
     # the base reaching up into the training layer (io once asked distributed who writes)
     ("evlm_cli.core.io", "from evlm_cli.training.distributed import is_main"),
     # the torch-free side reaching into torch code, even inside a function
-    ("evlm_cli.report.tables", "def f():\n    from evlm_cli.models.config import ENCODERS"),
+    ("evlm_cli.report.diff", "def f():\n    from evlm_cli.models.config import ENCODERS"),
     ("evlm_cli.spec.rules", "from evlm_cli.data.prepare import prepare"),
     # sideways between the top folders, and the training loop reaching into a library
     ("evlm_cli.spec.load", "from evlm_cli.report.runs import load_runs"),
@@ -177,7 +177,7 @@ def loaded_after(statement: str) -> set[str]:
 
 
 TORCH_FREE = ["evlm_cli.cli.main", "evlm_cli.spec.load", "evlm_cli.pipeline.compile",
-              "evlm_cli.pipeline.registry", "evlm_cli.report.tables", "evlm_cli.core.config",
+              "evlm_cli.pipeline.registry", "evlm_cli.report.diff", "evlm_cli.report.summary", "evlm_cli.core.config",
               "evlm_cli.core.results"]
 
 

@@ -9,9 +9,10 @@ from click.testing import CliRunner
 
 from evlm_cli.cli.main import main
 from evlm_cli.pipeline.compile import compile_specs, plan
+from evlm_cli.report.diff import diff_rows
 from evlm_cli.report.runs import SeedGroup, load_runs
 from evlm_cli.report.seeds import mean_std
-from evlm_cli.report.tables import diff_rows, group_table
+from evlm_cli.report.summary import group_table
 from evlm_cli.spec.load import seed_runs
 from tests.helpers.project import stages_of, tiny
 from tests.helpers.runs import SEED_VALUES, three_seeds  # noqa: F401  (a fixture)

@@ -58,10 +58,22 @@ def test_stages_folder_is_the_index_one_file_per_kind():
 
 
 @pytest.mark.e2e
-def test_a_stage_file_runs_like_the_entry_point():
-    out = subprocess.run([sys.executable, str(ROOT / "stages/prune.py"), "--help"],
-                         capture_output=True, text=True, check=True).stdout
-    assert "evlm stage prune" in out and "--student" in out and "--masks" in out
+def test_a_stage_file_runs_like_the_entry_point(tmp_path):
+    def both(*args):
+        return [subprocess.run(command + list(args), capture_output=True, text=True)
+                for command in ([sys.executable, str(ROOT / "stages/prune.py")],
+                                [sys.executable, "-m", "evlm_cli", "stage", "prune"])]
+
+    by_file, by_entry = both("--help")
+    assert by_file.returncode == by_entry.returncode == 0
+    assert by_file.stdout == by_entry.stdout
+    assert "--student" in by_file.stdout and "--masks" in by_file.stdout
+    params = tmp_path / "params.yaml"
+    params.write_text("prune: {colour: red}\n")
+    paths = [x for a in KINDS["prune"].arguments for x in (f"--{a}", str(tmp_path / a))]
+    by_file, by_entry = both("--params", str(params), *paths)
+    assert by_file.returncode == by_entry.returncode == 2
+    assert by_file.stderr == by_entry.stderr != ""
 
 
 @pytest.mark.e2e

@@ -19,6 +19,7 @@ from evlm_cli.pipeline.runner import (
     repro,
     stage_status,
 )
+from evlm_cli.report.diff import diff_json, diff_rows
 from evlm_cli.report.runs import (
     SeedGroup,
     load_group,
@@ -26,7 +27,8 @@ from evlm_cli.report.runs import (
     load_runs,
     read_params,
 )
-from evlm_cli.report.tables import diff_json, diff_rows, render, run_summary, show_text
+from evlm_cli.report.show import show_text
+from evlm_cli.report.summary import render, run_summary
 from evlm_cli.spec.load import load_spec, seed_runs
 from evlm_cli.spec.schema import load_schema
 

@@ -11,14 +11,35 @@ from __future__ import annotations
 import json
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from evlm_cli.core.errors import EvlmError
 
+Result = TypeVar("Result")
+
 # Raise it with any change a reader would notice: a field added, renamed, retyped or moved.
 SCHEMA_VERSION = 1
+
+
+class Versioned:
+    """A results file's reading and writing: every field written, the version checked first."""
+
+    STAGE: ClassVar[str]  # the stage that writes the file, named in the rerun advice
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls: type[Result], data: Any, where: str, run: str = "the run",
+                  fix: str | None = None) -> Result:
+        """`fix`, when given, replaces the rerun advice (a run read at a git revision)."""
+        return _from_json(cls, data, where, fix or rerun(run, cls.STAGE))
+
+    @classmethod
+    def read(cls: type[Result], path: Path, run: str = "the run") -> Result:
+        return cls.from_json(_read_json(path), str(path), run)
 
 
 @dataclass(frozen=True)
@@ -40,7 +61,7 @@ class Score:
 
 
 @dataclass(frozen=True)
-class TeacherResults:
+class TeacherResults(Versioned):
     """What teacher_eval writes: the task teacher, scored, sized and timed alone."""
 
     schema_version: int = field(default=SCHEMA_VERSION, kw_only=True)
@@ -51,16 +72,7 @@ class TeacherResults:
     prunable_params: dict[str, int]  # per encoder, and total
     latency_ms: dict[str, float]  # batch_N -> median ms of one pass
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Any, where: str, run: str = "the run") -> TeacherResults:
-        return _from_json(cls, data, where, rerun(run, "teacher_eval"))
-
-    @classmethod
-    def read(cls, path: Path, run: str = "the run") -> TeacherResults:
-        return cls.from_json(_read_json(path), str(path), run)
+    STAGE: ClassVar[str] = "teacher_eval"
 
 
 @dataclass(frozen=True)
@@ -152,7 +164,7 @@ class Exported:
 
 
 @dataclass(frozen=True)
-class EvaluateResults:
+class EvaluateResults(Versioned):
     """What evaluate writes: teacher, dense student and student side by side."""
 
     schema_version: int = field(default=SCHEMA_VERSION, kw_only=True)
@@ -167,16 +179,7 @@ class EvaluateResults:
     warnings: tuple[str, ...]  # what the prune stage warned of
     exported: dict[str, Exported]  # onnx_fp32, onnx_int8: the export stage's files, if any
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Any, where: str, run: str = "the run") -> EvaluateResults:
-        return _from_json(cls, data, where, rerun(run, "evaluate"))
-
-    @classmethod
-    def read(cls, path: Path, run: str = "the run") -> EvaluateResults:
-        return cls.from_json(_read_json(path), str(path), run)
+    STAGE: ClassVar[str] = "evaluate"
 
 
 def rerun(run: str, stage: str) -> str:
@@ -191,8 +194,6 @@ def _read_json(path: Path) -> Any:
     except json.JSONDecodeError as e:
         raise EvlmError(f"{path}: invalid JSON ({e})") from None
 
-
-Result = TypeVar("Result")
 
 
 def _from_json(cls: type[Result], data: Any, where: str, fix: str) -> Result:
@@ -223,11 +224,9 @@ def _decode(kind: Any, value: Any, where: str, key: str) -> Any:
             raise EvlmError(f"{where}: unknown field {_join(key, extra[0])} in the results")
         out = {}
         for f in fields(kind):
-            if f.name not in value:
-                if f.default is MISSING:
-                    raise EvlmError(f"{where}: field {_join(key, f.name)} is missing from the "
-                                    "results")
-                continue
+            if f.name not in value:  # the writer writes every field, null where absent
+                raise EvlmError(f"{where}: field {_join(key, f.name)} is missing from the "
+                                "results")
             out[f.name] = _decode(hints[f.name], value[f.name], where, _join(key, f.name))
         return kind(**out)
     if origin is dict:

@@ -46,7 +46,7 @@ def apply_op(name: str, image: torch.Tensor, level: float, sign: float) -> torch
     A module function, not a table of closures, so that an `Augmenter` pickles into worker
     processes started by spawn (macOS, Windows) as well as by fork.
     """
-    from torchvision.transforms.v2 import functional as F  # ~1 s to import: only when used
+    from torchvision.transforms.v2 import functional as F  # slow to import: only when used
 
     if name == "identity":
         return image

@@ -26,7 +26,7 @@ from evlm_cli.data.images import FileImages, TensorImages, open_store
 from evlm_cli.data.prepared_files import load_tensors, read_json
 from evlm_cli.data.tokenizer import load_tokenizer
 
-if TYPE_CHECKING:  # transformers costs ~2 s to import: only functions that build a
+if TYPE_CHECKING:  # transformers is slow to import: only functions that build a
     from transformers import BertTokenizerFast  # tokenizer import it
 
 Batch = dict[str, torch.Tensor]
@@ -68,9 +68,11 @@ class PreparedData:
         self.directory = Path(prepared_dir)
         self.workers = workers  # data worker processes for every split's batches
         self.meta = read_json(self.directory / "meta.json")
-        if not isinstance(self.meta, dict) or not isinstance(self.meta.get("splits"), dict):
+        if (not isinstance(self.meta, dict) or not isinstance(self.meta.get("splits"), dict)
+                or self.meta.get("storage") not in ("memory", "files")):
             raise DataError(f"{self.directory / 'meta.json'}: not the meta of a prepared folder "
-                            "(expected an object with its splits); prepare again")
+                            "(expected an object with its splits and its image storage); "
+                            "prepare again")
         self.answers: list[str] = read_json(self.directory / "answers.json")
         if not isinstance(self.answers, list) or not all(isinstance(a, str) for a in self.answers):
             raise DataError(f"{self.directory / 'answers.json'}: expected a list of answers "
@@ -82,8 +84,8 @@ class PreparedData:
 
     @property
     def storage(self) -> str:
-        """memory or files (folders prepared before there was a choice hold memory)."""
-        return self.meta.get("storage", "memory")
+        """memory or files: where the prepared images are kept."""
+        return self.meta["storage"]
 
     @property
     def images(self) -> TensorImages | FileImages:

@@ -1,7 +1,7 @@
 """A VQA benchmark on 2x2 mosaics of easy-VQA images, on which compression costs accuracy.
 
-easy-VQA saturates: its teacher and a student with 90% of its prunable weights removed both
-score 99.7%, so it cannot tell a good pruning from a bad one. A mosaic places four easy-VQA
+easy-VQA saturates: its teacher and a student with 90% of its prunable weights removed score
+the same (docs/results/sweep.md), so it cannot tell a good pruning from a bad one. A mosaic places four easy-VQA
 images (four tiles) in a 2x2 grid, and its questions need the whole image and some reasoning:
 
     what color is the shape in the {tile}?              a colour   (where, then what)

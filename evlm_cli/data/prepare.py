@@ -68,7 +68,7 @@ from evlm_cli.data.xvlm_json import (
 )
 from evlm_cli.tasks.vqa import answer_scores
 
-if TYPE_CHECKING:  # transformers costs ~2 s to import: only functions that build a
+if TYPE_CHECKING:  # transformers is slow to import: only functions that build a
     from transformers import BertTokenizerFast  # tokenizer import it
 
 SPLITS = ("train", "val", "test")

@@ -14,7 +14,7 @@ from tokenizers.trainers import WordPieceTrainer
 
 from evlm_cli.core.errors import DataError
 
-if TYPE_CHECKING:  # transformers costs ~2 s to import: only functions that build a
+if TYPE_CHECKING:  # transformers is slow to import: only functions that build a
     from transformers import BertTokenizerFast  # tokenizer import it
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"

@@ -18,6 +18,7 @@ import yaml
 
 from evlm_cli.core.config import ConfigError, params_from_dict
 from evlm_cli.core.errors import EvlmError
+from evlm_cli.core.ranks import is_main
 from evlm_cli.pipeline.registry import KINDS
 from evlm_cli.training import distributed
 
@@ -63,7 +64,7 @@ def run_stage(kind_name: str, argv: list[str]) -> int:
         print(f"stage {kind.name}: interrupted; rerun to resume from the last checkpoint",
               file=sys.stderr)
         return 130
-    if not distributed.is_main():
+    if not is_main():
         return 0
     brief = {k: v for k, v in (summary or {}).items() if isinstance(v, int | float | str)}
     print(f"stage {kind.name} done in {time.perf_counter() - start:.0f}s {json.dumps(brief)}")

@@ -150,8 +150,7 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
     teacher_model = load_model(teacher).eval()
     # The student before pruning: what depth alone gives. Trained on the task by the dense
     # stage, it is scored too; without that stage its head is untrained: timed, not scored.
-    measured_teacher = TeacherResults.read(Path(teacher_metrics),
-                                           f"run {params.name}" if params.name else "the run")
+    measured_teacher = TeacherResults.read(Path(teacher_metrics))
     scores = test_report(student_model, data, task, ev, device)
     value = scores["value"]
     student_model.cpu()

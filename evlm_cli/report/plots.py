@@ -16,7 +16,7 @@ from evlm_cli.core.config import ENCODERS
 from evlm_cli.core.io import atomic_path
 from evlm_cli.report.runs import Loaded, Run, members_of
 from evlm_cli.report.seeds import mean_std
-from evlm_cli.report.tables import UNIT_LABELS
+from evlm_cli.report.show import UNIT_LABELS
 
 # Curves drawn per stage from log.csv, when the log has them, each in its own panel.
 CURVES = (("loss", "training loss"), ("expected_sparsity/overall", "expected sparsity (prune)"))

@@ -157,7 +157,9 @@ def load_run_at(ref: str, root: Path = Path("."), require_metrics: bool = True) 
         raise EvlmError(f"{ref}: {metrics_path} is not committed at revision {rev} "
                         f"({commit[:10]}): the run had not finished there")
     return Run(ref, yaml.safe_load(params_text),
-               _results(metrics_text, f"{ref}: {metrics_path} at {rev}", name),
+               _results(metrics_text, f"{ref}: {metrics_path} at {rev}", name,
+                        f"compare a run evaluated since, or read {rev} with the evlm "
+                        "that wrote it"),
                _json(committed(folder / MASKS), f"{ref}: {folder / MASKS} at {rev}"))
 
 
@@ -199,9 +201,10 @@ def result_rows(r: EvaluateResults) -> list[tuple[str, float | None]]:
     return rows
 
 
-def _results(text: str | None, where: str, name: str) -> EvaluateResults | None:
+def _results(text: str | None, where: str, name: str,
+             fix: str | None = None) -> EvaluateResults | None:
     data = _json(text, where)
-    return None if data is None else EvaluateResults.from_json(data, where, f"run {name}")
+    return None if data is None else EvaluateResults.from_json(data, where, f"run {name}", fix)
 
 
 def _file_text(path: Path) -> str | None:

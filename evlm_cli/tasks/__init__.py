@@ -20,7 +20,6 @@ class Task:
 
     name: str
     heads: tuple[str, ...]  # the model heads the task trains and reads
-    metric_name: str  # the catalogue's headline metric (evlm_cli.core.catalogue)
     # Classification tasks: the loss of the logits against the targets, and the per-example
     # metric values, so evaluation can sum across batches and processes.
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -37,22 +36,26 @@ class Task:
     generative: bool = False
 
     @property
+    def metric_name(self) -> str:
+        """The headline metric, as the catalogue names it (evlm_cli.core.catalogue)."""
+        return CATALOGUE[self.name].headline
+
+    @property
     def contrastive(self) -> bool:
         return bool(self.terms)
 
 
 TASKS: dict[str, Task] = {
-    "vqa": Task(name="vqa", heads=("vqa",), metric_name=CATALOGUE["vqa"].headline,
-                loss=vqa.vqa_loss, example_scores=vqa.vqa_example_scores),
-    "nlvr2": Task(name="nlvr2", heads=("nlvr2",), metric_name=CATALOGUE["nlvr2"].headline,
-                  loss=nlvr2.nlvr2_loss, example_scores=nlvr2.nlvr2_example_scores),
+    "vqa": Task(name="vqa", heads=("vqa",), loss=vqa.vqa_loss,
+                example_scores=vqa.vqa_example_scores),
+    "nlvr2": Task(name="nlvr2", heads=("nlvr2",), loss=nlvr2.nlvr2_loss,
+                  example_scores=nlvr2.nlvr2_example_scores),
     # The decoder's LM head is the pre-trained MLM head, as in X-VLM's captioning model.
     "captioning": Task(name="captioning", heads=("mlm",),
-                       metric_name=CATALOGUE["captioning"].headline, loss=caption.lm_loss,
+                       loss=caption.lm_loss,
                        targets=lambda b: caption.lm_labels(b["input_ids"], b["attention_mask"]),
                        kd_rows=lambda logits, labels: logits[labels != caption.IGNORE],
                        generative=True),
     # Fine-tuned with ITC and ITM as X-VLM does; evaluation ranks by ITC, re-ranks by ITM.
-    "retrieval": Task(name="retrieval", heads=("itc", "itm"),
-                      metric_name=CATALOGUE["retrieval"].headline, terms={"itc": 1.0, "itm": 1.0}),
+    "retrieval": Task(name="retrieval", heads=("itc", "itm"), terms={"itc": 1.0, "itm": 1.0}),
 }

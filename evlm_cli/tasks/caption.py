@@ -18,7 +18,6 @@ from torch import Tensor
 from evlm_cli.core.errors import DataError
 
 IGNORE = -100  # F.cross_entropy's default ignore_index
-HEADLINE = "cider"  # the headline value among caption_metrics' keys
 BLEU_ORDERS = 4
 
 

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-METRIC_NAME = "recall_at_k"
 METRIC = "r_mean"  # the headline value among retrieval_metrics' keys
 RECALL_AT = (1, 5, 10)
 # Score of a pair outside a query's top-k: below every rescored pair, tied with the rest.

@@ -23,9 +23,9 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from evlm_cli.core.ranks import is_main, world  # noqa: F401  (the training layer's own names)
+from evlm_cli.core.ranks import world
 
-if TYPE_CHECKING:  # torch is imported where it is used: `is_main` serves the torch-free CLI
+if TYPE_CHECKING:  # torch is imported where it is used
     import torch
     from torch import nn
 

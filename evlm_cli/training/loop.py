@@ -31,6 +31,7 @@ from evlm_cli.core.config import OptimConfig
 from evlm_cli.core.errors import TrainingError
 from evlm_cli.core.io import atomic_path
 from evlm_cli.core.layout import WORK_ROOT
+from evlm_cli.core.ranks import is_main, world
 from evlm_cli.training import distributed
 
 CHECKPOINT = "resume.pt"
@@ -172,7 +173,7 @@ def make_run(stage: str, split, optim_cfg: OptimConfig, seed: int, *,
     `augment` (`evlm_cli.data.augment.Augmenter`, built for the data by the stage) augments
     every training batch.
     """
-    rank, size = distributed.world()
+    rank, size = world()
     if optim_cfg.batch_size % size:
         raise TrainingError(f"{stage}: batch_size {optim_cfg.batch_size} does not split evenly "
                             f"over {size} processes")
@@ -261,7 +262,7 @@ def fit(run: Run, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
         tqdm.write(f"{run.desc}: resuming from step {step} of {total} ({ckpt_path})")
     # The log grows in the work folder (DVC deletes declared outputs before a rerun, which
     # would lose the steps before a resume) and is copied out whole at the end.
-    main_rank = distributed.is_main()
+    main_rank = is_main()
     log = _Log(run.work_dir / "log.csv" if run.log_path and main_rank else None, step)
     for m in run.modules.values():
         m.train()
@@ -302,7 +303,7 @@ def fit(run: Run, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
                 schedule.step()
                 step += 1
                 dt = time.perf_counter() - t0
-                n = next(iter(batch.values())).shape[0] * distributed.world()[1]
+                n = next(iter(batch.values())).shape[0] * world()[1]
                 # data_wait: the share of the step spent waiting for its batch (0 = fed)
                 last = {"step": step, "epoch": round(step / steps_per_epoch, 4),
                         **distributed.mean_over_ranks({"loss": loss.item(), **logs}),
@@ -351,7 +352,7 @@ def empty_log(path: Path) -> None:
 def finish(run: Run) -> None:
     """Drop the resume checkpoint once the final outputs are safely written."""
     distributed.barrier()  # every rank is past its last read of the checkpoint
-    if distributed.is_main():
+    if is_main():
         (run.work_dir / CHECKPOINT).unlink(missing_ok=True)
 
 

@@ -110,6 +110,7 @@ def test_a_missing_or_mistyped_field_is_one_line_naming_it(edit, message):
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.e2e
 def test_the_contract_loads_no_torch():
     import subprocess
     import sys

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from evlm_cli.core.io import atomic_path
+from evlm_cli.core.ranks import is_main
 from evlm_cli.training.loop import Callback, Run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,9 +46,8 @@ class DumpFirstGradients(Callback):
     def after_backward(self, step: int, run: Run) -> None:
         from safetensors.torch import save_file
 
-        from evlm_cli.training import distributed
 
-        if step != 0 or not distributed.is_main():
+        if step != 0 or not is_main():
             return
         grads = {f"{name}.{key}": p.grad.detach().float().cpu().contiguous()
                  for name, module in run.modules.items()

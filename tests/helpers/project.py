@@ -8,7 +8,8 @@ import yaml
 
 from evlm_cli.spec.load import load_spec
 
-TINY = "tests/specs/tiny_vqa.yaml"
+# The tiny VQA spec every test that runs stages starts from.
+TINY = Path(__file__).resolve().parents[1] / "specs" / "tiny_vqa.yaml"
 
 
 def tiny(name: str = "tiny_vqa", **changes) -> dict:

@@ -7,7 +7,7 @@ import torch
 
 from evlm_cli.core.config import OptimConfig
 from evlm_cli.core.errors import CheckpointError
-from evlm_cli.models.checkpoint import save_model
+from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.config import make_config
 from evlm_cli.models.vlm import VLM
 from evlm_cli.recipe.teacher import param_groups, task_teacher
@@ -32,8 +32,13 @@ def imported(task, checkpoint, answers=2, max_text_len=16, image_size=16):
 
 
 def test_a_fitting_task_teacher_is_used_as_it_is(tmp_path):
-    model, train = imported("nlvr2", saved(tmp_path, ["nlvr2"], num_answers=2))
+    path = saved(tmp_path, ["nlvr2"], num_answers=2)
+    model, train = imported("nlvr2", path)
     assert not train and "nlvr2" in model.heads
+    on_disk = load_model(path).state_dict()
+    assert model.state_dict().keys() == on_disk.keys()
+    for name, tensor in on_disk.items():
+        assert torch.equal(model.state_dict()[name], tensor), name
 
 
 @pytest.mark.parametrize("task, heads, answers, positions, expected", [

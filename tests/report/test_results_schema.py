@@ -41,6 +41,7 @@ def test_diff_refuses_an_older_run_in_one_line_and_exits_2(old_run, fmt):
     assert result.stderr.splitlines() == [EXPECTED]
 
 
+@pytest.mark.e2e
 def test_diff_refuses_it_as_a_command_would_in_a_terminal(old_run):
     out = subprocess.run([sys.executable, "-m", "evlm_cli", "diff", "new", "old"],
                          capture_output=True, text=True)

@@ -95,6 +95,7 @@ def test_validate_exits_2_naming_the_base_file_and_line(tmp_path, monkeypatch):
         "base.yaml:4: prune.target_sparsity: 1.2 is greater than the maximum 0.95"]
 
 
+@pytest.mark.e2e
 def test_a_cycle_exits_2_through_the_real_command(tmp_path):
     write(tmp_path, "a.yaml", "extends: b.yaml\nname: a\ntask: vqa\n")
     write(tmp_path, "b.yaml", "name: b\nextends: a.yaml\n")
