@@ -32,6 +32,7 @@ def easy_vqa_tokenizer(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(items):
-    """The pipeline module first: xdist hands modules to its workers in collection order, and
-    that one module takes most of the suite's time, so it must not start last."""
-    items.sort(key=lambda item: item.path.name != "test_pipeline.py")
+    """The pipeline modules first: xdist hands modules to its workers in collection order, and
+    those two take most of the suite's time, so they must not start last."""
+    first = ("test_pipeline.py", "test_pipeline_one_spec.py")
+    items.sort(key=lambda item: first.index(item.path.name) if item.path.name in first else 2)

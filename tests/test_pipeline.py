@@ -1,10 +1,9 @@
-"""End to end: `evlm run` on a tiny spec in a folder outside the repository that holds only the spec."""
+"""End to end: `evlm run` of the four tiny specs (one per task) in a folder outside the repository
+that holds only the specs: sharing, reruns, results, DVC's own views, `evlm diff`."""
 
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,28 +11,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from evlm_cli.core.results import EvaluateResults
 from evlm_cli.spec.load import load_schema
+from tests.helpers.pipeline import EVLM, REPO, edit_spec, ran, results_of, sh
 
-REPO = Path(__file__).resolve().parents[1]
-EVLM = [sys.executable, "-m", "evlm_cli"]
 # One tiny spec per task; they agree on the task-agnostic sections.
 TINY_SPECS = ("tiny_vqa", "tiny_itr", "tiny_nlvr2", "tiny_caption")
-
-
-def sh(cmd, cwd, check=True, env_extra=None, **kw):
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", **(env_extra or {}))
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
-    if check and res.returncode:
-        raise AssertionError(f"{cmd} exited {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return res
-
-
-def ran(output: str) -> set[str]:
-    """The kinds of stage that ran ('prune', 'teacher', ...), from DVC's output."""
-    names = re.findall(r"Running stage '([^']+)'", output)
-    return {n.split("-")[1] if n.startswith("shared-") else n.rsplit("-", 1)[1] for n in names}
 
 
 @pytest.fixture(scope="module")
@@ -47,25 +29,6 @@ def finished(tmp_path_factory):
         shutil.copy(REPO / f"tests/specs/{name}.yaml", folder / f"specs/{name}.yaml")
     first = sh([*EVLM, "run", *(f"specs/{name}.yaml" for name in TINY_SPECS)], folder)
     return folder, first.stdout
-
-
-def edit_spec(path: Path, name: str | None = None, **changes) -> Path:
-    spec = yaml.safe_load(path.read_text())
-    for dotted, value in changes.items():
-        node = spec
-        *keys, last = dotted.split(".")
-        for k in keys:
-            node = node.setdefault(k, {})
-        node[last] = value
-    if name:
-        spec["name"] = name
-        path = path.with_name(f"{name}.yaml")
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def results_of(project: Path, name: str) -> EvaluateResults:
-    return EvaluateResults.read(project / f"runs/{name}/evaluate/metrics.json")
 
 
 def accuracy_by_hand(project: Path, name: str, kind: str = "finetune") -> float:
@@ -211,91 +174,3 @@ def test_run_rerun_partial_reruns_and_sharing(finished):
     with Image.open(project / "diff.png") as image:
         image.load()
         assert image.format == "PNG" and min(image.size) >= 300
-
-    # seeds: the shared stages are reused, each seed prunes, fine-tunes and evaluates
-    seeded = edit_spec(spec, name="tiny_seeds", export=None)  # no export: a faster test
-    out = sh([*EVLM, "run", str(seeded), "--seeds", "1,2"], project).stdout
-    assert sorted(re.findall(r"Running stage '(tiny_seeds-s\d)-prune'", out)) == [
-        "tiny_seeds-s1", "tiny_seeds-s2"]
-    assert not re.findall(r"Running stage 'shared-", out)
-    assert "tiny_seeds: 2 seeds (1, 2)" in out and "distilled student are shared" in out
-    diff = sh([*EVLM, "diff", "tiny_seeds", "--format", "json"], project).stdout
-    assert json.loads(diff)["tiny_seeds"]["seeds"] == ["tiny_seeds-s1", "tiny_seeds-s2"]
-
-    shown = sh([*EVLM, "show", "tiny_vqa", "--plot", "show.png"], project).stdout
-    assert "wrote show.png" in shown
-    with Image.open(project / "show.png") as image:
-        image.load()
-        assert min(image.size) >= 300
-    assert re.search(r"tiny_vqa-prune\s+up to date", shown) and "modal-adaptive to 50%" in shown
-    # the longest stage name still stands apart from its status
-    assert re.search(r"shared-teacher_pretrain-[0-9a-f]{8}\s+up to date", shown)
-    assert "retention" in shown
-    assert "allocation:" in shown and re.search(r"vision\s+heads\s+\S+\s+\d+/2", shown)
-
-    # A team shares runs/ through a DVC remote: push here, pull into a second checkout (what
-    # git would carry: everything but DVC's cached outputs); there nothing retrains.
-    dvc = [sys.executable, "-m", "dvc"]
-    sh([*dvc, "remote", "add", "-d", "team", str(project.parent / "remote")], project)
-    sh([*dvc, "push"], project)
-    second = project.parent / "second"
-    copy_checkout(project, second)
-    assert not (second / "runs/tiny_vqa/finetune/model").exists()
-    sh([*dvc, "pull"], second)
-    assert (second / "runs/tiny_vqa/finetune/model/model.safetensors").is_file()
-    assert ran(sh([*EVLM, "run", "specs/tiny_vqa.yaml"], second).stdout) == set()
-    shared = sh([*EVLM, "diff", "tiny_vqa", "tiny_sweep", "--format", "json"], second).stdout
-    assert json.loads(shared)["tiny_sweep"]["metrics"] == json.loads(
-        (project / "runs/tiny_sweep/evaluate/metrics.json").read_text())
-
-
-def copy_checkout(project: Path, target: Path) -> None:
-    """Copy what a git clone of `project` would hold: not DVC's cache, its cached outputs
-    (dvc.yaml's `outs`; metrics and plots are not cached) or evlm's resume folders."""
-    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
-    cached = {project / out for stage in stages.values() for out in stage.get("outs", [])}
-    skipped = cached | {project / ".dvc/cache", project / ".dvc/tmp", project / ".evlm/work"}
-
-    def ignore(folder, names):
-        return [n for n in names if Path(folder) / n in skipped]
-
-    shutil.copytree(project, target, ignore=ignore)
-
-
-def changed_stages(project: Path, package: Path) -> set[str]:
-    """The kinds `dvc status` lists after compiling with the evlm package at `package`."""
-    sh([*EVLM, "compile", "specs/tiny_vqa.yaml"], project, env_extra={"PYTHONPATH": str(package)})
-    status = json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], project).stdout)
-    return ran("".join(f"Running stage '{name}'" for name in status))
-
-
-@pytest.mark.e2e
-def test_code_dependencies_are_exact(finished, tmp_path):
-    """Editing a module reruns the stages whose run functions reach it through imports."""
-    project, _ = finished
-    # the finished run's student exported by hand (a folder outside the run's outputs)
-    out = sh([*EVLM, "export", "tiny_vqa", "--out", "shipped", "--no-int8"], project).stdout
-    assert re.search(r"wrote shipped/model\.onnx \(fp32, [\d.]+ MB\)", out)
-    assert float(re.search(r"max abs difference ([\d.e+-]+)", out).group(1)) < 1e-4
-    assert sorted(p.name for p in (project / "shipped").iterdir()) == ["export.json", "model.onnx"]
-    res = sh([*EVLM, "export", "no_such_run", "--out", "x"], project, check=False)
-    assert res.returncode == 2 and "no such run" in res.stderr and not (project / "x").exists()
-
-    copy = tmp_path / "package"  # a throwaway copy of evlm, imported instead of the installed one
-    shutil.copytree(REPO / "evlm_cli", copy / "evlm_cli", ignore=shutil.ignore_patterns("__pycache__"))
-    assert changed_stages(project, copy) == set()
-
-    with open(copy / "evlm_cli/compress/l0.py", "a") as f:  # only pruning imports the L0 gates
-        f.write("\n# an edit\n")
-    # DVC lists prune alone: finetune and evaluate follow once prune's outputs change
-    assert changed_stages(project, copy) == {"prune"}
-
-    with open(copy / "evlm_cli/core/errors.py", "a") as f:  # every stage imports the errors
-        f.write("\n# an edit\n")
-    assert changed_stages(project, copy) == {"prepare_pairs", "teacher_pretrain", "distill",
-                                              "prepare", "teacher", "teacher_eval", "dense",
-                                              "prune", "finetune", "export", "evaluate"}
-    shown = sh([*EVLM, "show", "tiny_vqa"], project, env_extra={"PYTHONPATH": str(copy)}).stdout
-    assert re.search(r"tiny_vqa-prune\s+would rerun: changed deps: \.evlm/code/prune\.json", shown)
-    assert changed_stages(project, REPO) == set()  # the installed code again: all up to date
-

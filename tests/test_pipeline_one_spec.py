@@ -1,0 +1,102 @@
+"""End to end, on one spec's finished run: code dependencies, seeds, `evlm show`, and a team
+sharing runs through a DVC remote. Its own module (and project) so that it runs beside the
+four-task pipeline test rather than after it."""
+
+import json
+import re
+import shutil
+import sys
+
+import pytest
+from PIL import Image
+
+from tests.helpers.pipeline import EVLM, REPO, changed_stages, copy_checkout, edit_spec, ran, sh
+
+
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory):
+    """A user's folder that held only the tiny VQA spec, after one `evlm run` of it."""
+    folder = tmp_path_factory.mktemp("one_spec") / "work"
+    (folder / "specs").mkdir(parents=True)
+    shutil.copy(REPO / "tests/specs/tiny_vqa.yaml", folder / "specs/tiny_vqa.yaml")
+    sh([*EVLM, "run", "specs/tiny_vqa.yaml"], folder)
+    return folder
+
+
+@pytest.mark.e2e
+def test_code_dependencies_are_exact(one_run, tmp_path):
+    """Editing a module reruns the stages whose run functions reach it through imports."""
+    project = one_run
+    # the finished run's student exported by hand (a folder outside the run's outputs)
+    out = sh([*EVLM, "export", "tiny_vqa", "--out", "shipped", "--no-int8"], project).stdout
+    assert re.search(r"wrote shipped/model\.onnx \(fp32, [\d.]+ MB\)", out)
+    assert float(re.search(r"max abs difference ([\d.e+-]+)", out).group(1)) < 1e-4
+    assert sorted(p.name for p in (project / "shipped").iterdir()) == ["export.json", "model.onnx"]
+    res = sh([*EVLM, "export", "no_such_run", "--out", "x"], project, check=False)
+    assert res.returncode == 2 and "no such run" in res.stderr and not (project / "x").exists()
+
+    copy = tmp_path / "package"  # a throwaway copy of evlm, imported instead of the installed one
+    shutil.copytree(REPO / "evlm_cli", copy / "evlm_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    assert changed_stages(project, copy) == set()
+
+    with open(copy / "evlm_cli/compress/l0.py", "a") as f:  # only pruning imports the L0 gates
+        f.write("\n# an edit\n")
+    # DVC lists prune alone: finetune and evaluate follow once prune's outputs change
+    assert changed_stages(project, copy) == {"prune"}
+
+    with open(copy / "evlm_cli/core/errors.py", "a") as f:  # every stage imports the errors
+        f.write("\n# an edit\n")
+    assert changed_stages(project, copy) == {"prepare_pairs", "teacher_pretrain", "distill",
+                                              "prepare", "teacher", "teacher_eval", "dense",
+                                              "prune", "finetune", "export", "evaluate"}
+    shown = sh([*EVLM, "show", "tiny_vqa"], project, env_extra={"PYTHONPATH": str(copy)}).stdout
+    assert re.search(r"tiny_vqa-prune\s+would rerun: changed deps: \.evlm/code/prune\.json", shown)
+    assert changed_stages(project, REPO) == set()  # the installed code again: all up to date
+
+
+@pytest.mark.e2e
+def test_seeds_reuse_the_shared_stages_and_each_prunes_fine_tunes_and_evaluates(one_run):
+    project = one_run
+    # no export: a faster test
+    seeded = edit_spec(project / "specs/tiny_vqa.yaml", name="tiny_seeds", export=None)
+    out = sh([*EVLM, "run", str(seeded), "--seeds", "1,2"], project).stdout
+    assert sorted(re.findall(r"Running stage '(tiny_seeds-s\d)-prune'", out)) == [
+        "tiny_seeds-s1", "tiny_seeds-s2"]
+    assert not re.findall(r"Running stage 'shared-", out)
+    assert "tiny_seeds: 2 seeds (1, 2)" in out and "distilled student are shared" in out
+    diff = sh([*EVLM, "diff", "tiny_seeds", "--format", "json"], project).stdout
+    assert json.loads(diff)["tiny_seeds"]["seeds"] == ["tiny_seeds-s1", "tiny_seeds-s2"]
+
+
+@pytest.mark.e2e
+def test_show_gives_settings_stage_status_summary_and_allocation(one_run):
+    project = one_run
+    shown = sh([*EVLM, "show", "tiny_vqa", "--plot", "show.png"], project).stdout
+    assert "wrote show.png" in shown
+    with Image.open(project / "show.png") as image:
+        image.load()
+        assert min(image.size) >= 300
+    assert re.search(r"tiny_vqa-prune\s+up to date", shown) and "modal-adaptive to 50%" in shown
+    # the longest stage name still stands apart from its status
+    assert re.search(r"shared-teacher_pretrain-[0-9a-f]{8}\s+up to date", shown)
+    assert "retention" in shown
+    assert "allocation:" in shown and re.search(r"vision\s+heads\s+\S+\s+\d+/2", shown)
+
+
+@pytest.mark.e2e
+def test_a_team_shares_runs_through_a_dvc_remote_and_nothing_retrains(one_run):
+    project = one_run
+    # A team shares runs/ through a DVC remote: push here, pull into a second checkout (what
+    # git would carry: everything but DVC's cached outputs); there nothing retrains.
+    dvc = [sys.executable, "-m", "dvc"]
+    sh([*dvc, "remote", "add", "-d", "team", str(project.parent / "remote")], project)
+    sh([*dvc, "push"], project)
+    second = project.parent / "second"
+    copy_checkout(project, second)
+    assert not (second / "runs/tiny_vqa/finetune/model").exists()
+    sh([*dvc, "pull"], second)
+    assert (second / "runs/tiny_vqa/finetune/model/model.safetensors").is_file()
+    assert ran(sh([*EVLM, "run", "specs/tiny_vqa.yaml"], second).stdout) == set()
+    shared = sh([*EVLM, "diff", "tiny_vqa", "--format", "json"], second).stdout
+    assert json.loads(shared)["tiny_vqa"]["metrics"] == json.loads(
+        (project / "runs/tiny_vqa/evaluate/metrics.json").read_text())
