@@ -33,6 +33,16 @@ if TYPE_CHECKING:  # torch is imported where it is used
 LAUNCHED_ENV = "EVLM_TORCHRUN"
 
 
+def torchrun_command(module: str, args: list[str], processes: int) -> list[str]:
+    """torchrun on this machine running `python -m module args...` in `processes` processes.
+
+    "--" ends torchrun's own options: it would read an argument such as a stage's `--log` as
+    an abbreviation of its `--log-dir`.
+    """
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={processes}", "-m", module, "--", *args]
+
+
 def relaunch(kind: str, argv: list[str], processes: int) -> None:
     """Replace this process with torchrun running `processes` copies of the same stage.
 
@@ -40,8 +50,7 @@ def relaunch(kind: str, argv: list[str], processes: int) -> None:
     directly, which stops every worker: nothing is left orphaned.
     """
     os.environ[LAUNCHED_ENV] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={processes}", "-m", "evlm_cli", "--", "stage", kind, *argv]
+    command = torchrun_command("evlm_cli", ["stage", kind, *argv], processes)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, command)

@@ -9,7 +9,7 @@ step's gradients, averaged over the processes, to a safetensors file (the first 
 
 Under torchrun every process installs the hooks. A stage whose params ask for several
 processes would relaunch itself as plain `evlm stage`, without them, so `command` starts
-torchrun itself, as `evlm_cli.training.distributed.relaunch` does.
+torchrun itself, with the command `evlm_cli.training.distributed.relaunch` uses.
 """
 
 import argparse
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from evlm_cli.core.io import atomic_path
 from evlm_cli.core.ranks import is_main
+from evlm_cli.training.distributed import torchrun_command
 from evlm_cli.training.loop import Callback, Run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +47,6 @@ class DumpFirstGradients(Callback):
     def after_backward(self, step: int, run: Run) -> None:
         from safetensors.torch import save_file
 
-
         if step != 0 or not is_main():
             return
         grads = {f"{name}.{key}": p.grad.detach().float().cpu().contiguous()
@@ -66,9 +66,7 @@ def command(kind: str, argv: list[str], *, processes: int = 1, kill_after: int |
         hooks += ["--dump-grads", str(dump_grads)]
     if processes == 1:
         return [sys.executable, "-m", MODULE, *hooks, kind, *argv]
-    # "--": torchrun would read the stage's --log as an abbreviation of its own --log-dir
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={processes}", "-m", MODULE, "--", *hooks, kind, *argv]
+    return torchrun_command(MODULE, [*hooks, kind, *argv], processes)
 
 
 def environment() -> dict[str, str]:
