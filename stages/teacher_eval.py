@@ -1,8 +1,8 @@
 """Stage kind `teacher_eval`: the teacher's metric on the test split, size, FLOPs and latency.
 
 Reads params: task, device, resources, evaluate. Takes: prepared (prepare.data), teacher
-(teacher.model). Writes: metrics (metrics.json, metrics). Runs
-evlm_cli.recipe.evaluate.run_teacher_eval(). Declared in evlm_cli/pipeline/registry.py; DVC runs it
+(teacher.model). Writes: metrics (metrics.json, metrics), predictions (predictions.json).
+Runs evlm_cli.recipe.evaluate.run_teacher_eval(). Declared in evlm_cli/pipeline/registry.py; DVC runs it
 as `evlm stage teacher_eval --params FILE ...`, and this file takes the same arguments.
 """
 

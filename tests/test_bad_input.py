@@ -70,11 +70,13 @@ def copy_of(root, folder, name):
 
 def eval_teacher(capsys, root, teacher, prepared, names):
     """teacher_eval of a broken input: its metrics.json, written before, is left as it was."""
-    metrics = root / "metrics.json"
+    metrics, predictions = root / "metrics.json", root / "predictions.json"
     metrics.write_text(PREVIOUS)
+    predictions.write_text(PREVIOUS)
     line = failed(capsys, "teacher_eval", ["--prepared", prepared, "--teacher", teacher,
-                                           "--metrics", metrics], root, names)
-    assert metrics.read_text() == PREVIOUS
+                                           "--metrics", metrics, "--predictions", predictions],
+                  root, names)
+    assert metrics.read_text() == PREVIOUS and predictions.read_text() == PREVIOUS
     return line
 
 
@@ -253,6 +255,7 @@ def test_a_params_file_that_is_not_a_mapping_is_named(project, capsys):
     bad = root / "bad_params.yaml"
     bad.write_text("- a list, not a mapping\n")
     code = run_stage("teacher_eval", ["--params", str(bad), "--prepared", "data", "--teacher",
-                                      "teacher", "--metrics", str(root / "m.json")])
+                                      "teacher", "--metrics", str(root / "m.json"),
+                                      "--predictions", str(root / "p.json")])
     err = error_lines(capsys)
     assert code == 2 and len(err) == 1 and str(bad) in err[0], err

@@ -6,6 +6,8 @@ multipliers' included, must agree, and so must the trained models; the 2-process
 outputs once; and a 2-process run killed after a checkpoint resumes and ends bit-identical to an
 uninterrupted one. The gradients are written, and the kill made, by callbacks the test installs
 in the stage's training loop (`tests.helpers.hooked_stage`, started under torchrun).
+Pre-training's ITC, whose negatives are the other processes' examples too, is checked on its
+own: 2 gloo processes against 1 on the same global batch.
 """
 
 import csv
@@ -218,3 +220,92 @@ def test_drifted_ranks_are_caught(tmp_path):
     assert said[0, 0.0] == said[1, 0.0] == "in sync"
     for rank in (0, 1):
         assert said[rank, 1e-6].startswith("prune: the processes' parameters differ"), said
+
+
+# Four pairs showing three images; rows 1 and 2 show one image, and each process holds one of
+# them, so the gathered image ids must make them positives of each other.
+PAIR_IMAGES = [0, 1, 1, 2]
+
+
+def _tiny_pretrain_model():
+    from evlm_cli.models.config import make_config
+    from evlm_cli.models.vlm import VLM
+
+    torch.manual_seed(0)
+    width = dict(layers=1, width=16, heads=2, ffn=32)
+    cfg = make_config(vision=width, text=width, fusion=width, image_size=16, patch_size=8,
+                      vocab_size=30, max_positions=8, heads=["itc", "itm", "mlm"], embed_dim=8)
+    return VLM(cfg).eval()
+
+
+def _global_pairs() -> dict:
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(3, 3, 16, 16, generator=g)
+    ids = torch.randint(5, 30, (4, 6), generator=g)
+    ids[:, 0], ids[:, -1] = 2, 3  # [CLS] ... [SEP]
+    return {"images": images[PAIR_IMAGES], "input_ids": ids,
+            "attention_mask": torch.ones(4, 6, dtype=torch.long),
+            "image_index": torch.tensor(PAIR_IMAGES)}
+
+
+def _itc_worker(rank: int, world_size: int, store_file: str, out: str) -> None:
+    """This process's share of the global batch through the pre-training objective (ITC only),
+    backward and the loop's gradient average; the loss and gradients written to `out`, with
+    ITC's negatives gathered over the processes and, for contrast, local."""
+    from evlm_cli.compress.objective import TASK_ONLY, NegativeRule, Objective
+    from evlm_cli.training import distributed
+
+    if world_size > 1:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
+        torch.distributed.init_process_group(
+            "gloo", store=torch.distributed.FileStore(store_file, world_size), rank=rank,
+            world_size=world_size)
+    try:
+        share = len(PAIR_IMAGES) // world_size
+        batch = {k: v[rank * share:(rank + 1) * share] for k, v in _global_pairs().items()}
+        results = {}
+        for negatives in ("global", "local"):
+            model = _tiny_pretrain_model()
+            rule = NegativeRule(across_processes=negatives == "global")
+            objective = Objective(model, "pretrain", TASK_ONLY, 1.0, negative_rule=rule,
+                                  task_weights={"itc": 1.0, "itm": 0.0, "mlm": 0.0})
+            loss, _ = objective(batch, 0, 1)
+            loss.backward()
+            distributed.average_gradients(model.parameters())
+            results[f"{negatives}/loss"] = loss.detach()
+            results.update({f"{negatives}/{name}": p.grad for name, p in model.named_parameters()
+                            if p.grad is not None})
+        torch.save(results, out)
+    finally:
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
+
+
+def test_itc_over_two_processes_is_one_process_itc(tmp_path):
+    """Gathered negatives: each of 2 processes computes the 1-process ITC loss on the global
+    batch, and the averaged gradients are the 1-process ones, every parameter's (encoders,
+    projections, temperature). Each process's own negatives give another loss."""
+    import torch.multiprocessing as mp
+
+    _itc_worker(0, 1, "", str(tmp_path / "one.pt"))
+    context = mp.get_context("spawn")
+    workers = [context.Process(target=_itc_worker,
+                               args=(rank, 2, str(tmp_path / "store"), str(tmp_path / f"{rank}.pt")))
+               for rank in (0, 1)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    one = torch.load(tmp_path / "one.pt")
+    ranks = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
+    grads = [k for k in one if k.startswith("global/") and k != "global/loss"]
+    assert any("itc.temp" in k for k in grads) and any("vision" in k for k in grads), grads
+    for two in ranks:
+        assert two.keys() == one.keys()
+        for key in ["global/loss", *grads]:
+            torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=1e-5,
+                                       msg=lambda text, key=key: f"{key}: {text}")
+    # each process's own 2 x 2 block alone: not the global batch's loss
+    assert abs(ranks[0]["local/loss"] - one["local/loss"]) > 1e-3
+    assert torch.equal(one["local/loss"], one["global/loss"])  # one process: the same

@@ -8,6 +8,9 @@ have positive probability while `log_alpha` stays differentiable.
 One `L0Gates` serves every modality: vision, text and fusion differ only in the groups they
 register. A group's units count towards the parameter budget with P(unit kept), times P(layer
 kept) when a sublayer gate ("*_layer") covers them.
+
+Gates start as CoFi and EfficientVLM start them: heads and sublayers almost surely kept, FFN
+neurons undecided (`initial_log_alpha`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from evlm_cli.models.groups import PrunableGroup
+from evlm_cli.models.groups import LAYER_GATE_COVERS, PrunableGroup
 
 BETA = 2.0 / 3.0  # temperature of the concrete distribution
 LIMIT_LOW, LIMIT_HIGH = -0.1, 1.1  # stretch interval, so that 0 and 1 get probability mass
@@ -34,6 +37,31 @@ _UNIFORM_EPS = 1e-6
 MIN_KEPT_VALUE = 1e-2
 
 MODES = ("modal-adaptive", "uniform", "none")
+
+# How gates start: "heads_kept" as CoFi and EfficientVLM (every head and sublayer gate at
+# KEPT_LOG_ALPHA, FFN neurons from droprate_init); "droprate" as evlm did before (every unit
+# gate from droprate_init, sublayer gates from layer_droprate_init).
+GATE_INITS = ("heads_kept", "droprate")
+# The references' initial log_alpha of the gates they start kept (CoFi's and EfficientVLM's
+# `reset_loga(..., mean=10)`): removing a head is then a decision the sparsity loss drives,
+# never a coin flipped at step 0.
+KEPT_LOG_ALPHA = 10.0
+STARTS_KEPT = frozenset({"heads", "cross_heads", *LAYER_GATE_COVERS})
+# Both references draw the initial log_alpha around its mean with this spread.
+INIT_NOISE = 1e-2
+
+
+def log_odds(drop_rate: float) -> float:
+    """log_alpha whose gate keeps with odds (1 - rate) / rate, as Louizos et al. initialise."""
+    return math.log(1 - drop_rate) - math.log(drop_rate)
+
+
+def initial_log_alpha(group: PrunableGroup, init: str, droprate_init: float,
+                      layer_droprate_init: float) -> float:
+    """The mean initial log_alpha of `group`'s gates under `init` (one of GATE_INITS)."""
+    if init == "heads_kept" and group.unit in STARTS_KEPT:
+        return KEPT_LOG_ALPHA
+    return log_odds(layer_droprate_init if group.is_layer_gate else droprate_init)
 
 
 def prob_nonzero_from_log_alpha(log_alpha: Tensor) -> Tensor:
@@ -79,12 +107,11 @@ class L0Gates(nn.Module):
     deterministic gates: per group the top-k units by log_alpha, k = round(expected number
     kept), valued by the test-time estimator (at least MIN_KEPT_VALUE), exact 0 elsewhere, and
     all 0 under a dropped sublayer gate. Those values are what the slicer folds into weights.
-    Initial log_alpha = log((1 - rate) / rate), from `droprate_init` for unit gates and
-    `layer_droprate_init` for sublayer gates.
+    The initial log_alpha follows `init` (see GATE_INITS and `initial_log_alpha`).
     """
 
     def __init__(self, groups: Iterable[PrunableGroup], droprate_init: float = 0.5,
-                 layer_droprate_init: float = 0.01):
+                 layer_droprate_init: float = 0.01, init: str = "heads_kept"):
         super().__init__()
         groups = tuple(groups)
         _validate(groups)
@@ -97,15 +124,14 @@ class L0Gates(nn.Module):
         self.parent = {g.name: g.parent_name for g in groups if g.parent_name in self.by_name}
         if not 0.0 < layer_droprate_init < 1.0:
             raise ValueError(f"layer_droprate_init must be in (0, 1), got {layer_droprate_init}")
+        if init not in GATE_INITS:
+            raise ValueError(f"gate init: expected one of {', '.join(GATE_INITS)}, got {init!r}")
         self.log_alpha = nn.ParameterDict()
         for g in groups:
-            # Like CoFi, sublayer gates start almost surely on (log_alpha ~ 4.6 at 0.01), so
-            # dropping a whole sublayer is a decision training reaches, not a starting accident.
-            rate = layer_droprate_init if g.is_layer_gate else droprate_init
-            mean = math.log(1 - rate) - math.log(rate)
+            mean = initial_log_alpha(g, init, droprate_init, layer_droprate_init)
             # A little noise breaks ties so the top-k is not decided by unit index at first.
             self.log_alpha[_parameter_key(g.name)] = nn.Parameter(
-                torch.full((g.size,), mean) + 1e-2 * torch.randn(g.size))
+                torch.full((g.size,), mean) + INIT_NOISE * torch.randn(g.size))
 
     # --- per-group quantities -------------------------------------------------------------
 
@@ -169,7 +195,8 @@ class L0Gates(nn.Module):
         is skipped for smaller ones after it, so a budget is missed, from below, by less than
         the smallest unit left out, and is never overrun (not even by a floor). A unit under a
         sublayer gate that `deterministic_masks` drops comes after every other unit; if one is
-        still taken, the sublayer is kept.
+        still taken, the sublayer is kept. Units with equal scores are ordered by
+        `selection_order`, so the choice does not depend on the order the encoders are listed in.
         """
         floors = floors or {}
         scopes = {enc: (None if None in budgets else enc) for enc in self.encoders}
@@ -177,12 +204,7 @@ class L0Gates(nn.Module):
             raise ValueError(f"budgets must cover every encoder once: got scopes {list(budgets)}")
         decided = self.deterministic_masks()
         layer_on = {g.name: bool(decided[g.name][0]) for g in self.groups if g.is_layer_gate}
-        # (sublayer kept, log_alpha) orders the units, best first; the sort is stable, so ties
-        # fall to model order.
-        units = [(g, i, layer_on.get(self.parent.get(g.name), True), float(a))
-                 for g in self.groups if not g.is_layer_gate
-                 for i, a in enumerate(self.log_alpha_of(g.name).tolist())]
-        units.sort(key=lambda u: (not u[2], -u[3]))
+        units = self.selection_order(layer_on)
         taken: set[tuple[str, int]] = set()
         used = dict.fromkeys(budgets, 0)
 
@@ -196,12 +218,12 @@ class L0Gates(nn.Module):
 
         for enc, floor in floors.items():
             have = 0
-            for g, i, _, _ in units:
+            for g, i in units:
                 if have >= floor:
                     break
                 if g.encoder == enc and take(g, i):
                     have += g.unit_params
-        for g, i, _, _ in units:
+        for g, i in units:
             take(g, i)
         device = self.log_alpha_of(self.groups[0].name).device
         masks = {}
@@ -214,6 +236,37 @@ class L0Gates(nn.Module):
             masks[name] = torch.tensor([on or any(bool(m.any()) for m in children)],
                                        device=device)
         return masks
+
+    def selection_order(self, layer_on: dict[str, bool]) -> list[tuple[PrunableGroup, int]]:
+        """Every unit (sublayer gates aside) as (group, index), best first for the final selection.
+
+        Units under a kept sublayer (`layer_on`) come first, then higher log_alpha first. Units
+        with equal standing form a tie the gates cannot decide, so the selection must not
+        favour an encoder: each tied unit is placed at the midpoint of its share of its own
+        encoder's tied parameters (its encoder's tied units in model order), and the tie is
+        taken in that order. Wherever the budget cuts the tie, every encoder has then kept the
+        same share of its tied parameters, within a unit, which is what a random tie-break
+        gives on average. Units at the same share are ordered by encoder name, never by the
+        order the encoders are listed in.
+        """
+        units = [(g, i, layer_on.get(self.parent.get(g.name), True), float(a))
+                 for g in self.groups if not g.is_layer_gate
+                 for i, a in enumerate(self.log_alpha_of(g.name).tolist())]
+        tied_params: dict[tuple, int] = {}
+        for g, _, on, a in units:
+            key = (on, a, g.encoder)
+            tied_params[key] = tied_params.get(key, 0) + g.unit_params
+        before: dict[tuple, int] = {}
+        ranked = []
+        for g, i, on, a in units:
+            key = (on, a, g.encoder)
+            # Integers until one division: equal shares of two encoders compare equal.
+            done = before.get(key, 0)
+            share = (2 * done + g.unit_params) / (2 * tied_params[key]) if tied_params[key] else 0.0
+            before[key] = done + g.unit_params
+            ranked.append(((not on, -a, share, g.encoder), g, i))
+        ranked.sort(key=lambda r: r[0])
+        return [(g, i) for _, g, i in ranked]
 
     @torch.no_grad()
     def clamp_(self) -> None:

@@ -22,19 +22,10 @@ from evlm_cli.models.blocks import Gates
 from evlm_cli.models.vlm import CAUSAL_TASKS, VLM, VLMOutput, model_inputs
 from evlm_cli.tasks import TASKS
 from evlm_cli.tasks import pretrain as objectives
+from evlm_cli.tasks.pretrain import Masking, NegativeRule
 
 # Only the task loss: a teacher trained on its own.
 TASK_ONLY = LossWeights(task=1.0, logits=0.0, hidden=0.0, attention=0.0)
-
-
-@dataclass(frozen=True)
-class Masking:
-    """How MLM masks text: the tokenizer's ids and the masking rate."""
-
-    mask_id: int
-    vocab_size: int
-    special_ids: tuple[int, ...]
-    prob: float
 
 
 @dataclass
@@ -60,13 +51,15 @@ def classify_step(model: VLM, batch: dict[str, Tensor], task: str, gates: Gates 
 
 def contrast_step(model: VLM, batch: dict[str, Tensor], weights: dict[str, float],
                   masking: Masking | None, gates: Gates | None, opts: dict,
-                  choices: dict[str, Tensor] | None = None, hard_share: float = 1.0) -> Step:
+                  choices: dict[str, Tensor] | None = None,
+                  negative_rule: NegativeRule | None = None) -> Step:
     """ITC, ITM with hard negatives and MLM on a batch of image-text pairs.
 
     Terms with weight 0 are not computed. `choices` (the student's draws) replays the same
-    negatives and masks for the teacher; without it they are drawn here, `hard_share` of
-    the negatives in proportion to ITC similarity, the rest evenly.
+    negatives and masks for the teacher; without it they are drawn here, as `negative_rule`
+    says (by default evlm's earlier one: in-process ITC, no floor).
     """
+    rule = negative_rule or NegativeRule()
     images, ids, mask = model_inputs(batch)
     image_ids = batch["image_index"]
     drawn = dict(choices or {})
@@ -77,12 +70,17 @@ def contrast_step(model: VLM, batch: dict[str, Tensor], weights: dict[str, float
     terms, logits = {}, []
     sim = model.similarity(vision.last, text.last)
     if weights.get("itc"):
-        terms["itc"] = objectives.itc_loss(sim, image_ids)
-        logits += [sim, sim.t()]
+        itc_sim, itc_ids = sim, image_ids
+        if rule.across_processes:
+            images, texts, itc_ids = objectives.global_batch(vision.last[:, :1],
+                                                             text.last[:, :1], image_ids)
+            itc_sim = model.similarity(images, texts)
+        terms["itc"] = objectives.itc_loss(itc_sim, itc_ids)
+        logits += [itc_sim, itc_sim.t()]
     if weights.get("itm"):
         if "negative_text" not in drawn:
             drawn["negative_text"], drawn["negative_image"] = objectives.sample_hard_negatives(
-                sim.detach().float(), image_ids, hard_share=hard_share)
+                sim.detach().float(), image_ids, hard_share=rule.hard_share, floor=rule.floor)
         neg_text, neg_image = drawn["negative_text"], drawn["negative_image"]
         # Each image with a wrong caption, then each caption with a wrong image.
         negatives = model.fuse(torch.cat([text.last[neg_text], text.last]),
@@ -94,9 +92,7 @@ def contrast_step(model: VLM, batch: dict[str, Tensor], weights: dict[str, float
         logits.append(torch.cat([positive, negative]))
     if weights.get("mlm"):
         if "masked_ids" not in drawn:
-            drawn["masked_ids"], drawn["mlm_labels"] = objectives.mask_tokens(
-                ids, mask, mask_id=masking.mask_id, vocab_size=masking.vocab_size,
-                special_ids=masking.special_ids, prob=masking.prob)
+            drawn["masked_ids"], drawn["mlm_labels"] = objectives.mask_text(ids, mask, masking)
         labels = drawn["mlm_labels"]
         masked = model.encode_text(drawn["masked_ids"], mask, gates=gates)
         fused_masked = model.fuse(masked.last, mask, vision.last, gates=gates)
@@ -113,7 +109,7 @@ class Objective:
 
     `task` is a task name ("vqa", "nlvr2", "retrieval", "captioning") or "pretrain". `task_weights` weighs the
     contrastive terms (itc, itm, mlm) of pre-training and retrieval into the task term, and
-    `hard_negatives` is the share of ITM negatives drawn by ITC similarity (the rest evenly).
+    `negative_rule` says where ITC and ITM find their negatives.
     `modules` holds what it trains besides the student (the learned hidden-state projections),
     for the optimiser and the checkpoint.
     """
@@ -122,14 +118,14 @@ class Objective:
                  teacher: VLM | None = None, layer_maps: dict[str, list[int]] | None = None,
                  gates: nn.Module | None = None, constraint: nn.Module | None = None,
                  task_weights: dict[str, float] | None = None, masking: Masking | None = None,
-                 hard_negatives: float = 1.0):
+                 negative_rule: NegativeRule | None = None):
         self.student, self.task, self.weights, self.temperature = student, task, weights, temperature
         self.contrastive = task == "pretrain" or TASKS[task].contrastive
         if self.contrastive:
             self.task_weights = dict(task_weights or TASKS[task].terms)
             if self.task_weights.get("mlm") and masking is None:
                 raise ValueError("MLM needs the tokenizer's masking settings")
-        self.masking, self.hard_negatives = masking, hard_negatives
+        self.masking, self.negative_rule = masking, negative_rule
         use_teacher = teacher is not None and any((weights.logits, weights.hidden, weights.attention))
         self.teacher = [teacher] if use_teacher else []
         self.gates, self.constraint = gates, constraint
@@ -148,7 +144,7 @@ class Objective:
              choices: dict[str, Tensor] | None = None) -> Step:
         if self.contrastive:
             return contrast_step(model, batch, self.task_weights, self.masking, gates, opts,
-                                 choices, self.hard_negatives)
+                                 choices, self.negative_rule)
         return classify_step(model, batch, self.task, gates, opts)
 
     def __call__(self, batch: dict[str, Tensor], step: int, total: int) -> tuple[Tensor, dict]:

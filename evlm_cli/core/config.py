@@ -187,7 +187,12 @@ class PretrainConfig:
 
     weights: PretrainWeights
     mask_prob: float
+    masking: str  # whole_words (X-VLM) | tokens (each token on its own)
+    max_masks: int  # per caption, whole_words only
+    mask_span_prob: float  # share of n-gram spans, whole_words only
+    itc_negatives: str  # global (gathered over the processes, X-VLM) | local
     hard_negatives: float
+    hard_negative_floor: float  # added to the ITM weights after the softmax (X-VLM: 1e-5)
     train: OptimConfig
 
 
@@ -235,6 +240,7 @@ class PruneConfig:
     warmup_fraction: float
     min_keep: float
     droprate_init: float
+    gate_init: str
     gate_lr: float
     lagrangian_lr: float
     temperature: float
@@ -261,6 +267,7 @@ class EvaluateConfig:
     metric: str
     batch_size: int
     k_test: int
+    rerank: str
     beam_size: int
     max_len: int | None
     latency: LatencyConfig

@@ -20,7 +20,7 @@ from evlm_cli.core.errors import EvlmError
 Result = TypeVar("Result")
 
 # Raise it with any change a reader would notice: a field added, renamed, retyped or moved.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class Versioned:
@@ -55,7 +55,9 @@ class Size:
 class Score:
     """A model's task metric on the test split, with the task's other measures."""
 
-    value: float  # the headline metric the spec's evaluate.metric names
+    value: float | None  # the headline metric evaluate.metric names; None when not scored
+    unscored: str | None = None  # why not: the test split has no answers (test-dev)
+    by_answer_type: dict[str, float] | None = None  # VQA, where the data gives answer types
     recall: dict[str, float] | None = None  # retrieval: tr_r1 ... ir_r10, r_mean
     caption: dict[str, float] | None = None  # captioning: bleu_4, meteor, rouge_l, cider
 
@@ -97,7 +99,7 @@ class Student:
     """The pruned, fine-tuned student."""
 
     score: Score
-    retention: float  # its value over the teacher's
+    retention: float | None  # its value over the teacher's; None when either is not scored
     size: Size
     params_by_part: dict[str, int]
 
@@ -154,9 +156,9 @@ class Exported:
     """One exported student file in ONNX Runtime (the int8 row never stands in for fp32)."""
 
     runtime: str
-    value: float
-    retention: float
-    retention_of_student: float
+    value: float | None  # None when the test split is not scored
+    retention: float | None
+    retention_of_student: float | None
     size_bytes: int
     speedup: dict[str, float]  # batch_N -> over the teacher exported the same way
     over_flops_ratio: dict[str, float]  # that speedup over the FLOPs ratio

@@ -6,6 +6,9 @@ import easy_vqa
 
 from evlm_cli.data.records import VqaRecord, split_off_by_image
 
+# VQAv2's answer types; easy-VQA's answers are yes/no or a shape or colour name.
+YES_NO, OTHER = "yes/no", "other"
+
 
 def easy_vqa_answers() -> list[str]:
     """The 13 easy-VQA answers, in the package's order (which fixes the answer indices)."""
@@ -28,6 +31,7 @@ def read_easy_vqa(val_fraction: float, seed: int) -> dict[str, list[VqaRecord]]:
 def _read_split(questions: tuple[list, list, list], image_paths: dict[int, str]) -> list[VqaRecord]:
     texts, answers, image_ids = questions
     return [
-        VqaRecord(image=image_paths[image_id], question=text, answers=[answer], question_id=index)
+        VqaRecord(image=image_paths[image_id], question=text, answers=[answer], question_id=index,
+                  answer_type=YES_NO if answer in ("yes", "no") else OTHER)
         for index, (text, answer, image_id) in enumerate(zip(texts, answers, image_ids, strict=True))
     ]

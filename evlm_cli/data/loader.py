@@ -23,7 +23,7 @@ from evlm_cli.core.config import AugmentConfig, Resources
 from evlm_cli.core.errors import DataError, EvlmError
 from evlm_cli.data.augment import Augmenter, SideSwap
 from evlm_cli.data.images import FileImages, TensorImages, open_store
-from evlm_cli.data.prepared_files import load_tensors, read_json
+from evlm_cli.data.prepared_files import ANNOTATIONS, load_tensors, read_json
 from evlm_cli.data.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:  # transformers is slow to import: only functions that build a
@@ -119,6 +119,22 @@ class PreparedData:
         sides = (SideSwap.from_vocabulary(self.tokenizer().get_vocab(), self.answers,
                                           str(self.directory)) if config.flip else None)
         return Augmenter(config, sides)
+
+    def annotations(self, split: str) -> dict | None:
+        """A VQA split's annotations, row by row (`question_id`, `answers`: every annotator's
+        answer, `answer_type` or None), for the official metric; None for other tasks' data."""
+        path = self.directory / ANNOTATIONS
+        if not path.is_file():
+            return None
+        by_split = read_json(path)
+        if split not in by_split:
+            raise DataError(f"{path}: no annotations for split {split!r} "
+                            f"(has {', '.join(by_split) or 'none'})")
+        return by_split[split]
+
+    def labelled(self, split: str) -> bool:
+        """Whether every example of `split` carries its answer (test-dev files do not)."""
+        return bool(self.meta["splits"][split].get("labelled", True))
 
     def references(self, split: str) -> dict[int, list[str]]:
         """A captioning split's reference captions: image row -> captions, raw, in source order."""

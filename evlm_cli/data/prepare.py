@@ -13,10 +13,12 @@ Layout of the output directory:
 - `<split>.safetensors` per split, one row per text: `image_index` int64 [N] (NLVR2: [N, 2],
   the left and the right image), `input_ids` int32 [N, L], `attention_mask` uint8 [N, L]; for
   VQA and NLVR2 also `targets` float16 [N, A] and `question_id` int64 [N]. VQA's targets are
-  soft scores (see `evlm_cli.tasks.vqa.answer_scores`); NLVR2's are one-hot over the answers
+  the official accuracy of each answer (see `evlm_cli.tasks.vqa.answer_scores`); NLVR2's are one-hot over the answers
   `NLVR2_ANSWERS` and its question ids are row indices. Retrieval and captioning evaluation
   splits list every caption of an image as its own row;
 - `answers.json` (index order; empty without answers), `tokenizer/` (HF format), `meta.json`;
+- VQA only: `annotations.json`, `{split: {question_id, answers, answer_type}}` for val and
+  test, row by row: every annotator's answer as the source gives it, for the official metric;
 - captioning only: `references.json`, `{split: {str(image row): [caption, ...]}}` for val and
   test, every reference caption of an image as the source gives it (untruncated, untokenised,
   in source order) for the caption metrics.
@@ -49,6 +51,7 @@ from evlm_cli.data.images import (
 from evlm_cli.data.mosaic import ANSWERS as MOSAIC_ANSWERS
 from evlm_cli.data.mosaic import read_easy_vqa_mosaic
 from evlm_cli.data.nlvr2 import read_easy_vqa_nlvr2
+from evlm_cli.data.prepared_files import ANNOTATIONS
 from evlm_cli.data.records import (
     Nlvr2Record,
     PairRecord,
@@ -174,6 +177,10 @@ def write_prepared(out: Path, splits: dict[str, list], answers: list[str],
             "labelled": all(record.get("answers", True) for record in records),
         }
     atomic_write_json(out / "answers.json", answers)
+    if splits and all(records and "question" in records[0] for records in splits.values()):
+        atomic_write_json(out / ANNOTATIONS, {name: vqa_annotations(records)
+                                              for name, records in splits.items()
+                                              if name in REFERENCE_SPLITS})
     if references is not None:
         atomic_write_json(out / "references.json",
                           {name: reference_captions(records, image_row)
@@ -392,13 +399,22 @@ def encode_split(
 
 
 def target_scores(records: list[VqaRecord], answer_index: dict[str, int]) -> torch.Tensor:
-    """float16 [N, A] soft scores; annotations outside the answer list score nowhere."""
+    """float16 [N, A]: the official VQA accuracy each answer of the list would score."""
     targets = np.zeros((len(records), len(answer_index)), dtype=np.float32)
+    candidates = list(answer_index)
     for row, record in enumerate(records):
-        for answer, score in answer_scores(record["answers"]).items():
-            if answer in answer_index:
-                targets[row, answer_index[answer]] = score
+        for column, score in answer_scores(record["answers"], candidates).items():
+            targets[row, column] = score
     return torch.from_numpy(targets).to(torch.float16)
+
+
+def vqa_annotations(records: list[VqaRecord]) -> dict:
+    """What the official VQA metric reads for a split, row by row: each question's id, every
+    annotator's answer, and its answer type where the data gives one."""
+    types = [record.get("answer_type") for record in records]
+    return {"question_id": [record["question_id"] for record in records],
+            "answers": [record["answers"] for record in records],
+            "answer_type": types if any(t is not None for t in types) else None}
 
 
 def label_targets(records: list[Nlvr2Record], answer_index: dict[str, int]) -> torch.Tensor:

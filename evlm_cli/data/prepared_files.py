@@ -10,6 +10,9 @@ from safetensors.torch import load_file
 
 from evlm_cli.core.errors import DataError
 
+# A VQA folder's annotations for the official metric, per evaluation split (see prepare).
+ANNOTATIONS = "annotations.json"
+
 
 def read_json(path: Path):
     if not path.is_file():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import TypedDict, TypeVar
+from typing import NotRequired, TypedDict, TypeVar
 
 import numpy as np
 
@@ -15,6 +15,7 @@ class VqaRecord(TypedDict):
     question: str
     answers: list[str]
     question_id: int
+    answer_type: NotRequired[str]  # yes/no, number, other (VQAv2), where the data gives it
 
 
 class PairRecord(TypedDict):

@@ -2,7 +2,8 @@
 
 VQA files hold a list of entries
 `{"image": <path relative to image_root>, "question": str, "answer": [str, ...], "question_id": int}`;
-`answer` repeats VQAv2-style (one entry per annotator) and is absent in test files.
+`answer` repeats VQAv2-style (one entry per annotator) and is absent in test files; an optional
+`answer_type` (yes/no, number, other) splits the VQA accuracy by type.
 Retrieval and pre-training files hold `{"image": ..., "caption": ...}` entries (X-VLM's and
 ALBEF's): a train entry's caption is one string or, in some pre-training files, a list of
 them; an evaluation entry lists every caption that matches its image. Captioning needs no
@@ -55,12 +56,13 @@ def read_vqa(
         if not isinstance(image, str) or not isinstance(question, str):
             raise DataError(f"{where}: 'image' and 'question' must be strings")
         answers = _answers(entry.get("answer"), require_answers, where)
-        records.append(VqaRecord(
-            image=images.path(image),
-            question=question,
-            answers=answers,
-            question_id=_question_id(entry["question_id"], where),
-        ))
+        record = VqaRecord(image=images.path(image), question=question, answers=answers,
+                           question_id=_question_id(entry["question_id"], where))
+        if "answer_type" in entry:  # VQAv2's annotations give it; X-VLM's files do not
+            if not isinstance(entry["answer_type"], str):
+                raise DataError(f"{where}: 'answer_type' must be a string")
+            record["answer_type"] = entry["answer_type"]
+        records.append(record)
     return records
 
 

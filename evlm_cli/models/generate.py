@@ -2,10 +2,17 @@
 
 The captioning model is the ordinary VLM with causal self-attention in its text and fusion
 encoders; the MLM head reads each position's fused state as the next token's scores. Captions
-look like BERT's `[CLS] w1 .. wn [SEP] [PAD]..`, so [CLS] begins and [SEP] ends a caption.
+look like BERT's `[CLS] prompt w1 .. wn [SEP] [PAD]..`: [CLS] and the prompt's tokens (X-VLM's
+"a picture of ", or none) are given, the model writes the rest, and [SEP] ends a caption.
 
-Both searches return the tokens after the begin token, [B, T] with T <= max_len: each row ends
-at its first end token (included) and is padded with `pad_id` after it, or runs to max_len.
+Both searches return the tokens written after the prompt, [B, T] with T <= max_len: each row
+ends at its first end token (included) and is padded with `pad_id` after it, or runs to max_len.
+So the prompt never reaches the caption text.
+
+Two rules shape what may be written, as Hugging Face's `generate` applies them for X-VLM: the
+end token is forbidden until `min_len` tokens are written, and `blocked_ids` (special tokens
+such as [PAD], [UNK], [CLS], [MASK]) are forbidden throughout. X-VLM blocks none of them, and
+only drops them from the text.
 
 Each step feeds only the newest token: the text and fusion encoders keep every layer's keys
 and values of the prefix (`blocks.DecoderCache`), and the fusion layers project the image
@@ -15,6 +22,7 @@ instead, the plain definition that the tests hold the cached decoder to.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -38,13 +46,41 @@ class PrefixCache:
         self.fusion.reorder(rows)
 
 
-def _check(model: VLM, max_len: int) -> None:
+# How beam search scores finished captions and when it stops (see `beam_search`).
+BEAM_RULES = ("xvlm", "fairseq")
+
+
+def _check(model: VLM, max_len: int, start: int) -> None:
     if max_len < 1:
         raise ValueError(f"max_len must be at least 1, not {max_len}")
-    # The last step reads a prefix of max_len tokens (the begin token and max_len - 1 more).
-    if max_len > model.config.text.max_positions:
-        raise ValueError(f"max_len {max_len} exceeds the model's {model.config.text.max_positions} "
-                         "text positions")
+    # The last step reads the begin token, the prompt and max_len - 1 written tokens.
+    if start + max_len - 1 > model.config.text.max_positions:
+        raise ValueError(f"max_len {max_len} after a prompt of {start - 1} tokens exceeds the "
+                         f"model's {model.config.text.max_positions} text positions")
+
+
+def _start(rows: int, bos_id: int, prompt_ids: Sequence[int], device: torch.device) -> Tensor:
+    """[rows, 1 + len(prompt_ids)]: the begin token and the prompt, given to every caption."""
+    given = torch.tensor([bos_id, *prompt_ids], dtype=torch.long, device=device)
+    return given.expand(rows, -1).clone()
+
+
+def _blocked(blocked_ids: Sequence[int], eos_id: int, device: torch.device) -> Tensor:
+    if eos_id in blocked_ids:
+        raise ValueError(f"the end token {eos_id} cannot be blocked: no caption would end")
+    return torch.tensor(sorted(set(blocked_ids)), dtype=torch.long, device=device)
+
+
+def _forbid(scores: Tensor, written: int, eos_id: int, min_len: int, blocked: Tensor) -> Tensor:
+    """`scores` [rows, V] with what may not come next at -inf: the blocked tokens always, the
+    end token while fewer than `min_len` tokens are written. A negative `eos_id` is no token
+    (timing runs every caption to full length)."""
+    if len(blocked):
+        scores = scores.index_fill(-1, blocked, float("-inf"))
+    if written < min_len and eos_id >= 0:
+        scores = scores.index_fill(-1, torch.tensor([eos_id], device=scores.device),
+                                   float("-inf"))
+    return scores
 
 
 def _next_token_logits(model: VLM, prefix: Tensor, image_tokens: Tensor,
@@ -64,81 +100,112 @@ def _next_token_logits(model: VLM, prefix: Tensor, image_tokens: Tensor,
 
 @torch.inference_mode()
 def greedy_decode(model: VLM, images: Tensor, *, bos_id: int, eos_id: int, pad_id: int,
-                  max_len: int, gates: Gates | None = None, use_cache: bool = True) -> Tensor:
-    """The most likely next token at every step, until each row has produced `eos_id` or
-    `max_len` tokens. Returns long [B, T <= max_len] (see the module docstring)."""
-    _check(model, max_len)
+                  max_len: int, prompt_ids: Sequence[int] = (), min_len: int = 0,
+                  blocked_ids: Sequence[int] = (), gates: Gates | None = None,
+                  use_cache: bool = True) -> Tensor:
+    """The most likely allowed next token at every step, after the begin token and the prompt,
+    until each row has produced `eos_id` or `max_len` tokens. Returns long [B, T <= max_len]
+    (see the module docstring)."""
+    start = 1 + len(prompt_ids)
+    _check(model, max_len, start)
     image_tokens = model.vision(images, gates=gates).last
-    rows = images.shape[0]
-    prefix = torch.full((rows, 1), bos_id, dtype=torch.long, device=images.device)
-    ended = torch.zeros(rows, dtype=torch.bool, device=images.device)
+    rows, device = images.shape[0], images.device
+    prefix = _start(rows, bos_id, prompt_ids, device)
+    blocked = _blocked(blocked_ids, eos_id, device)
+    ended = torch.zeros(rows, dtype=torch.bool, device=device)
     cache = PrefixCache() if use_cache else None
-    for _ in range(max_len):
-        token = _next_token_logits(model, prefix, image_tokens, gates, cache).argmax(-1)
+    for written in range(max_len):
+        logits = _next_token_logits(model, prefix, image_tokens, gates, cache)
+        token = _forbid(logits, written, eos_id, min_len, blocked).argmax(-1)
         token = token.masked_fill(ended, pad_id)
         prefix = torch.cat([prefix, token[:, None]], dim=1)
         ended |= token == eos_id
         if ended.all():
             break
-    return prefix[:, 1:]
+    return prefix[:, start:]
 
 
 @torch.inference_mode()
 def beam_search(model: VLM, images: Tensor, *, bos_id: int, eos_id: int, pad_id: int,
-                max_len: int, beam_size: int, gates: Gates | None = None,
+                max_len: int, beam_size: int, rule: str, prompt_ids: Sequence[int] = (),
+                min_len: int = 0, blocked_ids: Sequence[int] = (), gates: Gates | None = None,
                 length_penalty: float = 1.0, use_cache: bool = True) -> Tensor:
-    """The best finished hypothesis per image under beam search, as fairseq runs it.
+    """The best finished hypothesis per image under beam search, by X-VLM's rule or fairseq's.
 
-    A hypothesis of n generated tokens (its end token included) with summed log-probability s
-    scores s / n ** length_penalty (1.0: the mean log-prob per token; 0: the plain sum; larger
-    values favour longer captions). Each image keeps `beam_size` live hypotheses. At each step
-    the 2 * beam_size best extensions are ranked by summed log-prob; an extension by the end
-    token that ranks within the first beam_size finishes, and the best beam_size extensions
-    that do not end stay live. A live hypothesis that reaches max_len also finishes.
+    Both rules keep `beam_size` live hypotheses per image. At each step the 2 * beam_size best
+    extensions are ranked by summed log-prob (the forbidden tokens of the module docstring
+    at -inf, without renormalising, as Hugging Face applies its logits processors after the
+    log-softmax); an extension by the end token that ranks within the first beam_size
+    finishes, and the best beam_size extensions that do not end stay live. A live hypothesis
+    that reaches max_len also finishes. The rules differ in a finished hypothesis's length n,
+    which divides its summed log-prob s into its score s / n ** length_penalty, and in when an
+    image is done.
 
-    An image is done when `beam_size` hypotheses have finished (fairseq's rule, and Hugging
-    Face's `early_stopping=True`), or earlier when no live hypothesis can still beat its best
-    finished one (log-probs only fall, so a live sum s bounds every continuation by
-    s / n ** length_penalty at the most favourable length n: that pruning never changes the
-    result).
+    `xvlm`: Hugging Face's beam search as X-VLM calls it (`generate` with `early_stopping`
+    False, transformers 4.12's `BeamSearchScorer`). n counts the whole sequence, the begin
+    token and the prompt included, but not the end token. The image keeps its beam_size best
+    finished hypotheses, and is done once it has beam_size of them and the worst scores at
+    least the best extension's summed log-prob over the current sequence length (a
+    heuristic: a longer continuation may still have scored higher).
 
-    Why the first rule: with one beam, when the end token is the best extension it finishes
-    and the live beam becomes the runner-up, whose longer continuations could still win under
-    a positive length penalty. Counting finished hypotheses ends the image right there, so
-    beam_size=1 is greedy decoding for every length penalty (up to float ties between the
-    best two tokens).
+    `fairseq`: evlm's earlier rule. n counts the tokens written, the end token included (1.0:
+    the mean log-prob per written token). The image is done once beam_size hypotheses have
+    finished, or earlier when no live hypothesis can still beat its best finished one (log-probs
+    only fall, so a live sum s bounds every continuation by s / n ** length_penalty at the most
+    favourable length n: that pruning never changes the result).
+
+    Under either rule beam_size=1 is greedy decoding, for every length penalty (up to float
+    ties between the best two tokens): when the end token is the best extension it finishes,
+    and the image is done before the runner-up, whose longer continuations could still win
+    under a positive length penalty, is extended.
     """
-    _check(model, max_len)
+    if rule not in BEAM_RULES:
+        raise ValueError(f"beam rule must be one of {', '.join(BEAM_RULES)}, not {rule!r}")
+    start = 1 + len(prompt_ids)
+    _check(model, max_len, start)
     if beam_size < 1:
         raise ValueError(f"beam_size must be at least 1, not {beam_size}")
+    device = images.device
+    blocked = _blocked(blocked_ids, eos_id, device)
     vocab = model.config.text.vocab_size
     # The first step draws all 2 * beam_size candidates from the one starting beam.
-    if 2 * beam_size > vocab:
-        raise ValueError(f"beam_size {beam_size} needs a vocabulary of at least "
-                         f"{2 * beam_size} tokens, not {vocab}")
-    device = images.device
+    writable = vocab - len(blocked) - (min_len > 0)
+    if 2 * beam_size > writable:
+        raise ValueError(f"beam_size {beam_size} needs at least {2 * beam_size} tokens it may "
+                         f"write, not {writable}")
     images_n, k = images.shape[0], beam_size
     image_tokens = model.vision(images, gates=gates).last.repeat_interleave(k, dim=0)
 
-    # Live hypotheses [B, k, t] (begin token included) and their summed log-probs. At the
-    # start the k beams are the same empty caption: only the first may be extended.
-    live = torch.full((images_n, k, 1), bos_id, dtype=torch.long, device=device)
+    # Live hypotheses [B, k, t] (begin token and prompt included) and their summed log-probs.
+    # At the start the k beams are the same empty caption: only the first may be extended.
+    live = _start(images_n * k, bos_id, prompt_ids, device).view(images_n, k, start)
     live_sums = torch.zeros(images_n, k, device=device)
     live_sums[:, 1:] = float("-inf")
     best_tokens = torch.full((images_n, max_len), pad_id, dtype=torch.long, device=device)
     best_lengths = torch.zeros(images_n, dtype=torch.long, device=device)
     best_scores = torch.full((images_n,), float("-inf"), device=device)
     finished = torch.zeros(images_n, dtype=torch.long, device=device)
+    kept = torch.full((images_n, k), float("-inf"), device=device)  # xvlm: the k best finished
     done = torch.zeros(images_n, dtype=torch.bool, device=device)
     rank = torch.arange(2 * k, device=device).expand(images_n, -1)
     rows = torch.arange(images_n, device=device)
     cache = PrefixCache() if use_cache else None
 
+    def finish(finishing: Tensor, scores: Tensor, extended: Tensor, written: int) -> None:
+        """Make the best of `scores` [B, 2k] where `finishing` the image's best if it beats it."""
+        top_score, top = torch.where(finishing, scores, float("-inf")).max(dim=1)
+        better = top_score > best_scores
+        best_scores.copy_(torch.where(better, top_score, best_scores))
+        best_lengths.copy_(torch.where(better, written, best_lengths))
+        # A later best is never shorter, so writing its tokens over the old ones is enough.
+        best_tokens[better, :written] = extended[rows, top][better, start:]
+
     for step in range(max_len):
-        length = step + 1  # generated tokens in each extension
+        written = step + 1  # tokens written in each extension
         logits = _next_token_logits(model, live.flatten(0, 1), image_tokens, gates, cache)
-        log_probs = logits.float().log_softmax(-1).view(images_n, k, vocab)
-        sums, index = (live_sums[..., None] + log_probs).flatten(1).topk(2 * k, dim=1)
+        log_probs = _forbid(logits.float().log_softmax(-1), step, eos_id, min_len, blocked)
+        candidates = live_sums[..., None] + log_probs.view(images_n, k, vocab)
+        sums, index = candidates.flatten(1).topk(2 * k, dim=1)
         parent, token = index // vocab, index % vocab
         extended = torch.cat([live.gather(1, parent[..., None].expand(-1, -1, live.shape[2])),
                               token[..., None]], dim=2)
@@ -147,25 +214,32 @@ def beam_search(model: VLM, images: Tensor, *, bos_id: int, eos_id: int, pad_id:
         # has at most one end token among the 2k).
         ends = token == eos_id
         keep = (ends.long() * 2 * k + rank).topk(k, dim=1, largest=False).indices
-        finishing = ends & (rank < k)
-        if length == max_len:
-            finishing = finishing.scatter(1, keep, True)
-        finishing &= ~done[:, None]
-
-        scores = torch.where(finishing, sums / length ** length_penalty, float("-inf"))
-        top_score, top = scores.max(dim=1)
-        better = top_score > best_scores
-        best_scores = torch.where(better, top_score, best_scores)
-        best_lengths = torch.where(better, length, best_lengths)
-        # A later best is never shorter, so writing its tokens over the old ones is enough.
-        best_tokens[better, :length] = extended[rows, top][better, 1:]
-        finished += finishing.sum(1)
-
-        live = extended.gather(1, keep[..., None].expand(-1, -1, extended.shape[2]))
         live_sums = sums.gather(1, keep)
-        most_favourable = max_len if length_penalty > 0 else length + 1
-        can_still_win = live_sums.max(1).values / most_favourable ** length_penalty > best_scores
-        done |= (finished >= k) | ~can_still_win
+        was_done = done.clone()
+        ending = ends & (rank < k) & ~was_done[:, None]
+        # xvlm: the sequence before the new token, the length of an ending hypothesis.
+        length = start + step if rule == "xvlm" else written
+        scores = sums / length ** length_penalty
+        finish(ending, scores, extended, written)
+        finished += ending.sum(1)
+        if rule == "xvlm":
+            kept = torch.cat([kept, scores.masked_fill(~ending, float("-inf"))], dim=1)
+            kept = kept.topk(k, dim=1).values
+            hopeless = kept[:, -1] >= sums[:, 0] / length ** length_penalty
+            done |= (finished >= k) & hopeless
+        else:
+            most_favourable = max_len if length_penalty > 0 else written + 1
+            bound = live_sums.max(1).values / most_favourable ** length_penalty
+            done |= (finished >= k) | (bound <= best_scores)
+        if written == max_len:
+            # The live hypotheses finish too: xvlm's unless the image is done by now (and
+            # their length counts the new token), fairseq's unless it was done before.
+            at_max = torch.zeros_like(ends).scatter(1, keep, True)
+            at_max &= ~(done if rule == "xvlm" else was_done)[:, None]
+            length = start + written if rule == "xvlm" else written
+            finish(at_max, sums / length ** length_penalty, extended, written)
+            break
+        live = extended.gather(1, keep[..., None].expand(-1, -1, extended.shape[2]))
         if done.all():
             break
         if cache is not None:  # each live row continues its parent's cached prefix

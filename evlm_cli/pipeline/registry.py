@@ -100,7 +100,8 @@ KINDS: dict[str, StageKind] = {k.name: k for k in [
         "teacher_eval", "the teacher's metric on the test split, size, FLOPs and latency",
         "evlm_cli.recipe.evaluate:run_teacher_eval", ("task", "device", "resources", "evaluate"),
         inputs={"prepared": "prepare.data", "teacher": "teacher.model"},
-        outputs=(Output("metrics", "metrics.json", "metrics"),), shared=True),
+        outputs=(Output("metrics", "metrics.json", "metrics"),
+                 Output("predictions", "predictions.json")), shared=True),
     StageKind(
         "dense", "the distilled student, not pruned, trained on the task with KD from the task "
         "teacher (by default pruning's terms: hidden states and attention too): "
@@ -139,7 +140,8 @@ KINDS: dict[str, StageKind] = {k.name: k for k in [
                 "teacher": "teacher.model", "teacher_metrics": "teacher_eval.metrics",
                 "masks": "prune.masks", "dense": "distill.model"},
         optional_inputs={"onnx": "export.onnx", "dense_model": "dense.model"},
-        outputs=(Output("metrics", "metrics.json", "metrics"),)),
+        outputs=(Output("metrics", "metrics.json", "metrics"),
+                 Output("predictions", "predictions.json"))),
 ]}
 
 # The kind whose finished stage means a spec's run is complete.

@@ -13,7 +13,7 @@ from evlm_cli.data.loader import open_prepared
 from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.student import student_from_teacher
 from evlm_cli.recipe.scoring import evaluate_task
-from evlm_cli.recipe.teacher import masking
+from evlm_cli.recipe.teacher import masking, negative_rule
 from evlm_cli.training.loop import Optim, adamw, empty_log, finish, fit, make_run, setup
 
 
@@ -29,8 +29,7 @@ def run_distill(params: Params, *, pairs: Path, teacher: Path, model: Path, log:
     if d.enabled:
         objective = Objective(student, "pretrain", d.weights, d.temperature, teacher_model,
                               layer_maps, task_weights=to_dict(pt.weights),
-                              masking=masking(data, pt.mask_prob),
-                              hard_negatives=pt.hard_negatives)
+                              masking=masking(data, pt), negative_rule=negative_rule(pt))
         run = make_run("distill", data.split("train"), d.train, params.seed,
                        modules={"student": student, **objective.modules},
                        optims=[Optim(adamw(list(student.parameters()) + objective.parameters(),

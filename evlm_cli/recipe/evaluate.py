@@ -39,8 +39,8 @@ from evlm_cli.models.vlm import (
 )
 from evlm_cli.recipe.scoring import (
     Forward,
+    classification_report,
     decoder_ids,
-    evaluate_forward,
     evaluate_report,
     fixed_batch,
 )
@@ -82,7 +82,8 @@ def test_report(model: VLM, data: PreparedData, task: str, ev: EvaluateConfig,
                 device: torch.device) -> dict:
     """The task metric on the test split, as the evaluate section asks for it."""
     return evaluate_report(model, data, "test", task, ev.batch_size, device, ev.k_test,
-                           metric=ev.metric, beam_size=ev.beam_size, max_len=ev.max_len)
+                           metric=ev.metric, beam_size=ev.beam_size, max_len=ev.max_len,
+                           rerank=ev.rerank)
 
 
 def generation_report(models: dict[str, VLM], data: PreparedData, ev: EvaluateConfig) -> dict:
@@ -98,11 +99,28 @@ def generation_report(models: dict[str, VLM], data: PreparedData, ev: EvaluateCo
 
 def score_of(scores: dict) -> Score:
     """`test_report`'s figures as the results contract holds them."""
-    return Score(value=scores["value"], recall=scores.get("recall"), caption=scores.get("scores"))
+    return Score(value=scores["value"], unscored=scores.get("unscored"),
+                 by_answer_type=scores.get("by_answer_type"), recall=scores.get("recall"),
+                 caption=scores.get("scores"))
+
+
+def write_predictions(path: Path, scores: dict) -> None:
+    """`test_report`'s predictions in the task's results format (see `recipe.scoring`)."""
+    atomic_write_json(path, scores["predictions"])
+
+
+def retention_over(teacher_value: float | None):
+    """A value's share of the teacher's: None when either is not scored (a split without
+    answers), 0 against a teacher that scored 0."""
+    def retention(value: float | None) -> float | None:
+        if value is None or teacher_value is None:
+            return None
+        return value / teacher_value if teacher_value else 0.0
+    return retention
 
 
 def run_teacher_eval(params: Params, *, prepared: Path, teacher: Path,
-                     metrics: Path) -> dict:
+                     metrics: Path, predictions: Path) -> dict:
     ev = params.evaluate
     device = setup(EVAL_SEED, params.resources.threads, params.device)
     data = open_prepared(prepared, params.resources)
@@ -117,6 +135,7 @@ def run_teacher_eval(params: Params, *, prepared: Path, teacher: Path,
         size=Size(size["params"]["total"], size["gflops_per_example"], size["size_bytes"]),
         params_by_part=size["params"], prunable_params=size["prunable_params"],
         latency_ms={bs: ms["teacher"] for bs, ms in latency.items()})
+    write_predictions(predictions, scores)
     atomic_write_json(metrics, results.to_json())
     # The stage's one-line summary (`pipeline.entry`); the file holds the rest.
     return {"metric": results.metric, "value": results.score.value,
@@ -142,7 +161,7 @@ def speedup_split(latency: dict, gflops: dict) -> dict[str, Speedup]:
 
 def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path,
                  teacher_metrics: Path, masks: Path, dense: Path, onnx: Path | None,
-                 dense_model: Path | None, metrics: Path) -> dict:
+                 dense_model: Path | None, metrics: Path, predictions: Path) -> dict:
     ev, task = params.evaluate, params.task
     device = setup(EVAL_SEED, params.resources.threads, params.device)
     data = open_prepared(prepared, params.resources)
@@ -182,15 +201,14 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
     s_size = size_report(student_model, student, data)
     dense_gflops = count_flops(dense_student, *fixed_batch(data, 1)) / 1e9
     mask_info = json.loads(Path(masks).read_text())
-    teacher_value = measured_teacher.score.value
-    retention = (lambda v: v / teacher_value if teacher_value else 0.0)  # noqa: E731
+    retention = retention_over(measured_teacher.score.value)
     gflops = {"teacher": measured_teacher.size.gflops_per_example, "dense_student": dense_gflops,
               "student": s_size["gflops_per_example"]}
     results = EvaluateResults(
         metric=ev.metric,
         teacher=Teacher(score=measured_teacher.score, size=measured_teacher.size),
         dense=Dense(value=dense_value,
-                    retention=retention(dense_value) if dense_value is not None else None,
+                    retention=retention(dense_value),
                     size=Size(param_breakdown(dense_student)["total"], dense_gflops,
                               None if dense_model is None
                               else (Path(dense_model) / MODEL_WEIGHTS).stat().st_size)),
@@ -206,6 +224,7 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
         exported=exported_report(exported, latency, data, task, ev, value, retention,
                                  gflops["teacher"] / gflops["student"]),
     )
+    write_predictions(predictions, scores)
     atomic_write_json(metrics, results.to_json())
     return {"metric": results.metric, "value": value, "retention": results.student.retention,
             "params": results.student.size.params, "sparsity": results.sparsity.overall}
@@ -220,11 +239,12 @@ def exported_report(exported: dict, latency: dict, data: PreparedData, task: str
     arithmetic allows)."""
     out = {}
     for name, model in exported.items():
-        v = evaluate_forward(model, data, "test", task, ev.batch_size, torch.device("cpu"))
+        v = classification_report(model, data, "test", task, ev.batch_size,
+                                  torch.device("cpu"))["value"]
         speedup = {bs: r[TEACHER_ONNX] / r[name] for bs, r in latency.items()}
         out[name] = Exported(
             runtime="onnxruntime", value=v, retention=retention(v),
-            retention_of_student=v / value if value else 0.0, size_bytes=model.size_bytes,
+            retention_of_student=retention_over(value)(v), size_bytes=model.size_bytes,
             speedup=speedup, over_flops_ratio={bs: s / flops_ratio for bs, s in speedup.items()},
             speedup_over_pytorch_teacher={bs: r["teacher"] / r[name]
                                           for bs, r in latency.items()})

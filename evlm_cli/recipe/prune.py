@@ -58,7 +58,8 @@ def run_prune(params: Params, *, prepared: Path, student: Path, teacher: Path, m
     teacher_model = load_model(teacher).to(device).eval()
     student_model = task_student(student, teacher_model, params.task, data).to(device)
     layer_maps = json.loads((Path(student) / "layer_map.json").read_text())
-    gates = L0Gates(student_model.prunable_groups(p.units), droprate_init=p.droprate_init)
+    gates = L0Gates(student_model.prunable_groups(p.units), droprate_init=p.droprate_init,
+                    init=p.gate_init)
     gates.to(device)
     constraint = SparsityConstraint(gates, p.mode, p.target_sparsity, p.warmup_fraction,
                                     min_keep=p.min_keep)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evlm_cli.compress.objective import TASK_ONLY, Masking, Objective
-from evlm_cli.core.config import OptimConfig, Params, to_dict
+from evlm_cli.compress.objective import TASK_ONLY, Masking, NegativeRule, Objective
+from evlm_cli.core.config import OptimConfig, Params, PretrainConfig, to_dict
 from evlm_cli.core.errors import CheckpointError
 from evlm_cli.core.io import atomic_path
 from evlm_cli.data.loader import PreparedData, open_prepared
@@ -14,6 +14,7 @@ from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.vlm import VLM, with_heads
 from evlm_cli.recipe.scoring import evaluate_task
 from evlm_cli.tasks import PRETRAIN_HEADS, TASKS
+from evlm_cli.tasks.pretrain import continuation_ids
 from evlm_cli.training.loop import Optim, adamw, empty_log, finish, fit, make_run, setup
 
 
@@ -30,11 +31,21 @@ def param_groups(model, pretrained: set[str], optim_cfg: OptimConfig, lr_scale: 
     return opt
 
 
-def masking(data: PreparedData, prob: float) -> Masking:
-    """MLM's masking with the prepared tokenizer's ids."""
+def masking(data: PreparedData, pt: PretrainConfig) -> Masking:
+    """MLM's masking as `pretrain` asks, with the prepared tokenizer's ids."""
     meta = data.meta
+    whole_words = pt.masking == "whole_words"
     return Masking(mask_id=meta["mask_token_id"], vocab_size=meta["vocab_size"],
-                   special_ids=tuple(meta["special_token_ids"]), prob=prob)
+                   special_ids=tuple(meta["special_token_ids"]), prob=pt.mask_prob,
+                   whole_words=whole_words, max_masks=pt.max_masks, span_prob=pt.mask_span_prob,
+                   continuation_ids=(continuation_ids(data.tokenizer().get_vocab())
+                                     if whole_words else ()))
+
+
+def negative_rule(pt: PretrainConfig) -> NegativeRule:
+    """Where pre-training's ITC and ITM find their negatives, as `pretrain` asks."""
+    return NegativeRule(across_processes=pt.itc_negatives == "global",
+                        hard_share=pt.hard_negatives, floor=pt.hard_negative_floor)
 
 
 def run_teacher_pretrain(params: Params, *, pairs: Path, model: Path, log: Path) -> dict:
@@ -48,8 +59,7 @@ def run_teacher_pretrain(params: Params, *, pairs: Path, model: Path, log: Path)
         vocab_size=data.meta["vocab_size"], max_text_len=data.meta["max_text_len"])
     teacher.to(device)
     objective = Objective(teacher, "pretrain", TASK_ONLY, 1.0, task_weights=to_dict(pt.weights),
-                          masking=masking(data, pt.mask_prob),
-                          hard_negatives=pt.hard_negatives)
+                          masking=masking(data, pt), negative_rule=negative_rule(pt))
     run = make_run("teacher_pretrain", data.split("train"), pt.train, params.seed,
                    modules={"model": teacher},
                    optims=[Optim(param_groups(teacher, pretrained, pt.train, t.init.lr_scale))],

@@ -42,7 +42,8 @@ def _save(fig, path: Path) -> Path:
 def _points(loaded: Loaded, batch: str) -> list[tuple[float, float]]:
     """(student latency ms, metric) per seed of a run or group at one batch size."""
     return [(run.results.latency_ms[batch].student, run.results.student.score.value)
-            for run in loaded.members if batch in run.results.latency_ms]
+            for run in loaded.members if batch in run.results.latency_ms
+            and run.results.student.score.value is not None]
 
 
 def pareto(runs: list[Loaded], path: Path) -> Path:
@@ -58,8 +59,10 @@ def pareto(runs: list[Loaded], path: Path) -> Path:
     metric = results[0].metric
     for ax, batch in zip(axes[0], batches, strict=False):
         timed = [r for r in results if batch in r.latency_ms]
-        teachers = {(r.latency_ms[batch].teacher, r.teacher.score.value) for r in timed}
-        ax.scatter(*zip(*teachers, strict=True), marker="s", color="black", label="teacher")
+        teachers = {(r.latency_ms[batch].teacher, r.teacher.score.value) for r in timed
+                    if r.teacher.score.value is not None}  # a split without answers: unscored
+        if teachers:
+            ax.scatter(*zip(*teachers, strict=True), marker="s", color="black", label="teacher")
         # the depth-only baseline, where a dense stage trained it: a diamond per distinct one
         dense = {(r.latency_ms[batch].dense_student, r.dense.value) for r in timed
                  if r.dense.value is not None}

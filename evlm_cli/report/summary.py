@@ -42,9 +42,9 @@ def summary_table(run: Run) -> str:
 
     lines = [_headline(run.name, run.params),
              row("", "teacher", "dense", "student", ""),
-             row(r.metric, teacher.score.value, _or_dash(dense.value), student.score.value, ".4f",
-                 f"   retention {student.retention:.1%}" + (
-                     f" (dense {dense.retention:.1%})" if dense.value is not None else "")),
+             row(r.metric, _or_dash(teacher.score.value), _or_dash(dense.value),
+                 _or_dash(student.score.value), ".4f", _retention_text(r)),
+             *unscored_lines(r),
              *detail_lines(r),
              row("params (M)", teacher.size.params / 1e6, dense.size.params / 1e6,
                  student.size.params / 1e6, ".2f"),
@@ -69,6 +69,25 @@ def summary_table(run: Run) -> str:
                      _mb(student.size.size_bytes), ".2f"))
     lines += exported_rows(r)
     return "\n".join(lines)
+
+
+def _retention_text(r: EvaluateResults) -> str:
+    if r.student.retention is None:
+        return ""
+    dense = r.dense.retention
+    return f"   retention {r.student.retention:.1%}" + (
+        f" (dense {dense:.1%})" if dense is not None else "")
+
+
+def unscored_lines(r: EvaluateResults) -> list[str]:
+    """Why a model has no metric (a test split without answers), said once, and each answer
+    type's accuracy where the data gives types (VQA)."""
+    reasons = {score.unscored for score in (r.teacher.score, r.student.score) if score.unscored}
+    lines = [f"  {r.metric}: {reason}" for reason in sorted(reasons)]
+    teacher, student = r.teacher.score.by_answer_type or {}, r.student.score.by_answer_type or {}
+    lines += [f"  {'  ' + kind:<24}{_cell(teacher.get(kind), '.4f')}{'-':>12}"
+              f"{_cell(value, '.4f')}" for kind, value in student.items()]
+    return lines
 
 
 def _or_dash(value: float | None) -> float | str:
@@ -110,7 +129,9 @@ def exported_rows(r: EvaluateResults) -> list[str]:
     for name, e in r.exported.items():
         cells = "".join(f"{getattr(r.latency_ms[bs], name):>10.2f}{e.speedup[bs]:>8.2f}x"
                         for bs in batches)
-        lines.append(f"  {name.replace('onnx_', ''):<24}{e.value:>10.4f}{e.retention:>10.1%} "
+        value = "-" if e.value is None else f"{e.value:.4f}"
+        retention = "-" if e.retention is None else f"{e.retention:.1%}"
+        lines.append(f"  {name.replace('onnx_', ''):<24}{value:>10}{retention:>10} "
                      f"{cells}{e.size_bytes / 1e6:>8.2f}")
     fp32 = r.exported.get("onnx_fp32")
     if fp32 is not None:

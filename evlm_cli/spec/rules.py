@@ -17,7 +17,7 @@ from typing import Any
 from evlm_cli.core.catalogue import CATALOGUE
 from evlm_cli.core.config import ENCODERS, PATH_KEYS
 from evlm_cli.core.fileformat import WEIGHT_FILES, file_weights_format
-from evlm_cli.core.layout import MODEL_FILES, RESERVED_NAMES
+from evlm_cli.core.layout import MODEL_FILES, RESERVED_NAMES, RUNS
 from evlm_cli.core.packaged import EXPORT_INSTALL, EXPORT_PACKAGES, MINILM, local_path
 from evlm_cli.data.sources import RENDERED_SOURCES, absent, source_problems
 from evlm_cli.spec.words import JsonPath, Where, dotted, plural, quote, show
@@ -319,6 +319,21 @@ def paths_exist_locally(spec: dict) -> Problems:
                 yield item_where, f"{name}: {kind} {quote(item)} does not exist"
 
 
+def image_roots_hold_no_outputs(spec: dict) -> Problems:
+    """A relative image root is a DVC dependency of prepare, and DVC refuses a dependency
+    that contains the stage outputs (the project folder, or one above it, holds runs/)."""
+    project = Path.cwd().resolve()
+    for where in (("data", "image_root"), ("pairs", "image_root")):
+        value = lookup(spec, where)
+        if value is None or Path(value).is_absolute():
+            continue
+        root = Path(value).resolve()
+        if root == project or root in project.parents:
+            yield where, (f"{dotted(where)}: {quote(value)} holds this project's outputs "
+                          f"({RUNS}/), which DVC cannot track as an input; keep the images in "
+                          "a folder of their own (e.g. images/) and name that folder here")
+
+
 def checkpoints_look_like_their_format(spec: dict) -> Problems:
     """An existing checkpoint must look like one of its format, by its first bytes only.
 
@@ -408,6 +423,7 @@ RULES: list[Callable[[dict], Problems]] = [
     data_source_has_what_it_needs,
     pair_source_has_what_it_needs,
     paths_exist_locally,
+    image_roots_hold_no_outputs,
     checkpoints_look_like_their_format,
 ]
 

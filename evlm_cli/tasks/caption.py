@@ -1,9 +1,14 @@
-"""Image captioning: teacher-forcing targets, the token loss, and COCO caption metrics."""
+"""Image captioning: the prompt, teacher-forcing targets, the token loss, and COCO caption metrics.
+
+As in X-VLM, every caption may begin with a fixed prompt ("a picture of "): it is prepended to
+the training captions, the loss never asks for it, and generation starts from it and drops it.
+"""
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,25 +26,37 @@ IGNORE = -100  # F.cross_entropy's default ignore_index
 BLEU_ORDERS = 4
 
 
-def lm_labels(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Targets [B, L] for a causal decoder over right-padded `[CLS] w1 .. wn [SEP] pad..` rows.
+def lm_labels(input_ids: Tensor, attention_mask: Tensor, prompt_length: int = 0) -> Tensor:
+    """Targets [B, L] for a causal decoder over right-padded `[CLS] p1 .. pP w1 .. wn [SEP] pad..`
+    rows, whose first `prompt_length` tokens after [CLS] are the prompt.
 
-    Position i learns to predict token i+1 wherever that token is real (mask 1), so [CLS]
-    predicts w1 and wn predicts [SEP]. [SEP] itself, padding and the last column are IGNORE.
+    Position i learns to predict token i+1 wherever that token is real (mask 1) and not part of
+    the prompt, so the prompt's last token (or [CLS]) predicts w1 and wn predicts [SEP]. The
+    prompt is given at generation, never generated, so like X-VLM the loss skips it. [SEP]
+    itself, padding and the last column are IGNORE.
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(
             f"input_ids and attention_mask must both be [B, L], got "
             f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
         )
+    if not 0 <= prompt_length < input_ids.shape[1] - 1:
+        raise ValueError(f"a prompt of {prompt_length} tokens leaves no caption token in rows "
+                         f"of {input_ids.shape[1]}")
     labels = torch.full_like(input_ids, IGNORE, dtype=torch.long)
     next_is_real = attention_mask[:, 1:].bool()
     labels[:, :-1] = torch.where(next_is_real, input_ids[:, 1:].long(), IGNORE)
+    labels[:, :prompt_length] = IGNORE
     return labels
 
 
 def lm_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Mean token cross-entropy of `logits` [B, L, V] over the positions `labels` does not IGNORE."""
+    """Mean token cross-entropy of `logits` [B, L, V] over the positions `labels` does not IGNORE.
+
+    With `label_smoothing` e, each target is (1 - e) on the label plus e spread evenly over the
+    vocabulary (torch's definition; X-VLM's own loss gives the label 1 - e without its share of
+    the spread, a difference of e / V of the plain cross-entropy).
+    """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(
             f"logits [B, L, V] and labels [B, L] disagree: "
@@ -52,6 +69,43 @@ def lm_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Ten
         logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
         label_smoothing=label_smoothing,
     )
+
+
+@dataclass(frozen=True)
+class CaptionLoss:
+    """The captioning task's targets and loss for one prepared dataset and spec: the prepared
+    prompt's length (`prompt_ids`), and the spec's label smoothing."""
+
+    prompt_length: int
+    label_smoothing: float
+
+    def targets(self, batch: Mapping[str, Tensor]) -> Tensor:
+        return lm_labels(batch["input_ids"], batch["attention_mask"], self.prompt_length)
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return lm_loss(logits, labels, self.label_smoothing)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's tokens as they begin a prompted caption, after [CLS] and without [SEP]."""
+    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def check_prompted(input_ids: Tensor, bos_id: int, prompt: Sequence[int], source: str) -> None:
+    """Raise DataError unless every row of `input_ids` [N, L] begins with [CLS] and `prompt`.
+
+    A prompt that ends inside a word ("a picture of" without its space) tokenises differently
+    once a caption follows it, and the loss and generation would then disagree with the data.
+    """
+    given = torch.tensor([bos_id, *prompt], dtype=input_ids.dtype)
+    if input_ids.shape[1] < len(given) + 1:
+        raise DataError(f"{source}: a text length of {input_ids.shape[1]} tokens leaves no room "
+                        f"for a caption after the {len(prompt)}-token prompt")
+    wrong = (input_ids[:, : len(given)] != given).any(1).nonzero()
+    if len(wrong):
+        raise DataError(f"{source}: {len(wrong)} captions do not begin with the prompt's tokens "
+                        f"(row {int(wrong[0])} first); a prompt must end where a word ends, "
+                        "usually with a space")
 
 
 def _check_ids(predictions: Mapping, references: Mapping) -> None:

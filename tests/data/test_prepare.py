@@ -201,8 +201,14 @@ def test_xvlm_vqa_soft_scores(xvlm_files):
     assert summary["splits"] == {"train": 3, "val": 1, "test": 1}
     assert summary["num_images"] == 3  # b.png serves train and test once
     train = load_file(out / "train.safetensors")
-    expected = torch.tensor([[2 / 3, 1.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    # each answer's official accuracy: 2 of 10 annotators 0.6, 3 of 10 0.9, 7 of 10 1.0
+    expected = torch.tensor([[0.6, 1.0, 0.0], [0.0, 1.0, 0.0], [0.9, 0.0, 1.0]])
     assert torch.allclose(train["targets"].float(), expected, atol=1e-3)
+    annotations = json.loads((out / "annotations.json").read_text())
+    assert set(annotations) == {"val", "test"}  # what the official metric scores
+    assert annotations["val"] == {"question_id": [21], "answers": [["green"]],
+                                  "answer_type": None}
+    assert annotations["test"]["answers"] == [[]]  # test-dev: predicted, not scored
     assert train["question_id"].tolist() == [11, 12, 13]
     assert train["image_index"][0] == train["image_index"][2] != train["image_index"][1]
     test = load_file(out / "test.safetensors")

@@ -1,13 +1,17 @@
-"""Caption generation: greedy search against a brute-force decoder, beam search against greedy,
-the cached decoder against the uncached one, and a sliced model against the gated model it came
-from."""
+"""Caption generation: greedy search against a brute-force decoder, beam search under X-VLM's
+rule and fairseq's against plain per-image searches and a hand-built case where they disagree,
+the prompt, the minimum length and blocked tokens, the cached decoder against the uncached one,
+and a sliced model against the gated model it came from."""
+
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from evlm_cli.compress.slice import slice_model
 from evlm_cli.models.blocks import DecoderCache
-from evlm_cli.models.generate import beam_search, decode_texts, greedy_decode
+from evlm_cli.models.generate import BEAM_RULES, beam_search, decode_texts, greedy_decode
 from evlm_cli.models.vlm import VLM
 from tests.helpers.models import random_gates, tiny_config
 
@@ -17,16 +21,25 @@ MAX_LEN = 10
 # some run to it.
 EOS_BIAS = 1.8
 TOKENS = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD)
+PROMPT = (7, 11, 5)  # three prompt tokens, as BERT's "a picture of"
 
 
-def captioner(eos_bias: float = EOS_BIAS) -> VLM:
+def captioner(eos_bias: float = EOS_BIAS, prompt: tuple[int, ...] = ()) -> VLM:
     """A tiny decoder; PyTorch's default initialisation keeps the next token dependent on the
-    image and the prefix."""
+    image and the prefix. With a prompt, the same weights get the extra text positions the
+    prompt takes (new rows of the position table)."""
     torch.manual_seed(0)
     model = VLM(tiny_config(heads=["mlm"], max_positions=MAX_LEN + 1)).eval()
     with torch.no_grad():
         model.heads.mlm.decoder.bias[EOS] += eos_bias
-    return model
+    if not prompt:
+        return model
+    longer = VLM(tiny_config(heads=["mlm"], max_positions=MAX_LEN + 1 + len(prompt))).eval()
+    state = longer.state_dict()
+    for name, tensor in model.state_dict().items():
+        state[name][: len(tensor)] = tensor
+    longer.load_state_dict(state)
+    return longer
 
 
 def images(batch: int = 6) -> torch.Tensor:
@@ -60,18 +73,43 @@ def score(model: VLM, image: torch.Tensor, row: torch.Tensor, length_penalty: fl
     return float(total / len(caption) ** length_penalty)
 
 
-def test_greedy_decode_equals_a_full_forward_argmax_per_image():
-    model, pixels = captioner(), images()
-    tokens = greedy_decode(model, pixels, max_len=MAX_LEN, **TOKENS)
+def next_log_probs(model: VLM, image: torch.Tensor):
+    """The next token's log-probs after a prefix, by one full forward pass of it."""
+    @torch.no_grad()
+    def of(prefix: list[int]) -> torch.Tensor:
+        ids = torch.tensor([prefix])
+        out = model(image[None], ids, torch.ones_like(ids), causal=True)
+        return model.logits("captioning", out)[0, -1].float().log_softmax(-1)
+    return of
+
+
+def allowed(log_probs: torch.Tensor, written: int, min_len: int, blocked=()) -> torch.Tensor:
+    """Log-probs with the blocked tokens, and the end token before `min_len`, at -inf."""
+    log_probs = log_probs.clone()
+    log_probs[list(blocked)] = float("-inf")
+    if written < min_len:
+        log_probs[EOS] = float("-inf")
+    return log_probs
+
+
+@pytest.mark.parametrize("prompt", [(), PROMPT])
+def test_greedy_decode_equals_a_full_forward_argmax_per_image(prompt):
+    model, pixels = captioner(prompt=prompt), images()
+    tokens = greedy_decode(model, pixels, max_len=MAX_LEN, prompt_ids=prompt, **TOKENS)
     check_format(tokens, len(pixels))
-    with torch.no_grad():
-        for i in range(len(pixels)):
-            prefix = torch.tensor([[BOS]])
-            while prefix.shape[1] <= MAX_LEN and prefix[0, -1] != EOS:
-                out = model(pixels[i : i + 1], prefix, torch.ones_like(prefix), causal=True)
-                token = model.logits("captioning", out)[:, -1].argmax(-1)
-                prefix = torch.cat([prefix, token[:, None]], dim=1)
-            assert torch.equal(caption_of(tokens[i]), prefix[0, 1:])
+    for i in range(len(pixels)):
+        prefix, step = [BOS, *prompt], next_log_probs(model, pixels[i])
+        while len(prefix) < 1 + len(prompt) + MAX_LEN and prefix[-1] != EOS:
+            prefix.append(int(step(prefix).argmax()))
+        # The prompt is given, not returned: the rows hold only what the model wrote.
+        assert caption_of(tokens[i]).tolist() == prefix[1 + len(prompt):]
+
+
+def test_a_prompt_changes_the_captions():
+    model, pixels = captioner(prompt=PROMPT), images()
+    plain = greedy_decode(model, pixels, max_len=MAX_LEN, **TOKENS)
+    prompted = greedy_decode(model, pixels, max_len=MAX_LEN, prompt_ids=PROMPT, **TOKENS)
+    assert not torch.equal(plain, prompted)
 
 
 def test_causal_fused_output_at_a_position_ignores_later_tokens():
@@ -88,12 +126,13 @@ def test_causal_fused_output_at_a_position_ignores_later_tokens():
             assert not torch.allclose(again[:, i + 1], fused[:, i + 1])
 
 
+@pytest.mark.parametrize("rule", BEAM_RULES)
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0, 3.0])
-def test_beam_search_with_one_beam_is_greedy_decoding(length_penalty):
+def test_beam_search_with_one_beam_is_greedy_decoding(rule, length_penalty):
     """Also under a length penalty that would rather continue past an early end token."""
     model, pixels = captioner(), images()
     greedy = greedy_decode(model, pixels, max_len=MAX_LEN, **TOKENS)
-    beam = beam_search(model, pixels, max_len=MAX_LEN, beam_size=1,
+    beam = beam_search(model, pixels, max_len=MAX_LEN, beam_size=1, rule=rule,
                        length_penalty=length_penalty, **TOKENS)
     assert torch.equal(beam, greedy)
     ended = (greedy == EOS).any(1)
@@ -101,70 +140,250 @@ def test_beam_search_with_one_beam_is_greedy_decoding(length_penalty):
     assert (greedy[ended, -1] == PAD).any()  # some caption ended before MAX_LEN
 
 
-@torch.no_grad()
-def plain_beam_search(model: VLM, image: torch.Tensor, beam_size: int,
-                      length_penalty: float) -> list[int]:
-    """The documented rule written out for one image, one full forward pass per hypothesis."""
-    live, finished = [([], 0.0)], []  # (tokens, summed log-prob), (score, tokens)
+def plain_fairseq_beam_search(next_log_probs, start: list[int], beam_size: int,
+                              length_penalty: float, min_len: int = 0, blocked=()) -> list[int]:
+    """evlm's earlier rule written out for one image: a finished hypothesis scores its summed
+    log-prob over its written tokens (end token included); done at beam_size finished."""
+    live, finished = [(start, 0.0)], []  # (prefix, summed log-prob), (score, written tokens)
     for step in range(MAX_LEN):
         candidates = []
-        for tokens, total in live:
-            ids = torch.tensor([[BOS, *tokens]])
-            out = model(image[None], ids, torch.ones_like(ids), causal=True)
-            log_probs = model.logits("captioning", out)[0, -1].log_softmax(-1)
-            candidates += [(tokens + [v], total + float(lp)) for v, lp in enumerate(log_probs)]
+        for prefix, total in live:
+            log_probs = allowed(next_log_probs(prefix), step, min_len, blocked)
+            candidates += [(prefix + [v], total + float(lp)) for v, lp in enumerate(log_probs)]
         candidates = sorted(candidates, key=lambda c: -c[1])[: 2 * beam_size]
         length, live = step + 1, []
-        for rank, (tokens, total) in enumerate(candidates):
-            if tokens[-1] == EOS:
+        for rank, (prefix, total) in enumerate(candidates):
+            if prefix[-1] == EOS:
                 if rank < beam_size:
-                    finished.append((total / length ** length_penalty, tokens))
+                    finished.append((total / length ** length_penalty, prefix[len(start):]))
             elif len(live) < beam_size:
-                live.append((tokens, total))
+                live.append((prefix, total))
         if length == MAX_LEN:
-            finished += [(total / length ** length_penalty, tokens) for tokens, total in live]
+            finished += [(total / length ** length_penalty, prefix[len(start):])
+                         for prefix, total in live]
         if len(finished) >= beam_size:
             break
     return max(finished, key=lambda f: f[0])[1]
 
 
-@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
-def test_beam_search_equals_a_plain_per_image_beam_search(length_penalty):
-    model, pixels = captioner(), images()
-    beam = beam_search(model, pixels, max_len=MAX_LEN, beam_size=3,
-                       length_penalty=length_penalty, **TOKENS)
+def plain_xvlm_beam_search(next_log_probs, start: list[int], beam_size: int,
+                           length_penalty: float, min_len: int = 0, blocked=()) -> list[int]:
+    """X-VLM's beam search written out for one image as transformers 4.12 runs it
+    (`generate` -> `beam_search` with `BeamSearchScorer` and `BeamHypotheses`, early_stopping
+    False): a finished hypothesis is its sequence without the end token, scored over its whole
+    length; the k best are kept, and the image is done once k are kept and the worst scores at
+    least the best candidate's sum over the current length."""
+    max_length = len(start) + MAX_LEN
+    hypotheses, worst = [], 1e9  # BeamHypotheses: (score, sequence), the worst kept score
+
+    def add(sequence: list[int], total: float) -> None:
+        nonlocal worst
+        score = total / len(sequence) ** length_penalty
+        if len(hypotheses) < beam_size or score > worst:
+            hypotheses.append((score, sequence))
+            if len(hypotheses) > beam_size:
+                ranked = sorted((s, i) for i, (s, _) in enumerate(hypotheses))
+                del hypotheses[ranked[0][1]]
+                worst = ranked[1][0]
+            else:
+                worst = min(score, worst)
+
+    beams, done = [(start, 0.0)], False
+    for cur_len in range(len(start), max_length):
+        candidates = []
+        for sequence, total in beams:
+            log_probs = allowed(next_log_probs(sequence), cur_len - len(start), min_len, blocked)
+            candidates += [(total + float(lp), sequence, v) for v, lp in enumerate(log_probs)]
+        candidates = sorted(candidates, key=lambda c: -c[0])[: 2 * beam_size]
+        beams = []
+        for rank, (total, sequence, token) in enumerate(candidates):
+            if token == EOS:
+                if rank < beam_size:
+                    add(sequence, total)
+            else:
+                beams.append((sequence + [token], total))
+            if len(beams) == beam_size:
+                break
+        done = (len(hypotheses) >= beam_size
+                and worst >= candidates[0][0] / cur_len ** length_penalty)
+        if done:
+            break
+    if not done:
+        for sequence, total in beams:
+            add(sequence, total)
+    best = sorted(hypotheses, key=lambda h: h[0])[-1][1]
+    return best[len(start):] + ([EOS] if len(best) < max_length else [])
+
+
+PLAIN = {"xvlm": plain_xvlm_beam_search, "fairseq": plain_fairseq_beam_search}
+
+
+@pytest.mark.parametrize("rule", BEAM_RULES)
+@pytest.mark.parametrize("length_penalty,prompt,min_len,blocked", [
+    (0.0, (), 0, ()), (1.0, (), 0, ()), (1.0, PROMPT, 0, ()), (1.0, PROMPT, 2, (PAD, BOS)),
+])
+def test_beam_search_equals_a_plain_per_image_beam_search(rule, length_penalty, prompt,
+                                                          min_len, blocked):
+    model, pixels = captioner(prompt=prompt), images()
+    beam = beam_search(model, pixels, max_len=MAX_LEN, beam_size=3, rule=rule,
+                       length_penalty=length_penalty, prompt_ids=prompt, min_len=min_len,
+                       blocked_ids=blocked, **TOKENS)
     check_format(beam, len(pixels))
     for image, row in zip(pixels, beam, strict=True):
-        assert caption_of(row).tolist() == plain_beam_search(model, image, 3, length_penalty)
+        expected = PLAIN[rule](next_log_probs(model, image), [BOS, *prompt], 3, length_penalty,
+                               min_len, blocked)
+        assert caption_of(row).tolist() == expected
 
 
+def test_the_two_beam_rules_write_different_captions_here():
+    """So the parity tests above tell the rules apart."""
+    model, pixels = captioner(prompt=PROMPT), images()
+    xvlm, fairseq = (beam_search(model, pixels, max_len=MAX_LEN, beam_size=3, rule=rule,
+                                 prompt_ids=PROMPT, **TOKENS) for rule in BEAM_RULES)
+    assert not torch.equal(xvlm, fairseq)
+
+
+class TableDecoder:
+    """A stand-in for the VLM whose next-token probabilities are a table of written prefixes:
+    {written tokens: {token: probability}}, the rest of the mass spread over the other words
+    (never the end token). It feeds each position the whole prefix, so the decoders, run
+    without a cache, read the table through the VLM's methods."""
+
+    def __init__(self, table: dict, start: int, vocab: int):
+        self.table, self.start, self.vocab = table, start, vocab
+        self.config = SimpleNamespace(text=SimpleNamespace(vocab_size=vocab, max_positions=32))
+
+    def vision(self, images, gates=None):
+        return SimpleNamespace(last=torch.zeros(images.shape[0], 1, 1))
+
+    def encode_text(self, prefix, mask, gates=None, causal=True, cache=None):
+        t = prefix.shape[1]
+        return SimpleNamespace(last=prefix.float()[:, None, :].expand(-1, t, -1))
+
+    def fuse(self, text, mask, image_tokens, gates=None, causal=True, cache=None):
+        return SimpleNamespace(last=text)
+
+    def mlm_logits(self, state):
+        return torch.stack([self._log_probs(tuple(int(t) for t in row[self.start:]))
+                            for row in state])
+
+    def _log_probs(self, written: tuple[int, ...]) -> torch.Tensor:
+        given = self.table.get(written, {})
+        others = [t for t in range(EOS + 1, self.vocab) if t not in given]
+        rest = (1.0 - sum(given.values())) / len(others)
+        probs = torch.full((self.vocab,), 1e-9)
+        probs[others] = rest
+        for token, p in given.items():
+            probs[token] = p
+        return probs.log()
+
+
+def test_the_rules_differ_in_how_a_finished_caption_is_normalised():
+    """With a three-token prompt, X-VLM divides the summed log-prob s of "a [SEP]" by 5 (the
+    begin token, the prompt and one word) and that of "a c c c [SEP]" by 8; fairseq divides by
+    the tokens written, 2 and 5. The table makes s about -1.0 and -2.0: fairseq prefers the
+    long caption (-0.40 > -0.50), X-VLM the short one (-0.20 > -0.25)."""
+    a, b, c = 8, 9, 10
+    p_a, p_end_after_a, p_c_after_a = 0.95, math.exp(-1.0) / 0.95, 0.6
+    p_each = math.exp((-2.0 - math.log(p_a) - math.log(p_c_after_a)) / 3)
+    table = {(): {a: p_a, b: 0.02}, (a,): {EOS: p_end_after_a, c: p_c_after_a},
+             (a, c): {c: p_each}, (a, c, c): {c: p_each}, (a, c, c, c): {EOS: p_each}}
+    decoder = TableDecoder(table, start=1 + len(PROMPT), vocab=16)
+    pixels = torch.zeros(1, 3, 16, 16)
+    chosen = {rule: beam_search(decoder, pixels, max_len=6, beam_size=2, rule=rule,
+                                prompt_ids=PROMPT, use_cache=False, **TOKENS)[0].tolist()
+              for rule in BEAM_RULES}
+    assert chosen["xvlm"] == [a, EOS]
+    assert chosen["fairseq"] == [a, c, c, c, EOS]
+
+
+def test_the_rules_differ_in_when_they_stop():
+    """No prompt, so both rules divide an ended caption's sum by the same length. Two beams:
+    "[SEP]" and "a [SEP]" end first. fairseq stops there, with two finished; X-VLM goes on,
+    since the best extension "b d" over the current length (-1.68 / 2) still beats the worse
+    of them (-3.5 / 2), and finds "b d [SEP]" (-1.70 / 3, better than "[SEP]", -0.69 / 1)."""
+    a, b, d = 8, 9, 10
+    table = {(): {EOS: 0.5, a: 0.3, b: 0.19}, (a,): {EOS: 0.1},
+             (b,): {d: 0.98}, (b, d): {EOS: 0.98}}
+    decoder = TableDecoder(table, start=1, vocab=16)
+    pixels = torch.zeros(1, 3, 16, 16)
+    chosen = {rule: beam_search(decoder, pixels, max_len=6, beam_size=2, rule=rule,
+                                use_cache=False, **TOKENS)[0].tolist()
+              for rule in BEAM_RULES}
+    assert chosen["fairseq"] == [EOS]
+    assert chosen["xvlm"] == [b, d, EOS]
+
+
+@pytest.mark.parametrize("rule", BEAM_RULES)
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0])
-def test_a_wider_beam_scores_at_least_as_well_as_greedy(length_penalty):
+def test_a_wider_beam_scores_at_least_as_well_as_greedy(rule, length_penalty):
     """Not a theorem (greedy's path can fall off a beam), but it holds for these seeds, and the
-    scores are recomputed independently by teacher forcing."""
+    scores are recomputed independently by teacher forcing. Scored as fairseq does; X-VLM's
+    score only adds the begin token to every length (no prompt) and drops the end token."""
     model, pixels = captioner(), images()
     greedy = greedy_decode(model, pixels, max_len=MAX_LEN, **TOKENS)
-    beam = beam_search(model, pixels, max_len=MAX_LEN, beam_size=4,
+    beam = beam_search(model, pixels, max_len=MAX_LEN, beam_size=4, rule=rule,
                        length_penalty=length_penalty, **TOKENS)
     check_format(beam, len(pixels))
     beam_scores = [score(model, x, row, length_penalty) for x, row in zip(pixels, beam, strict=True)]
     greedy_scores = [score(model, x, row, length_penalty) for x, row in zip(pixels, greedy, strict=True)]
-    assert all(b >= g - 1e-5 for b, g in zip(beam_scores, greedy_scores, strict=True))
+    if rule == "fairseq":
+        assert all(b >= g - 1e-5 for b, g in zip(beam_scores, greedy_scores, strict=True))
     assert any(b > g + 1e-3 for b, g in zip(beam_scores, greedy_scores, strict=True))  # the beam matters
 
 
-def test_generation_stops_once_every_caption_has_ended():
+@pytest.mark.parametrize("rule", BEAM_RULES)
+def test_generation_stops_once_every_caption_has_ended(rule):
     model, pixels = captioner(eos_bias=20.0), images()
     for tokens in (greedy_decode(model, pixels, max_len=MAX_LEN, **TOKENS),
-                   beam_search(model, pixels, max_len=MAX_LEN, beam_size=3, **TOKENS)):
+                   beam_search(model, pixels, max_len=MAX_LEN, beam_size=3, rule=rule, **TOKENS)):
         assert torch.equal(tokens, torch.full((len(pixels), 1), EOS))
 
 
-@pytest.mark.parametrize("max_len", [1, 4])
-def test_max_len_is_honoured(max_len):
+@pytest.mark.parametrize("rule", BEAM_RULES)
+@pytest.mark.parametrize("min_len", [1, 3])
+def test_no_caption_ends_before_the_minimum_length(rule, min_len):
+    """A model that would end every caption at once writes exactly min_len words first."""
+    model, pixels = captioner(eos_bias=20.0), images()
+    for tokens in (greedy_decode(model, pixels, max_len=MAX_LEN, min_len=min_len, **TOKENS),
+                   beam_search(model, pixels, max_len=MAX_LEN, beam_size=3, rule=rule,
+                               min_len=min_len, **TOKENS)):
+        assert tokens.shape == (len(pixels), min_len + 1)
+        assert (tokens[:, :min_len] != EOS).all() and (tokens[:, min_len] == EOS).all()
+
+
+@pytest.mark.parametrize("beam_size,rule", [(0, None), (3, "xvlm"), (3, "fairseq")])
+def test_blocked_tokens_are_never_written(beam_size, rule):
     model, pixels = captioner(), images()
-    for tokens in (greedy_decode(model, pixels, max_len=max_len, **TOKENS),
-                   beam_search(model, pixels, max_len=max_len, beam_size=3, **TOKENS)):
+
+    def run(blocked):
+        if beam_size == 0:
+            return greedy_decode(model, pixels, max_len=MAX_LEN, blocked_ids=blocked, **TOKENS)
+        return beam_search(model, pixels, max_len=MAX_LEN, beam_size=beam_size, rule=rule,
+                           blocked_ids=blocked, **TOKENS)
+
+    written = torch.cat([caption_of(row) for row in run(())])
+    assert PAD in written  # this model writes padding inside captions when allowed
+    # Padding, the begin token and the two words the unblocked search writes most.
+    counts = written.bincount(minlength=EOS + 1)
+    counts[[PAD, BOS, EOS]] = 0
+    blocked = [PAD, BOS, *(int(t) for t in counts.topk(2).indices)]
+    for row in run(blocked):
+        assert not set(caption_of(row).tolist()) & set(blocked)
+
+
+def test_the_end_token_cannot_be_blocked():
+    with pytest.raises(ValueError, match="end token 3 cannot be blocked"):
+        greedy_decode(captioner(), images(1), max_len=MAX_LEN, blocked_ids=(EOS,), **TOKENS)
+
+
+@pytest.mark.parametrize("rule", BEAM_RULES)
+@pytest.mark.parametrize("max_len", [1, 4])
+def test_max_len_is_honoured(rule, max_len):
+    model, pixels = captioner(prompt=PROMPT), images()
+    for tokens in (greedy_decode(model, pixels, max_len=max_len, prompt_ids=PROMPT, **TOKENS),
+                   beam_search(model, pixels, max_len=max_len, beam_size=3, rule=rule,
+                               prompt_ids=PROMPT, **TOKENS)):
         assert tokens.shape[1] <= max_len
         no_end = ~(tokens == EOS).any(1)
         assert tokens.shape[1] == max_len or not no_end.any()
@@ -173,6 +392,8 @@ def test_max_len_is_honoured(max_len):
 def test_max_len_beyond_the_text_positions_is_refused():
     with pytest.raises(ValueError, match="exceeds the model's 11 text positions"):
         greedy_decode(captioner(), images(1), max_len=MAX_LEN + 2, **TOKENS)
+    with pytest.raises(ValueError, match="prompt of 3 tokens exceeds the model's 11"):
+        greedy_decode(captioner(), images(1), max_len=MAX_LEN, prompt_ids=PROMPT, **TOKENS)
 
 
 def pruned_gates(model: VLM) -> dict[str, torch.Tensor]:
@@ -186,10 +407,12 @@ def pruned_gates(model: VLM) -> dict[str, torch.Tensor]:
     return gates
 
 
-def generate(model: VLM, pixels: torch.Tensor, beam_size: int, **kw) -> torch.Tensor:
+def generate(model: VLM, pixels: torch.Tensor, beam_size: int, rule: str = "xvlm",
+             **kw) -> torch.Tensor:
     if beam_size == 0:
         return greedy_decode(model, pixels, max_len=MAX_LEN, **TOKENS, **kw)
-    return beam_search(model, pixels, max_len=MAX_LEN, beam_size=beam_size, **TOKENS, **kw)
+    return beam_search(model, pixels, max_len=MAX_LEN, beam_size=beam_size, rule=rule,
+                       **TOKENS, **kw)
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -197,9 +420,11 @@ def generate(model: VLM, pixels: torch.Tensor, beam_size: int, **kw) -> torch.Te
 def test_the_cached_decoder_generates_what_the_uncached_one_does(beam_size, gated):
     model, pixels = captioner(), images()
     gates = pruned_gates(model) if gated else None
-    uncached = generate(model, pixels, beam_size, gates=gates, use_cache=False)
-    assert torch.equal(generate(model, pixels, beam_size, gates=gates), uncached)
-    lengths = {len(caption_of(row)) for row in uncached}
+    lengths = set()
+    for rule in BEAM_RULES:
+        uncached = generate(model, pixels, beam_size, gates=gates, use_cache=False, rule=rule)
+        assert torch.equal(generate(model, pixels, beam_size, gates=gates, rule=rule), uncached)
+        lengths |= {len(caption_of(row)) for row in uncached}
     assert len(lengths) > 1  # some rows end (and are padded) while others still run
 
 

@@ -10,7 +10,13 @@ from evlm_cli.data.prepare import prepare, prepare_pairs
 from evlm_cli.models.config import make_config
 from evlm_cli.models.generate import beam_search, greedy_decode
 from evlm_cli.models.vlm import VLM
-from evlm_cli.recipe.scoring import evaluate_report, generate_captions, retrieval_recalls
+from evlm_cli.recipe.scoring import (
+    decoder_ids,
+    evaluate_report,
+    generate_captions,
+    retrieval_recalls,
+)
+from evlm_cli.tasks.caption import prompt_ids
 from evlm_cli.tasks.retrieval import rerank_top_k, retrieval_metrics
 
 
@@ -87,12 +93,49 @@ def test_each_image_gets_the_caption_it_would_get_alone(captioning):
                                bos_id=tokenizer.cls_token_id, eos_id=tokenizer.sep_token_id,
                                pad_id=tokenizer.pad_token_id, max_len=6)
         assert caption == tokenizer.decode(tokens[0], skip_special_tokens=True)
-    beams = generate_captions(model, captioning, "val", 5, cpu, beam_size=3, max_len=6)
-    for row, caption in beams.items():
-        tokens = beam_search(model, split.images_of(torch.tensor([row])), beam_size=3,
-                             bos_id=tokenizer.cls_token_id, eos_id=tokenizer.sep_token_id,
-                             pad_id=tokenizer.pad_token_id, max_len=6)
+    for rule in ("xvlm", "fairseq"):
+        beams = generate_captions(model, captioning, "val", 5, cpu, beam_size=3, max_len=6,
+                                  beam_rule=rule)
+        for row, caption in beams.items():
+            tokens = beam_search(model, split.images_of(torch.tensor([row])), beam_size=3,
+                                 rule=rule, bos_id=tokenizer.cls_token_id,
+                                 eos_id=tokenizer.sep_token_id, pad_id=tokenizer.pad_token_id,
+                                 max_len=6)
+            assert caption == tokenizer.decode(tokens[0], skip_special_tokens=True)
+
+
+def prompted(data: PreparedData, prompt: str) -> PreparedData:
+    """The same prepared data, its meta saying that its captions begin with `prompt`."""
+    again = PreparedData(data.directory)
+    again.meta["caption_prompt_ids"] = prompt_ids(again.tokenizer(), prompt)
+    return again
+
+
+def test_captions_are_written_after_the_prepared_prompt_and_without_it(captioning):
+    data = prompted(captioning, "a picture of ")
+    tokenizer, split = data.tokenizer(), data.split("val")
+    prompt = data.meta["caption_prompt_ids"]
+    assert len(prompt) > 3  # this vocabulary spells "picture" in pieces
+    ids = decoder_ids(data)
+    assert ids["prompt_ids"] == prompt
+    assert ids["max_len"] == data.meta["max_text_len"] - 1 - len(prompt)
+    model, cpu = caption_model(data), torch.device("cpu")
+    captions = generate_captions(model, data, "val", 5, cpu, max_len=6)
+    for row, caption in captions.items():
+        tokens = greedy_decode(model, split.images_of(torch.tensor([row])), max_len=6,
+                               **{k: v for k, v in ids.items() if k != "max_len"})
         assert caption == tokenizer.decode(tokens[0], skip_special_tokens=True)
+        assert not caption.startswith("a picture of")
+    assert captions != generate_captions(model, captioning, "val", 5, cpu, max_len=6)
+
+
+def test_decoding_blocks_every_special_token_but_the_end_only_when_asked(captioning):
+    tokenizer = captioning.tokenizer()
+    assert decoder_ids(captioning)["blocked_ids"] == []
+    blocked = decoder_ids(captioning, block_special_tokens=True)["blocked_ids"]
+    assert sorted(blocked) == sorted({tokenizer.pad_token_id, tokenizer.unk_token_id,
+                                      tokenizer.cls_token_id, tokenizer.mask_token_id})
+    assert decoder_ids(captioning, min_len=2)["min_len"] == 2
 
 
 def test_the_caption_report_headlines_the_chosen_metric(captioning):

@@ -1,4 +1,6 @@
-"""Caption targets and loss, and caption metrics checked against pycocoevalcap and by hand."""
+"""Caption targets and loss (the prompt left out, label smoothing as torch defines it), the prompt's
+tokens with a trained WordPiece and a BERT tokenizer, and caption metrics checked against
+pycocoevalcap and by hand."""
 
 import math
 import random
@@ -16,8 +18,18 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from evlm_cli.core.errors import DataError
+from evlm_cli.core.packaged import local_path
+from evlm_cli.data.tokenizer import load_tokenizer, train_wordpiece
 from evlm_cli.tasks import caption
-from evlm_cli.tasks.caption import IGNORE, caption_metrics, lm_labels, lm_loss
+from evlm_cli.tasks.caption import (
+    IGNORE,
+    CaptionLoss,
+    caption_metrics,
+    check_prompted,
+    lm_labels,
+    lm_loss,
+    prompt_ids,
+)
 
 CLS, SEP, PAD = 101, 102, 0
 
@@ -142,6 +154,100 @@ def test_lm_loss_is_cross_entropy_over_labelled_positions():
     changed = logits.clone()
     changed[labels == IGNORE] = 50 * torch.randn(5, 6)
     assert torch.allclose(lm_loss(changed, labels), lm_loss(logits, labels))
+
+
+def test_the_prompt_is_given_not_learnt():
+    """Prompt "p q": the positions that would predict it are IGNORE, the caption's are as
+    without a prompt, and no logit at a prompt position moves the loss."""
+    p, q = 30, 31
+    input_ids = torch.tensor([[CLS, p, q, 7, 8, SEP], [CLS, p, q, 9, SEP, PAD]])
+    mask = (input_ids != PAD).long()
+    labels = lm_labels(input_ids, mask, prompt_length=2)
+    assert torch.equal(labels, torch.tensor([[IGNORE, IGNORE, 7, 8, SEP, IGNORE],
+                                             [IGNORE, IGNORE, 9, SEP, IGNORE, IGNORE]]))
+    assert torch.equal(labels[:, 2:], lm_labels(input_ids, mask)[:, 2:])
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, SEP + 1)
+    loss = CaptionLoss(prompt_length=2, label_smoothing=0.1)
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    changed = logits.clone()
+    changed[:, :2] = 50 * torch.randn(2, 2, SEP + 1)
+    assert torch.allclose(loss.loss(changed, loss.targets(batch)),
+                          loss.loss(logits, loss.targets(batch)))
+    unprompted = CaptionLoss(prompt_length=0, label_smoothing=0.1)
+    assert not torch.allclose(unprompted.loss(changed, unprompted.targets(batch)),
+                              unprompted.loss(logits, unprompted.targets(batch)))
+
+
+def test_a_prompt_that_leaves_no_caption_is_refused():
+    input_ids = torch.tensor([[CLS, 30, SEP]])
+    with pytest.raises(ValueError, match="no caption token"):
+        lm_labels(input_ids, torch.ones_like(input_ids), prompt_length=2)
+
+
+@pytest.mark.parametrize("smoothing", [0.1, 0.3])
+def test_label_smoothing_spreads_the_share_over_the_vocabulary(smoothing):
+    """(1 - e) of the label's cross-entropy plus e of the mean over all V tokens: torch's
+    `label_smoothing`. X-VLM's LabelSmoothSoftmaxCEV1 gives the label 1 - e but not its own
+    e / V of the spread, so it is lower by e / V of the plain cross-entropy."""
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 7)
+    labels = torch.tensor([[4, 2, IGNORE], [6, IGNORE, IGNORE]])
+    rows, targets = logits[labels != IGNORE], labels[labels != IGNORE]
+    log_probs = rows.log_softmax(-1)
+    nll = -log_probs.gather(1, targets[:, None]).squeeze(1)
+    by_hand = ((1 - smoothing) * nll - smoothing * log_probs.mean(-1)).mean()
+    smoothed = CaptionLoss(prompt_length=0, label_smoothing=smoothing).loss(logits, labels)
+    assert torch.allclose(smoothed, by_hand)
+    assert torch.allclose(smoothed, F.cross_entropy(rows, targets, label_smoothing=smoothing))
+    assert smoothed > lm_loss(logits, labels) + 1e-3  # smoothing costs a confident-free model
+
+    vocab = logits.shape[-1]
+    xvlm_target = torch.full_like(log_probs, smoothing / vocab)
+    xvlm_target[torch.arange(len(targets)), targets] = 1 - smoothing
+    xvlm = (-(xvlm_target * log_probs).sum(-1)).mean()
+    assert torch.allclose(smoothed - xvlm, smoothing / vocab * nll.mean())
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    """A WordPiece trained on easy-VQA-like captions (it spells "picture" in pieces) and the
+    packaged BERT vocabulary (all-MiniLM-L6-v2's)."""
+    captions = ["a small red circle in the top left", "there is a large blue triangle on the "
+                "right of the image", "the image contains a medium square at the bottom"] * 20
+    trained = train_wordpiece(captions, 120, tmp_path_factory.mktemp("wordpiece"))
+    return {"wordpiece": trained, "bert": load_tokenizer(local_path("minilm"))}
+
+
+@pytest.mark.parametrize("name", ["wordpiece", "bert"])
+def test_prompted_captions_begin_with_the_prompts_tokens(tokenizers, name):
+    tokenizer = tokenizers[name]
+    prompt = "a picture of "
+    ids = prompt_ids(tokenizer, prompt)
+    assert tokenizer.decode(ids) == "a picture of"
+    assert CLS not in ids and tokenizer.cls_token_id not in ids
+    assert tokenizer.sep_token_id not in ids
+    if name == "bert":
+        assert len(ids) == 3  # X-VLM's prompt is three BERT tokens
+    encoded = torch.tensor(tokenizer([prompt + "a small red circle", prompt + "a square"],
+                                     padding=True)["input_ids"])
+    check_prompted(encoded, tokenizer.cls_token_id, ids, "captioning.prompt")
+    assert prompt_ids(tokenizer, "") == []
+
+
+@pytest.mark.parametrize("name", ["wordpiece", "bert"])
+def test_a_prompt_that_runs_into_the_caption_is_refused(tokenizers, name):
+    tokenizer = tokenizers[name]
+    ids = prompt_ids(tokenizer, "a small re")  # cut inside "red"
+    encoded = torch.tensor(tokenizer(["a small re" + "d circle"])["input_ids"])
+    with pytest.raises(DataError, match="captioning.prompt: 1 captions do not begin"):
+        check_prompted(encoded, tokenizer.cls_token_id, ids, "captioning.prompt")
+
+
+def test_a_text_length_with_no_room_after_the_prompt_is_refused():
+    with pytest.raises(DataError, match="leaves no room"):
+        check_prompted(torch.tensor([[CLS, 30, 31]]), CLS, [30, 31], "data.max_text_len")
 
 
 def test_lm_loss_refuses_a_batch_without_labels():

@@ -6,12 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from evlm_cli.data.tokenizer import train_wordpiece
 from evlm_cli.tasks.pretrain import (
     IGNORE_INDEX,
     TERMS,
+    Masking,
+    continuation_ids,
+    global_batch,
     itc_loss,
     itm_loss,
+    mask_text,
     mask_tokens,
+    mask_whole_words,
     mlm_loss,
     negative_probs,
     sample_hard_negatives,
@@ -69,6 +75,13 @@ def test_itc_gradient_flows_and_bad_shapes_are_reported():
         itc_loss(torch.zeros(3, 3), torch.arange(2))
     with pytest.raises(ValueError, match="square"):
         itc_loss(torch.zeros(3, 2), torch.arange(3))
+
+
+def test_one_process_contrasts_its_own_batch():
+    """Outside a process group the global batch is this process's (2 processes: tests/test_distributed.py)."""
+    image_cls, text_cls, image_ids = torch.randn(3, 1, 4), torch.randn(3, 1, 6), torch.arange(3)
+    gathered = global_batch(image_cls, text_cls, image_ids)
+    assert all(a is b for a, b in zip(gathered, (image_cls, text_cls, image_ids), strict=True))
 
 
 # --- ITM hard negatives -------------------------------------------------------------------------
@@ -146,6 +159,52 @@ def test_hard_negatives_are_reproducible_with_a_generator():
 def test_a_batch_of_one_image_has_no_negative():
     with pytest.raises(ValueError, match="at least two different images"):
         sample_hard_negatives(torch.randn(3, 3), torch.tensor([4, 4, 4]))
+
+
+def xvlm_weights(sim, image_ids, floor):
+    """X-VLM's get_matching_loss weights, normalised as torch.multinomial reads them."""
+    weights = F.softmax(sim.double(), dim=1) + floor
+    weights = weights.masked_fill(image_ids[:, None] == image_ids[None, :], 0.0)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def test_the_floor_on_the_weights_matches_x_vlm_by_hand():
+    sim = torch.tensor([[5.0, 1.0, 0.0], [0.0, 2.0, 1.0], [3.0, 3.0, 3.0]])
+    image_ids = torch.arange(3)
+    # row 0 by hand: softmax over the whole row, 1e-5 on each weight, the positive dropped
+    z = math.exp(5) + math.exp(1) + 1
+    w1, w2 = math.exp(1) / z + 1e-5, 1 / z + 1e-5
+    probs = negative_probs(sim, image_ids, floor=1e-5)
+    assert probs[0].tolist() == pytest.approx([0.0, w1 / (w1 + w2), w2 / (w1 + w2)], rel=1e-6)
+    # the same as X-VLM's arithmetic on every row, shared images included
+    sim, image_ids = 4 * torch.randn(6, 6), torch.tensor([0, 0, 1, 2, 2, 3])
+    for floor in (1e-5, 1e-2):
+        assert torch.allclose(negative_probs(sim, image_ids, floor=floor).double(),
+                              xvlm_weights(sim, image_ids, floor), atol=1e-6)
+    # without a floor: the softmax over the negatives alone, as before
+    assert torch.allclose(negative_probs(sim, image_ids, floor=0.0).double(),
+                          xvlm_weights(sim, image_ids, 0.0), atol=1e-6)
+    with pytest.raises(ValueError, match="floor"):
+        negative_probs(sim, image_ids, floor=-1.0)
+
+
+def test_the_floor_makes_a_confident_row_draw_evenly():
+    # ITC sure of the pair: the softmax leaves the negatives e^-28 of the row, which the
+    # floor outweighs; without it text 2 stays the hardest by far
+    sim = torch.tensor([[30.0, 0.0, 2.0], [0.0, 30.0, 0.0], [0.0, 0.0, 30.0]])
+    image_ids = torch.arange(3)
+    without = negative_probs(sim, image_ids)[0]
+    assert without[2] == pytest.approx(math.exp(2) / (1 + math.exp(2)), rel=1e-6)
+    floored = negative_probs(sim, image_ids, floor=1e-5)[0]
+    assert floored[1] == pytest.approx(0.5, abs=1e-6) and floored[2] == pytest.approx(0.5, abs=1e-6)
+    # with half the draws even already (hard_share 0.5), the floor acts on the other half
+    mixed = negative_probs(sim, image_ids, hard_share=0.5, floor=1e-5)[0]
+    assert mixed.tolist() == pytest.approx([0.0, 0.5, 0.5], abs=1e-6)
+    # and the draws follow it
+    generator = torch.Generator().manual_seed(0)
+    texts = torch.stack([sample_hard_negatives(sim, image_ids, generator, floor=1e-5)[0][0]
+                         for _ in range(2000)])
+    assert (texts == 1).float().mean().item() == pytest.approx(0.5, abs=0.04)
 
 
 # --- ITM loss -----------------------------------------------------------------------------------
@@ -255,3 +314,135 @@ def test_mlm_loss_ignores_unmasked_positions():
 def test_mlm_loss_without_a_masked_position_is_an_error():
     with pytest.raises(ValueError, match="no masked position"):
         mlm_loss(torch.randn(1, 3, 7), torch.full((1, 3), IGNORE_INDEX))
+
+
+# --- whole-word MLM (X-VLM) ---------------------------------------------------------------------
+
+FIRST = range(200, 600)  # ids that begin a word
+NEXT = range(600, VOCAB)  # "##" ids, continuing the word before them
+
+
+def worded_batch(word_lengths, generator):
+    """[CLS] words [SEP] [PAD]...: a row per list of word lengths (in pieces), and each
+    row's words as lists of positions."""
+    length = max(sum(row) for row in word_lengths) + 2
+    input_ids = torch.full((len(word_lengths), length), PAD)
+    attention_mask = torch.zeros_like(input_ids)
+    words = []
+    for row, pieces in enumerate(word_lengths):
+        ids, positions = [CLS], []
+        for count in pieces:
+            positions.append(list(range(len(ids), len(ids) + count)))
+            ids.append(FIRST[int(torch.randint(len(FIRST), (1,), generator=generator))])
+            ids += [NEXT[int(i)] for i in torch.randint(len(NEXT), (count - 1,), generator=generator)]
+        ids.append(SEP)
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        words.append(positions)
+    return input_ids, attention_mask, words
+
+
+def mask_words(input_ids, attention_mask, prob=0.25, max_masks=8, span_prob=0.2, seed=0):
+    return mask_whole_words(input_ids, attention_mask, mask_id=MASK, vocab_size=VOCAB,
+                            special_ids=SPECIAL, continuation_ids=NEXT, prob=prob,
+                            max_masks=max_masks, span_prob=span_prob,
+                            generator=torch.Generator().manual_seed(seed))
+
+
+def x_vlm_count(pieces, prob=0.25, max_masks=8):
+    """X-VLM's masks per caption: it counts [CLS] with the pieces; Python's round, as its own."""
+    return min(max_masks, max(1, round(prob * (pieces + 1))))
+
+
+def test_whole_word_masking_never_splits_a_word():
+    # Words of two pieces and a cap of 8 pieces: single words (no n-grams) fill the count
+    # exactly, so X-VLM's trim to the count never cuts one.
+    generator = torch.Generator().manual_seed(0)
+    input_ids, attention_mask, words = worded_batch([[2] * 18] * 300, generator)
+    masked, labels = mask_words(input_ids, attention_mask, span_prob=0.0)
+    chosen = labels != IGNORE_INDEX
+    for row, positions in enumerate(words):
+        picked = [chosen[row, p].tolist() for p in positions]
+        assert all(all(word) or not any(word) for word in picked), (row, picked)
+        assert sum(all(word) for word in picked) == 4
+    # per token, the same rate splits most of them
+    _, labels = mask(input_ids, attention_mask, prob=0.25)
+    by_token = labels != IGNORE_INDEX
+    split = sum(len(set(by_token[row, positions].tolist())) == 2
+                for row, row_words in enumerate(words) for positions in row_words)
+    assert split > 0.3 * sum(by_token.sum(1).tolist()) / 2
+
+
+def test_whole_word_masking_counts_as_x_vlm_and_holds_the_cap():
+    generator = torch.Generator().manual_seed(1)
+    word_lengths = [torch.randint(1, 4, (int(n),), generator=generator).tolist()
+                    for n in torch.randint(1, 25, (2000,), generator=generator)]
+    input_ids, attention_mask, _ = worded_batch(word_lengths, generator)
+    original = input_ids.clone()
+    masked, labels = mask_words(input_ids, attention_mask)
+    assert torch.equal(input_ids, original)
+    chosen = labels != IGNORE_INDEX
+    maskable = (attention_mask == 1) & ~torch.isin(input_ids, torch.tensor(SPECIAL))
+    assert not (chosen & ~maskable).any()
+    counts = chosen.sum(1)
+    expected = torch.tensor([x_vlm_count(sum(row)) for row in word_lengths])
+    assert torch.equal(counts, expected)  # 1 at least, 8 at most
+    assert counts.max() == 8 and counts.min() == 1
+    # below the cap, the rate is X-VLM's
+    below = (maskable.sum(1) + 1) * 0.25 < 7.5
+    rate = counts[below].sum() / maskable.sum(1)[below].sum()
+    assert rate.item() == pytest.approx(0.25, abs=0.03)
+    # BERT's 80/10/10 on the chosen
+    total = chosen.sum()
+    assert (masked[chosen] == MASK).sum() / total == pytest.approx(0.8, abs=0.02)
+    assert (masked[chosen] == input_ids[chosen]).sum() / total == pytest.approx(0.1, abs=0.02)
+
+
+def test_spans_mask_neighbouring_words():
+    generator = torch.Generator().manual_seed(2)
+    input_ids, attention_mask, _ = worded_batch([[1] * 30] * 500, generator)
+
+    def neighbours_masked(span_prob):
+        chosen = mask_words(input_ids, attention_mask, span_prob=span_prob)[1] != IGNORE_INDEX
+        return ((chosen[:, 1:] & chosen[:, :-1]).sum() / chosen.sum()).item()
+
+    # 8 of 30 words: single words are seldom neighbours; n-grams of 2 or 3 always are
+    assert neighbours_masked(0.0) < 0.3 < 0.5 < neighbours_masked(1.0)
+
+
+def test_whole_word_masking_always_masks_a_caption_that_has_a_word():
+    input_ids = torch.tensor([[CLS, 500, SEP, PAD], [CLS, SEP, PAD, PAD], [CLS, 500, 700, SEP]])
+    attention_mask = (input_ids != PAD).long()
+    for seed in range(20):
+        _, labels = mask_words(input_ids, attention_mask, prob=1e-6, seed=seed)
+        chosen = (labels != IGNORE_INDEX).tolist()
+        assert chosen[0] == [False, True, False, False] and not any(chosen[1])
+        assert sum(chosen[2]) == 1  # a count of 1: X-VLM's trim cuts the two-piece word
+    first = mask_words(input_ids, attention_mask, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(first, mask_words(input_ids, attention_mask,
+                                                                      seed=5), strict=True))
+    with pytest.raises(ValueError, match="max_masks"):
+        mask_words(input_ids, attention_mask, max_masks=0)
+
+
+def test_mask_text_follows_the_masking_rule():
+    generator = torch.Generator().manual_seed(3)
+    input_ids, attention_mask, _ = worded_batch([[1] * 30] * 200, generator)
+    rule = Masking(mask_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL, prob=0.25, max_masks=3,
+                   continuation_ids=tuple(NEXT))
+    by_token = mask_text(input_ids, attention_mask, rule)[1] != IGNORE_INDEX
+    assert by_token.sum(1).max() > 3  # no cap
+    whole = Masking(**{**rule.__dict__, "whole_words": True})
+    assert (mask_text(input_ids, attention_mask, whole)[1] != IGNORE_INDEX).sum(1).max() == 3
+
+
+def test_continuation_ids_are_the_wordpiece_vocabularys_continued_pieces(tmp_path):
+    texts = ["a small red circle", "a large blue triangle", "the rectangle is grey"] * 20
+    tokenizer = train_wordpiece(texts, 60, tmp_path)
+    vocab = tokenizer.get_vocab()
+    continued = set(continuation_ids(vocab))
+    assert continued == {i for token, i in vocab.items() if token.startswith("##")}
+    ids = tokenizer("the rectangle is grey")["input_ids"][1:-1]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert len(pieces) > 4  # the small vocabulary splits words
+    assert [i in continued for i in ids] == [p.startswith("##") for p in pieces]

@@ -1,66 +1,114 @@
-"""VQA soft scores, accuracy and the per-batch choice of loss."""
+"""The official VQA accuracy (normalisation, leave-one-out), the targets built from it, the loss."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from evlm_cli.tasks import TASKS
-from evlm_cli.tasks.vqa import answer_scores, is_one_hot, vqa_accuracy, vqa_example_scores, vqa_loss
-
-
-def test_answer_scores_follow_vqa_definition():
-    ten = ["red"] * 2 + ["blue"] * 7 + ["green"]
-    assert answer_scores(ten) == pytest.approx({"red": 2 / 3, "blue": 1.0, "green": 1 / 3})
-    assert answer_scores(["red"] * 3 + ["blue"] * 7) == pytest.approx({"red": 1.0, "blue": 1.0})
-    assert answer_scores(["yes"]) == {"yes": 1.0}
-    assert answer_scores(["yes", "no"]) == {"yes": 0.5, "no": 0.5}
-    assert answer_scores([]) == {}
-
-
-def test_accuracy_on_hand_examples():
-    # answers: 0 = red, 1 = blue, 2 = green
-    targets = torch.tensor(
-        [
-            [1.0, 0.0, 0.0],  # single answer, predicted right
-            [2 / 3, 1.0, 1 / 3],  # 2 of 10 annotators said red, the prediction
-            [0.0, 0.0, 1.0],  # single answer, predicted wrong
-        ]
-    )
-    logits = torch.tensor([[3.0, 1.0, 0.0], [5.0, 4.0, 0.0], [0.0, 2.0, 1.0]])
-    assert vqa_example_scores(logits, targets).tolist() == pytest.approx([1.0, 2 / 3, 0.0])
-    assert vqa_accuracy(logits, targets) == pytest.approx((1.0 + 2 / 3 + 0.0) / 3)
-    assert vqa_accuracy(logits[1:2], targets[1:2]) == pytest.approx(2 / 3)
-
-
-def test_accuracy_is_exact_match_for_single_answers():
-    labels = torch.tensor([0, 2, 1, 1])
-    targets = F.one_hot(labels, 3).float()
-    logits = F.one_hot(torch.tensor([0, 2, 0, 1]), 3).float()
-    assert vqa_accuracy(logits, targets) == pytest.approx(0.75)
-
-
-def test_one_hot_targets_use_cross_entropy():
-    logits = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
-    labels = torch.tensor([0, 3, 4, 1])
-    targets = F.one_hot(labels, 5).half()
-    assert is_one_hot(targets)
-    assert vqa_loss(logits, targets).item() == pytest.approx(F.cross_entropy(logits, labels).item())
-
-
-@pytest.mark.parametrize(
-    "soft_row",
-    [[2 / 3, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.5, 0.0, 0.0, 0.0]],
-    ids=["annotators", "no-answer-in-list", "half"],
+from evlm_cli.tasks.vqa import (
+    accuracy_of_count,
+    answer_scores,
+    normalize_answer,
+    vqa_accuracy,
+    vqa_accuracy_of,
+    vqa_example_scores,
+    vqa_loss,
+    vqa_report,
 )
-def test_any_soft_row_switches_to_scaled_bce(soft_row):
+
+
+def annotators(answer: str, matching: int, other: str = "blue") -> list[str]:
+    return [answer] * matching + [other] * (10 - matching)
+
+
+# k of 10 annotators gave the predicted answer. Leave-one-out over the 10 subsets of 9:
+# leaving out one of the k leaves k - 1 matches, leaving out one of the others leaves k,
+# and each subset scores min(matches / 3, 1).
+@pytest.mark.parametrize("matching, expected", [
+    (0, 0.0),
+    (1, 0.3),  # (1 x 0/3 + 9 x 1/3) / 10; min(1/3, 1) would say 0.333
+    (2, 0.6),  # (2 x 1/3 + 8 x 2/3) / 10
+    (3, 0.9),  # (3 x 2/3 + 7 x 1) / 10; min(3/3, 1) would say 1.0
+    (4, 1.0),  # (4 x 1 + 6 x 1) / 10
+    (10, 1.0),
+])
+def test_ten_annotators_score_by_leave_one_out(matching, expected):
+    assert vqa_accuracy_of("red", annotators("red", matching)) == pytest.approx(expected)
+    assert accuracy_of_count(matching, 10) == pytest.approx(expected)
+
+
+# When the annotators disagree, prediction and annotations are normalised first; each row is
+# one of the evaluator's rules, and the prediction must match 3 of 10 "blue"-padded answers.
+@pytest.mark.parametrize("predicted, given", [
+    ("Two", "2"),  # lower case, then number words as digits
+    ("two", "2"),
+    ("none", "0"),
+    ("2.", "2"),  # a period not followed by a digit goes
+    ("yes!", "yes"),  # a mark that touches no space becomes a space, then spaces collapse
+    ("the dog", "dog"),  # articles go
+    ("a red ball", "red ball"),
+    ("dont", "don't"),  # contractions get their apostrophe back
+    ("1,000", "1000"),  # with a comma between digits, every mark is deleted
+    ("red, green", "red green"),  # a mark beside a space is deleted
+    ("black-and-white", "black and white"),  # a mark inside a word becomes a space
+])
+def test_disagreeing_annotators_are_compared_normalised(predicted, given):
+    assert vqa_accuracy_of(predicted, annotators(given, 3)) == pytest.approx(0.9)
+
+
+def test_the_decimal_point_survives_normalisation():
+    assert normalize_answer("2.5") == "2.5"
+    assert vqa_accuracy_of("2.5", annotators("25", 3)) == 0.0
+
+
+def test_agreeing_annotators_are_compared_as_written():
+    # The evaluator normalises only when the annotators disagree: "Two" against ten "2" is 0.
+    assert vqa_accuracy_of("2", ["2"] * 10) == 1.0
+    assert vqa_accuracy_of("Two", ["2"] * 10) == 0.0
+    assert vqa_accuracy_of(" 2\n", ["2"] * 10) == 1.0  # surrounding whitespace always goes
+
+
+def test_fewer_than_three_annotators_score_their_share():
+    assert vqa_accuracy_of("yes", ["yes"]) == 1.0  # one annotator (easy-VQA): exact match
+    assert vqa_accuracy_of("no", ["yes"]) == 0.0
+    assert vqa_accuracy_of("yes", ["yes", "no"]) == 0.5
+
+
+def test_targets_are_each_candidates_official_score():
+    candidates = ["2", "blue", "red", "dog"]
+    given = ["two"] * 2 + ["Blue"] * 7 + ["the dog"]
+    scores = answer_scores(given, candidates)
+    assert scores == pytest.approx({0: 0.6, 1: 1.0, 3: 0.3})
+    for index, candidate in enumerate(candidates):
+        assert scores.get(index, 0.0) == pytest.approx(vqa_accuracy_of(candidate, given))
+    assert answer_scores([], candidates) == {}
+
+
+def test_report_averages_overall_and_per_answer_type():
+    report = vqa_report(["yes", "2", "red"],
+                        [["yes"] * 10, annotators("2", 1), annotators("red", 3)],
+                        ["yes/no", "number", "other"])
+    assert report["value"] == pytest.approx((1.0 + 0.3 + 0.9) / 3)
+    assert report["by_answer_type"] == pytest.approx({"yes/no": 1.0, "number": 0.3, "other": 0.9})
+    assert vqa_report(["yes"], [["yes"]], [None])["by_answer_type"] is None
+
+
+def test_example_scores_gather_the_predicted_answers_target():
+    targets = torch.tensor([[1.0, 0.0, 0.0], [0.6, 1.0, 0.3], [0.0, 0.0, 1.0]])
+    logits = torch.tensor([[3.0, 1.0, 0.0], [5.0, 4.0, 0.0], [0.0, 2.0, 1.0]])
+    assert vqa_example_scores(logits, targets).tolist() == pytest.approx([1.0, 0.6, 0.0])
+    assert vqa_accuracy(logits, targets) == pytest.approx(1.6 / 3)
+
+
+@pytest.mark.parametrize("rows", [
+    [[1.0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0], [0, 0, 0, 1.0, 0]],  # one answer each
+    [[1.0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0], [0.6, 1.0, 0, 0, 0]],  # one row of soft scores
+], ids=["one-hot", "soft"])
+def test_the_loss_is_scaled_bce_whatever_the_batch_holds(rows):
     logits = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
-    targets = torch.tensor([[1.0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0], soft_row])
-    assert not is_one_hot(targets)
+    targets = torch.tensor(rows)
     expected = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / 3
     assert vqa_loss(logits, targets).item() == pytest.approx(expected.item(), rel=1e-5)
-    assert vqa_loss(logits, targets).item() != pytest.approx(
-        F.cross_entropy(logits, targets.argmax(-1)).item()
-    )
 
 
 def test_loss_has_gradients():
