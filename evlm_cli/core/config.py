@@ -102,6 +102,7 @@ class DataConfig:
     val_fraction: float
     storage: str  # auto | memory | files (`evlm_cli.data.images`)
     skip_bad_images: bool
+    caption_prompt: str  # captioning: put before every caption ("" = none)
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,7 @@ class TaskTeacherConfig:
 
     checkpoint: str | None  # an evlm task model, used as it is
     lr_scale: float  # the pre-trained tensors' learning rate, as a share of train.lr
+    label_smoothing: float  # captioning's LM loss
     train: OptimConfig
 
 
@@ -243,6 +245,7 @@ class PruneConfig:
     gate_init: str
     gate_lr: float
     lagrangian_lr: float
+    label_smoothing: float  # captioning's LM loss
     temperature: float
     weights: LossWeights
 
@@ -250,6 +253,7 @@ class PruneConfig:
 @dataclass(frozen=True)
 class FinetuneConfig:
     train: OptimConfig
+    label_smoothing: float  # captioning's LM loss, here and in the dense stage
     temperature: float
     weights: LossWeights
 
@@ -270,6 +274,9 @@ class EvaluateConfig:
     rerank: str
     beam_size: int
     max_len: int | None
+    min_len: int
+    beam_rule: str  # xvlm | fairseq (`evlm_cli.models.generate.beam_search`)
+    block_special_tokens: bool
     latency: LatencyConfig
 
 

@@ -9,10 +9,10 @@ Both searches return the tokens written after the prompt, [B, T] with T <= max_l
 ends at its first end token (included) and is padded with `pad_id` after it, or runs to max_len.
 So the prompt never reaches the caption text.
 
-Two rules shape what may be written, as Hugging Face's `generate` applies them for X-VLM: the
-end token is forbidden until `min_len` tokens are written, and `blocked_ids` (special tokens
-such as [PAD], [UNK], [CLS], [MASK]) are forbidden throughout. X-VLM blocks none of them, and
-only drops them from the text.
+Two rules shape what may be written, applied as Hugging Face's logits processors are: the end
+token is forbidden until `min_len` tokens are written (X-VLM's min_length), and `blocked_ids`
+(special tokens such as [PAD], [UNK], [CLS], [MASK]) are forbidden throughout. X-VLM blocks
+none; its captions, like these, only drop special tokens from their text.
 
 Each step feeds only the newest token: the text and fusion encoders keep every layer's keys
 and values of the prefix (`blocks.DecoderCache`), and the fusion layers project the image

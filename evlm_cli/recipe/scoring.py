@@ -99,15 +99,20 @@ def evaluate_report(model: VLM, data: PreparedData, split: str, task: str, batch
     """{"value": the headline metric, ...}: retrieval adds each recall (TR/IR@1/5/10) under
     "recall", captioning each caption metric under "scores" (`metric` picks the headline:
     cider, bleu, meteor or rouge_l; captions come from beam search when `beam_size` > 1, and
-    `caption_search` holds `generate_captions`'s other keywords)."""
+    `caption_search` holds `generate_captions`'s other keywords). "predictions" holds the
+    task's results: VQA and NLVR2 answers (`classification_report`), retrieval rankings,
+    captions as `{"image_id": prepared image row, "caption"}`."""
     model.eval().to(device)
     if task == "pretrain" or TASKS[task].contrastive:
         return retrieval_report(model, data.split(split), batch_size, device, k_test, rerank)
     if TASKS[task].generative:
-        scores = caption_scores(model, data, split, batch_size, device, beam_size, max_len,
-                                meteor, **caption_search)
+        captions = generate_captions(model, data, split, batch_size, device, beam_size,
+                                     max_len, **caption_search)
+        scores = caption_scores(data, split, captions, meteor)
         return {"value": scores[CAPTION_METRICS[metric or TASKS[task].metric_name]],
-                "scores": scores}
+                "scores": scores,
+                "predictions": [{"image_id": row, "caption": text}
+                                for row, text in sorted(captions.items())]}
     return classification_report(TaskLogits(model, task), data, split, task, batch_size, device)
 
 
@@ -154,13 +159,10 @@ def decoder_ids(data: PreparedData, max_len: int | None = None, *, min_len: int 
                 prompt_ids=prompt, min_len=min_len, blocked_ids=blocked)
 
 
-def caption_scores(model: VLM, data: PreparedData, split: str, batch_size: int,
-                   device: torch.device, beam_size: int = 1, max_len: int | None = None,
-                   meteor: bool = True, **search) -> dict[str, float]:
-    """BLEU, METEOR (unless left out), ROUGE-L and CIDEr of the model's captions against
-    every reference of their images; `search` holds `generate_captions`'s keywords."""
-    captions = generate_captions(model, data, split, batch_size, device, beam_size, max_len,
-                                 **search)
+def caption_scores(data: PreparedData, split: str, captions: dict[int, str],
+                   meteor: bool = True) -> dict[str, float]:
+    """BLEU, METEOR (unless left out), ROUGE-L and CIDEr of `generate_captions`'s captions
+    against every reference of their images."""
     references = data.references(split)
     return caption_metrics(captions, {row: references[row] for row in captions}, meteor=meteor)
 

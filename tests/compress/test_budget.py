@@ -4,7 +4,7 @@ units by their gates within it, and keeps every encoder at or above its floor (m
 import pytest
 import torch
 
-from evlm_cli.compress.l0 import L0Gates, SparsityConstraint
+from evlm_cli.compress.l0 import KEPT_LOG_ALPHA, LOG_ALPHA_RANGE, L0Gates, SparsityConstraint
 from evlm_cli.compress.slice import slice_model
 from evlm_cli.models.config import make_config
 from evlm_cli.models.groups import PrunableGroup
@@ -83,6 +83,62 @@ def test_units_are_chosen_by_gate_score_and_a_big_unit_gives_way_to_small_ones()
     masks = gates.masks_within({"vision": 10, "text": 6})
     assert masks["vision.0.heads"].tolist() == [True, False]
     assert masks["text.0.ffn"].tolist() == [True, True, False, False]
+
+
+def listed_in(groups, order):
+    """The same groups with the encoders listed in `order` (each encoder's own order kept)."""
+    return [g for encoder in order for g in groups if g.encoder == encoder]
+
+
+ORDERS = (("vision", "text", "fusion"), ("fusion", "text", "vision"))
+
+
+def test_a_tie_is_split_by_each_encoders_share_of_it_in_either_order():
+    groups = [PrunableGroup("vision.0.ffn", "vision", "ffn", 0, 4, 10),
+              PrunableGroup("text.0.heads", "text", "heads", 0, 2, 20)]
+    for order in (("vision", "text"), ("text", "vision")):
+        gates = L0Gates(listed_in(groups, order))
+        set_log_alpha(gates, "vision.0.ffn", [3.0] * 4)
+        set_log_alpha(gates, "text.0.heads", [3.0] * 2)
+        # Half the budget: half of each encoder's tied parameters, not all of the first listed.
+        masks = gates.masks_within({None: 40})
+        assert masks["vision.0.ffn"].tolist() == [True, True, False, False], order
+        assert masks["text.0.heads"].tolist() == [True, False], order
+
+
+def clamped_scores(gates):
+    """Scores as training leaves them when it stops early, heads having started kept: most
+    pinned at the clamp's top, so the budget cuts through a tie. Each unit's score follows its
+    name, not the position of its group in the list."""
+    generator = torch.Generator().manual_seed(1)
+    for g in sorted(gates.groups, key=lambda g: g.name):
+        scores = torch.randn(g.size, generator=generator) * 4.0 + 12.0
+        set_log_alpha(gates, g.name, scores.clamp(*LOG_ALPHA_RANGE).tolist())
+
+
+def identical_scores(gates):
+    for g in gates.groups:
+        set_log_alpha(gates, g.name, [KEPT_LOG_ALPHA] * g.size)
+
+
+@pytest.mark.parametrize("scores", [identical_scores, clamped_scores])
+@pytest.mark.parametrize("min_keep", [0.0, 0.05])
+def test_tied_gates_listed_in_two_encoder_orders_give_the_same_allocation(scores, min_keep):
+    groups = narrow_wide_vlm().prunable_groups(("heads", "ffn"))
+    allocations = []
+    for order in ORDERS:
+        gates = L0Gates(listed_in(groups, order))
+        scores(gates)
+        masks = SparsityConstraint(gates, "modal-adaptive", 0.5, min_keep=min_keep).final_masks()
+        assert 0.5 - 1e-9 <= sparsity(gates, masks) <= 0.5 + TOLERANCE
+        allocations.append({name: mask.tolist() for name, mask in masks.items()})
+        if scores is identical_scores:
+            # Nothing tells the encoders apart, so each gives up half, within its largest unit.
+            for encoder in gates.encoders:
+                largest = max(g.unit_params for g in gates.groups if g.encoder == encoder)
+                assert sparsity(gates, masks, encoder) == pytest.approx(
+                    0.5, abs=largest / gates.total_params(encoder)), encoder
+    assert allocations[0] == allocations[1]
 
 
 def test_floors_are_chosen_first_and_count_towards_the_budget():

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from evlm_cli.compress.l0 import (
+    GATE_INITS,
+    KEPT_LOG_ALPHA,
     LOG_ALPHA_RANGE,
     L0Gates,
     SparsityConstraint,
@@ -38,6 +40,41 @@ def test_samples_lie_in_unit_interval_with_exact_zeros_and_ones():
     assert abs((z > 0).float().mean().item() - p_kept(0.0)) < 0.015
     z.sum().backward()
     assert log_alpha.grad.abs().sum() > 0
+
+
+def groups_of_every_kind():
+    return [*tiny_groups(), PrunableGroup("fusion.0.cross_heads", "fusion", "cross_heads", 0, 2, 10)]
+
+
+def test_head_and_sublayer_gates_start_almost_surely_kept_and_ffn_gates_undecided():
+    torch.manual_seed(0)
+    gates = L0Gates(groups_of_every_kind(), droprate_init=0.5)
+    for name in ("vision.0.heads", "fusion.0.cross_heads", "vision.0.attn_layer"):
+        assert gates.log_alpha_of(name).detach() == pytest.approx(
+            torch.full_like(gates.log_alpha_of(name), KEPT_LOG_ALPHA), abs=0.05)
+        assert gates.prob_nonzero(name).min().item() > 1 - 1e-4, name
+    # droprate_init 0.5: log_alpha 0, even odds of keeping.
+    ffn = gates.log_alpha_of("text.0.ffn").detach()
+    assert torch.sigmoid(ffn).tolist() == pytest.approx([0.5] * 3, abs=0.01)
+    # Only the FFN neurons (12 of 52 parameters) count towards the starting sparsity.
+    assert gates.total_params() == 52
+    assert gates.expected_sparsity().item() == pytest.approx(12 * (1 - p_kept(0.0)) / 52, abs=0.01)
+
+
+def test_droprate_init_starts_every_unit_gate_undecided_and_sublayers_near_kept():
+    torch.manual_seed(0)
+    gates = L0Gates(groups_of_every_kind(), droprate_init=0.5, init="droprate")
+    for name in ("vision.0.heads", "fusion.0.cross_heads", "text.0.ffn"):
+        log_alpha = gates.log_alpha_of(name).detach()
+        assert torch.sigmoid(log_alpha).tolist() == pytest.approx([0.5] * len(log_alpha), abs=0.01)
+        assert gates.prob_nonzero(name).tolist() == pytest.approx([p_kept(0.0)] * len(log_alpha),
+                                                                  abs=0.01)
+    assert gates.log_alpha_of("vision.0.attn_layer").item() == pytest.approx(math.log(99), abs=0.05)
+
+
+def test_an_unknown_gate_init_is_refused():
+    with pytest.raises(ValueError, match="gate init"):
+        L0Gates(tiny_groups(), init="kept")
 
 
 def test_training_samples_are_fresh_and_eval_gates_deterministic():
@@ -143,11 +180,14 @@ def two_encoder_groups():
     return groups
 
 
+@pytest.mark.parametrize("init", GATE_INITS)
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
-def test_lagrangian_alone_reaches_target(target):
+def test_lagrangian_alone_reaches_target(target, init):
     torch.manual_seed(0)
-    gates = L0Gates(two_encoder_groups())
-    constraint = SparsityConstraint(gates, "modal-adaptive", target)
+    gates = L0Gates(two_encoder_groups(), init=init)
+    # The target ramps up as the stage ramps it: set at once, it leaves head gates that start
+    # kept far behind while the multipliers grow, and the overshoot takes longer to settle.
+    constraint = SparsityConstraint(gates, "modal-adaptive", target, warmup_fraction=0.5)
     optimizers = [torch.optim.Adam(gates.parameters(), lr=0.1), constraint.ascent_optimizer(0.1)]
     assert gates.expected_sparsity().item() < 0.25
     for step in range(300):

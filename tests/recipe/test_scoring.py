@@ -15,6 +15,7 @@ from evlm_cli.recipe.scoring import (
     evaluate_report,
     generate_captions,
     retrieval_recalls,
+    retrieval_scores,
 )
 from evlm_cli.tasks.caption import prompt_ids
 from evlm_cli.tasks.retrieval import rerank_top_k, retrieval_metrics
@@ -49,15 +50,24 @@ def test_retrieval_recalls_equal_a_full_forward_per_pair(pairs):
         def itm(image_index, text_index):  # every pair through the whole model, from scratch
             out = model(pictures[image_index], batch["input_ids"][text_index],
                         batch["attention_mask"][text_index])
-            return model.logits("retrieval", out)[:, 1] + sim[image_index, text_index]
+            return model.logits("retrieval", out)[:, 1]
+
+        def itm_plus_itc(image_index, text_index):
+            return itm(image_index, text_index) + sim[image_index, text_index]
 
         expected_itc = retrieval_metrics(sim, sim.t(), text_to_image)
         expected_itm = retrieval_metrics(*rerank_top_k(sim, 3, itm), text_to_image)
+        expected_scores = {"itm": rerank_top_k(sim, 3, itm),
+                           "itm+itc": rerank_top_k(sim, 3, itm_plus_itc)}
     assert len(images) >= 4 and len(split) > len(images)  # several captions per image
     got_itc = retrieval_recalls(model, split, 7, torch.device("cpu"), 0)
     got_itm = retrieval_recalls(model, split, 7, torch.device("cpu"), 3)
     assert got_itc == pytest.approx(expected_itc, abs=1e-6)
     assert got_itm == pytest.approx(expected_itm, abs=1e-6)
+    for rerank, (i2t, t2i) in expected_scores.items():  # the match logit alone by default
+        got_i2t, got_t2i, _ = retrieval_scores(model, split, 7, torch.device("cpu"), 3, rerank)
+        assert torch.allclose(got_i2t, i2t, atol=1e-5) and torch.allclose(got_t2i, t2i, atol=1e-5)
+    assert not torch.allclose(expected_scores["itm"][0], expected_scores["itm+itc"][0])
     assert got_itm != got_itc  # re-ranking changed something, so the check above has teeth
 
 
@@ -66,8 +76,8 @@ def captioning(pairs, tmp_path_factory):
     out = tmp_path_factory.mktemp("captioning")
     prepare(DataConfig(source="easy-vqa", train=(), val=(), test=(), image_root=None,
                        answer_list=None, image_size=16, max_text_len=16, limit=12,
-                       val_fraction=0.1, storage="auto",
-                       skip_bad_images=False), "captioning", 0, out, pairs.directory / "tokenizer")
+                       val_fraction=0.1, storage="auto", skip_bad_images=False,
+                       caption_prompt=""), "captioning", 0, out, pairs.directory / "tokenizer")
     return PreparedData(out)
 
 
