@@ -116,7 +116,7 @@ def test_data_has_no_tokenizer_of_its_own():
 def test_unknown_and_missing_keys_name_their_path():
     with pytest.raises(ConfigError, match=r"^task_teacher\.train: unknown key 'lrr'"):
         params_from_dict({"task_teacher": {"checkpoint": None, "lr_scale": 1.0,
-                                          "train": {"lrr": 1}}})
+                                          "label_smoothing": 0.0, "train": {"lrr": 1}}})
     with pytest.raises(ConfigError, match=r"^teacher: unknown key 'train'"):
         shape = {"layers": 1, "width": 8, "heads": 2, "ffn": 16}
         params_from_dict({"teacher": {"vision": shape, "text": shape, "fusion": shape,

@@ -228,7 +228,7 @@ def test_defaults_are_filled_into_a_minimal_spec():
     assert "tokenizer" not in spec["data"] and "vocab_size" not in spec["data"]
     assert "pool" not in spec["task_teacher"] and "train" not in spec["teacher"]
     assert spec["teacher"]["embed_dim"] == 256
-    assert spec["evaluate"]["k_test"] == 16
+    assert spec["evaluate"]["k_test"] == 256
     assert spec["finetune"]["train"]["max_steps"] is None
     assert spec["student"]["layer_map"] == {"vision": None, "text": None, "fusion": None}
     assert spec["evaluate"]["latency"]["batch_sizes"] == [1, 32]

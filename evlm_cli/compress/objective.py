@@ -20,7 +20,7 @@ from evlm_cli.compress import distill as kd
 from evlm_cli.core.config import ENCODERS, LossWeights
 from evlm_cli.models.blocks import Gates
 from evlm_cli.models.vlm import CAUSAL_TASKS, VLM, VLMOutput, model_inputs
-from evlm_cli.tasks import TASKS
+from evlm_cli.tasks import TASKS, Task
 from evlm_cli.tasks import pretrain as objectives
 from evlm_cli.tasks.pretrain import Masking, NegativeRule
 
@@ -39,10 +39,11 @@ class Step:
 
 
 def classify_step(model: VLM, batch: dict[str, Tensor], task: str, gates: Gates | None,
-                  opts: dict) -> Step:
+                  opts: dict, spec: Task | None = None) -> Step:
     """One pass and its task loss: VQA and NLVR2 classify; captioning predicts each next
-    token of the reference (teacher forcing)."""
-    spec = TASKS[task]
+    token of the reference (teacher forcing). `spec` is the task as the data and the spec set
+    it up (`tasks.task_for`); by default TASKS[task]."""
+    spec = spec or TASKS[task]
     out = model(*model_inputs(batch), gates=gates, causal=task in CAUSAL_TASKS, **opts)
     logits = model.logits(task, out)
     targets = spec.targets(batch)
@@ -109,7 +110,8 @@ class Objective:
 
     `task` is a task name ("vqa", "nlvr2", "retrieval", "captioning") or "pretrain". `task_weights` weighs the
     contrastive terms (itc, itm, mlm) of pre-training and retrieval into the task term, and
-    `negative_rule` says where ITC and ITM find their negatives.
+    `negative_rule` says where ITC and ITM find their negatives. `task_spec` is a classifying
+    or generative task as the data and the spec set it up (`tasks.task_for`).
     `modules` holds what it trains besides the student (the learned hidden-state projections),
     for the optimiser and the checkpoint.
     """
@@ -118,8 +120,9 @@ class Objective:
                  teacher: VLM | None = None, layer_maps: dict[str, list[int]] | None = None,
                  gates: nn.Module | None = None, constraint: nn.Module | None = None,
                  task_weights: dict[str, float] | None = None, masking: Masking | None = None,
-                 negative_rule: NegativeRule | None = None):
+                 negative_rule: NegativeRule | None = None, task_spec: Task | None = None):
         self.student, self.task, self.weights, self.temperature = student, task, weights, temperature
+        self.task_spec = task_spec
         self.contrastive = task == "pretrain" or TASKS[task].contrastive
         if self.contrastive:
             self.task_weights = dict(task_weights or TASKS[task].terms)
@@ -145,7 +148,7 @@ class Objective:
         if self.contrastive:
             return contrast_step(model, batch, self.task_weights, self.masking, gates, opts,
                                  choices, self.negative_rule)
-        return classify_step(model, batch, self.task, gates, opts)
+        return classify_step(model, batch, self.task, gates, opts, self.task_spec)
 
     def __call__(self, batch: dict[str, Tensor], step: int, total: int) -> tuple[Tensor, dict]:
         w = self.weights

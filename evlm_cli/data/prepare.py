@@ -21,7 +21,8 @@ Layout of the output directory:
   test, row by row: every annotator's answer as the source gives it, for the official metric;
 - captioning only: `references.json`, `{split: {str(image row): [caption, ...]}}` for val and
   test, every reference caption of an image as the source gives it (untruncated, untokenised,
-  in source order) for the caption metrics.
+  in source order) for the caption metrics. Every caption row's text begins with
+  `data.caption_prompt`, whose tokens `meta.json` holds as `caption_prompt_ids`.
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ from evlm_cli.data.xvlm_json import (
     read_retrieval_eval,
     read_vqa,
 )
+from evlm_cli.tasks.caption import check_prompted, prompt_ids
 from evlm_cli.tasks.vqa import answer_scores
 
 if TYPE_CHECKING:  # transformers is slow to import: only functions that build a
@@ -104,9 +106,15 @@ def prepare(data: DataConfig, task: str, seed: int, out_dir: Path, tokenizer: Pa
                    for name, records in full_splits.items()}
         references = ({name: limited[name] for name in REFERENCE_SPLITS if name in limited}
                       if task == "captioning" else None)
-        return write_prepared(out, {name: _rows(records) for name, records in limited.items()},
-                              answers, text, data.image_size, data.max_text_len,
-                              {"source": data.source, "task": task}, references,
+        rows = {name: _rows(records) for name, records in limited.items()}
+        about = {"source": data.source, "task": task}
+        if task == "captioning":
+            # Trained as X-VLM trains, with the prompt in front; the references stay unprompted.
+            rows = {name: [{**row, "caption": data.caption_prompt + row["caption"]}
+                           for row in split] for name, split in rows.items()}
+            about["caption_prompt_ids"] = prompt_ids(text, data.caption_prompt)
+        return write_prepared(out, rows, answers, text, data.image_size, data.max_text_len,
+                              about, references,
                               images=ImageOptions("data", _storage(data), data.skip_bad_images))
 
 
@@ -170,6 +178,9 @@ def write_prepared(out: Path, splits: dict[str, list], answers: list[str],
     split_meta = {}
     for name, records in splits.items():
         tensors = encode_split(records, image_row, answer_index, tokenizer, max_text_len)
+        if "caption_prompt_ids" in about:
+            check_prompted(tensors["input_ids"], tokenizer.cls_token_id,
+                           about["caption_prompt_ids"], "data.caption_prompt")
         atomic_save_safetensors(out / f"{name}.safetensors", tensors)
         split_meta[name] = {
             "examples": len(records),

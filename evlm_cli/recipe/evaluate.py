@@ -83,7 +83,8 @@ def test_report(model: VLM, data: PreparedData, task: str, ev: EvaluateConfig,
     """The task metric on the test split, as the evaluate section asks for it."""
     return evaluate_report(model, data, "test", task, ev.batch_size, device, ev.k_test,
                            metric=ev.metric, beam_size=ev.beam_size, max_len=ev.max_len,
-                           rerank=ev.rerank)
+                           rerank=ev.rerank, min_len=ev.min_len, beam_rule=ev.beam_rule,
+                           block_special_tokens=ev.block_special_tokens)
 
 
 def generation_report(models: dict[str, VLM], data: PreparedData, ev: EvaluateConfig) -> dict:

@@ -20,6 +20,7 @@ from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.vlm import VLM
 from evlm_cli.recipe.scoring import evaluate_task
 from evlm_cli.recipe.student import task_student
+from evlm_cli.tasks import task_for
 from evlm_cli.training.loop import Optim, adamw, finish, fit, make_run, setup
 
 
@@ -48,20 +49,21 @@ def run_dense(params: Params, *, prepared: Path, student: Path, teacher: Path, m
 def _train_on_task(name: str, params: Params, train: OptimConfig, weights: LossWeights,
                    student_model: VLM, teacher_model: VLM, data: PreparedData, *, device,
                    prepared: Path, student: Path, teacher: Path, model: Path, log: Path) -> dict:
-    """Train `student_model` with `weights` and finetune's temperature under `train`, then
-    write it to `model`. The paths key the resume folder."""
+    """Train `student_model` with `weights` and finetune's temperature and label smoothing
+    under `train`, then write it to `model`. The paths key the resume folder."""
     f = params.finetune
     student_model = student_model.to(device)
     teacher_model = teacher_model.to(device).eval()
     layer_maps = json.loads((Path(student) / "layer_map.json").read_text())
     objective = Objective(student_model, params.task, weights, f.temperature, teacher_model,
-                          layer_maps)
+                          layer_maps,
+                          task_spec=task_for(params.task, data.meta, f.label_smoothing))
     run = make_run(name, data.split("train"), train, params.seed,
                    modules={"student": student_model, **objective.modules},
                    optims=[Optim(adamw(list(student_model.parameters()) + objective.parameters(),
                                        train))],
                    loss=objective, device=device, log_path=log,
-                   key=(weights, f.temperature, train, params.augment),
+                   key=(weights, f.temperature, f.label_smoothing, train, params.augment),
                    inputs=(student, teacher, prepared), augment=data.augmenter(params.augment))
     last = fit(run)
     summary = {"last_step": last,

@@ -13,7 +13,7 @@ from evlm_cli.models.build import build_teacher, require_vocabulary
 from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.vlm import VLM, with_heads
 from evlm_cli.recipe.scoring import evaluate_task
-from evlm_cli.tasks import PRETRAIN_HEADS, TASKS
+from evlm_cli.tasks import PRETRAIN_HEADS, TASKS, task_for
 from evlm_cli.tasks.pretrain import continuation_ids
 from evlm_cli.training.loop import Optim, adamw, empty_log, finish, fit, make_run, setup
 
@@ -122,7 +122,10 @@ def run_teacher(params: Params, *, prepared: Path, pretrained: Path, model: Path
                        modules={"model": teacher},
                        optims=[Optim(param_groups(teacher, pretrained_names, tt.train,
                                                   tt.lr_scale))],
-                       loss=Objective(teacher, params.task, TASK_ONLY, 1.0), device=device,
+                       loss=Objective(teacher, params.task, TASK_ONLY, 1.0,
+                                      task_spec=task_for(params.task, data.meta,
+                                                         tt.label_smoothing)),
+                       device=device,
                        log_path=log, key=(tt, params.augment), inputs=(prepared, pretrained),
                        augment=data.augmenter(params.augment))
         summary["last_step"] = fit(run)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -59,3 +60,12 @@ TASKS: dict[str, Task] = {
     # Fine-tuned with ITC and ITM as X-VLM does; evaluation ranks by ITC, re-ranks by ITM.
     "retrieval": Task(name="retrieval", heads=("itc", "itm"), terms={"itc": 1.0, "itm": 1.0}),
 }
+
+
+def task_for(name: str, meta: Mapping, label_smoothing: float) -> Task:
+    """TASKS[name] as the prepared data (`meta`) and the spec set it up: captioning learns only
+    what follows the prepared prompt, with the spec's label smoothing; the others as they are."""
+    if name != "captioning":
+        return TASKS[name]
+    loss = caption.CaptionLoss(len(meta.get("caption_prompt_ids", [])), label_smoothing)
+    return dataclasses.replace(TASKS[name], targets=loss.targets, loss=loss.loss)

@@ -7,7 +7,9 @@ from evlm_cli.compress.objective import Masking, Objective
 from evlm_cli.core.config import LossWeights
 from evlm_cli.models.config import make_config
 from evlm_cli.models.student import student_from_teacher
-from evlm_cli.models.vlm import VLM
+from evlm_cli.models.vlm import VLM, model_inputs
+from evlm_cli.tasks import TASKS, task_for
+from evlm_cli.tasks.caption import IGNORE, lm_labels, lm_loss
 
 # Each classifying task's head, answers and one-hot targets of the batch below.
 TASK_SETUP = {"vqa": (["vqa"], 4), "nlvr2": (["nlvr2"], 2), "captioning": (["mlm"], 0)}
@@ -53,6 +55,27 @@ def test_padding_changes_no_distillation_term(task):
     assert clean["attention"] > 0 and clean["hidden"] > 0
     for term in ("task", "logits", "hidden", "attention"):
         assert abs(clean[term] - noisy[term]) < 1e-6, term
+
+
+def test_a_configured_captioning_task_leaves_the_prompt_out_and_smooths_labels():
+    """The batch's first text token after [CLS] is a one-token prompt: the task term is the
+    smoothed LM loss over what follows it, not the plain loss over every token."""
+    teacher, student, maps = models("captioning")
+    spec = task_for("captioning", {"caption_prompt_ids": [5]}, 0.1)
+    objective = Objective(student, "captioning", LossWeights(task=1.0, logits=1.0, hidden=0.0,
+                                                             attention=0.0),
+                          2.0, teacher, maps, task_spec=spec)
+    data = batch(pad_token=0, task="captioning")
+    with torch.no_grad():
+        _, terms = objective(data, 0, 1)
+        logits = student.logits("captioning", student(*model_inputs(data), causal=True))
+        labels = lm_labels(data["input_ids"], data["attention_mask"], prompt_length=1)
+        assert (labels[:, 0] == IGNORE).all()
+        assert terms["task"] == pytest.approx(float(lm_loss(logits, labels, 0.1)), abs=1e-6)
+        _, plain = Objective(student, "captioning", objective.weights, 2.0, teacher, maps)(
+            data, 0, 1)
+    assert terms["task"] != pytest.approx(plain["task"], abs=1e-4)
+    assert task_for("vqa", {}, 0.1) is TASKS["vqa"]
 
 
 def pretrain_models(student_layers: int = 1):

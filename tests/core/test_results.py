@@ -33,7 +33,8 @@ def full_results() -> EvaluateResults:
                         speedup={"batch_1": 2.0}, over_flops_ratio={"batch_1": 0.5},
                         speedup_over_pytorch_teacher={"batch_1": 1.5})
     return replace(
-        r, student=replace(r.student, score=Score(0.9, recall={"tr_r1": 0.5},
+        r, student=replace(r.student, score=Score(0.9, by_answer_type={"yes/no": 0.95},
+                                                  recall={"tr_r1": 0.5},
                                                   caption={"cider": 0.9})),
         generation={"batch_1": Generation(teacher_ms=30.0, student_ms=10.0, speedup=3.0)},
         warnings=("the text encoder keeps little",), exported={"onnx_fp32": exported})
@@ -43,7 +44,7 @@ def full_results() -> EvaluateResults:
 def test_evaluate_results_survive_a_round_trip_through_json(made):
     r = made()
     data = through_a_file(r.to_json())
-    assert data["schema_version"] == SCHEMA_VERSION == 1
+    assert data["schema_version"] == SCHEMA_VERSION == 2
     assert list(data)[0] == "schema_version"  # first in the file, where a reader looks
     assert EvaluateResults.from_json(data, WHERE) == r
 
@@ -65,8 +66,8 @@ def test_the_file_keeps_numbers_as_leaves_and_absent_figures_as_null():
     assert data["sparsity"] == {"overall": 0.5, "vision": 0.6, "text": 0.4, "fusion": 0.3}
 
 
-@pytest.mark.parametrize("version, found", [(0, "schema_version 0"), (2, "schema_version 2"),
-                                            ("1", "schema_version '1'"),
+@pytest.mark.parametrize("version, found", [(0, "schema_version 0"), (1, "schema_version 1"),
+                                            ("2", "schema_version '2'"),
                                             (None, "no schema_version")])
 def test_another_schema_version_is_refused_with_the_rerun_in_one_line(version, found):
     data = through_a_file(results().to_json())
@@ -78,7 +79,7 @@ def test_another_schema_version_is_refused_with_the_rerun_in_one_line(version, f
         EvaluateResults.from_json(data, WHERE, "run a")
     message = str(caught.value)
     assert "\n" not in message
-    assert message == (f"{WHERE}: results with {found}, expected 1 (written by another evlm "
+    assert message == (f"{WHERE}: results with {found}, expected 2 (written by another evlm "
                        "version): rerun `evlm run SPEC` for run a (the evaluate stage reruns)")
 
 
@@ -118,3 +119,13 @@ def test_the_contract_loads_no_torch():
     code = "import sys, evlm_cli.core.results; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_split_without_answers_round_trips_as_not_scored():
+    r = results((1,))
+    unscored = Score(None, unscored="not scored: the test split has no answers")
+    r = replace(r, teacher=replace(r.teacher, score=unscored),
+                student=replace(r.student, score=unscored, retention=None))
+    data = through_a_file(r.to_json())
+    assert data["student"]["score"]["value"] is None and data["student"]["retention"] is None
+    assert EvaluateResults.from_json(data, WHERE) == r

@@ -538,3 +538,27 @@ def test_caption_references_follow_the_limit_and_a_carved_val(caption_files):
     assert len(references) == 1  # one of the two train images, with every caption it has
     (row, captions), = references.items()
     assert captions == expected[color_of(images, int(row))]
+
+
+def test_captions_are_prepared_with_the_prompt_in_front(caption_files):
+    """Every caption row begins with [CLS] and the prompt's tokens, which meta records; the
+    references stay as the source gives them."""
+    tmp_path, root, files = caption_files
+    out = tmp_path / "prompted"
+    prompt = "a picture of "
+    prep({**xvlm_spec(root, files, caption_prompt=prompt), "task": "captioning"}, out)
+    meta = json.loads((out / "meta.json").read_text())
+    tokenizer = load_tokenizer(out / "tokenizer")
+    ids = meta["caption_prompt_ids"]
+    assert ids == tokenizer(prompt, add_special_tokens=False)["input_ids"] and len(ids) >= 3
+    for split in ("train", "val", "test"):
+        rows = load_file(out / f"{split}.safetensors")["input_ids"]
+        assert (rows[:, : 1 + len(ids)] == torch.tensor([tokenizer.cls_token_id, *ids])).all()
+    first = load_file(out / "train.safetensors")["input_ids"][0].tolist()
+    assert tokenizer.decode(first, skip_special_tokens=True) == "a picture of a red square"
+    references = json.loads((out / "references.json").read_text())
+    assert references["val"] == {next(iter(references["val"])): ["a blue square", "blue"]}
+
+    plain = tmp_path / "plain"
+    prep({**xvlm_spec(root, files), "task": "captioning"}, plain)
+    assert json.loads((plain / "meta.json").read_text())["caption_prompt_ids"] == []
