@@ -7,6 +7,15 @@ Two comparisons, each at every batch size asked for:
 The target is speedup >= 0.8 x FLOPs ratio: slicing must turn removed FLOPs into time.
 
     .venv/bin/python benchmarks/prune_speed.py --out runs/bench/prune_speed.json
+
+With `--swin DEPTHS...` the vision encoder is a Swin (`--vision` then gives its first stage's
+width, heads and FFN width), and `--student-vision-map` picks the student's Swin layers per
+stage. X-VLM-base (Swin-B 224, BERT-base 6 + 6) against a 2-2-6-2 / 3 / 3 student:
+
+    .venv/bin/python benchmarks/prune_speed.py --swin 2 2 18 2 --window-size 7 \
+        --vision 24 128 4 512 --text 6 768 12 3072 --fusion 6 768 12 3072 \
+        --image-size 224 --patch-size 4 --teacher-layers 24 6 6 --student-layers 12 3 3 \
+        --student-vision-map 0 1 2 3 6 9 12 15 18 21 22 23 --skip-dense
 """
 
 from __future__ import annotations
@@ -53,6 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--student-layers", type=int, nargs=3, default=[6, 3, 3],
                    metavar=("VISION", "TEXT", "FUSION"))
     p.add_argument("--skip-student", action="store_true", help="only the first comparison")
+    p.add_argument("--skip-dense", action="store_true", help="only the teacher-student comparison")
+    p.add_argument("--swin", type=int, nargs="+", metavar="DEPTH",
+                   help="a Swin vision encoder with these layers per stage")
+    p.add_argument("--window-size", type=int, default=7, help="the Swin's window, in patches")
+    p.add_argument("--student-vision-map", type=int, nargs="+", metavar="LAYER",
+                   help="teacher vision layers of the student (a Swin's: in stage order)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="also write the results here as JSON")
     return p.parse_args(argv)
@@ -64,6 +79,9 @@ def build_vlm(args: argparse.Namespace, layers: list[int] | None = None) -> VLM:
     for i, enc in enumerate(ENCODERS):
         depth, width, heads, ffn = getattr(args, enc)
         shapes[enc] = dict(layers=layers[i] if layers else depth, width=width, heads=heads, ffn=ffn)
+    if args.swin:  # the teacher's stages; a student takes its own from its layer map
+        shapes["vision"].update(kind="swin", depths=args.swin, window_size=args.window_size,
+                                layers=sum(args.swin))
     cfg = make_config(**shapes, image_size=args.image_size, patch_size=args.patch_size,
                       vocab_size=args.vocab_size, max_positions=max(args.text_len, 16),
                       heads=["vqa"], num_answers=args.num_answers)
@@ -213,14 +231,16 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "torch": torch.__version__, "target": f"speedup >= {TARGET_EFFICIENCY} x FLOPs ratio"}
-    model = build_vlm(args)
-    sliced, info = prune_and_check(model, args)
-    results["pruned_vs_dense"] = run_comparison(
-        f"dense vs {args.sparsity:.0%}-pruned (same depth)", model, sliced, info, args)
-    del model, sliced
+    if not args.skip_dense:
+        model = build_vlm(args)
+        sliced, info = prune_and_check(model, args)
+        results["pruned_vs_dense"] = run_comparison(
+            f"dense vs {args.sparsity:.0%}-pruned (same depth)", model, sliced, info, args)
+        del model, sliced
     if not args.skip_student:
         teacher = build_vlm(args, args.teacher_layers)
-        student, _ = student_from_teacher(teacher, dict(zip(ENCODERS, args.student_layers, strict=True)))
+        student, _ = student_from_teacher(teacher, dict(zip(ENCODERS, args.student_layers, strict=True)),
+                                          {"vision": args.student_vision_map})
         pruned_student, info = prune_and_check(student.eval(), args)
         depths = lambda m: "/".join(str(m.config.encoder(e).layers) for e in ENCODERS)  # noqa: E731
         results["teacher_vs_student"] = run_comparison(

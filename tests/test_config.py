@@ -19,10 +19,10 @@ from evlm_cli.core.config import (
 )
 from evlm_cli.core.packaged import minilm_dir
 from evlm_cli.spec.load import load_schema, load_spec, resolve_ref
+from tests.helpers.specs import DEMO_SPECS
 
 ROOT = Path(__file__).resolve().parents[1]
-SPECS = sorted((ROOT / "specs").glob("*.yaml")) + [ROOT / "tests/specs/tiny_vqa.yaml",
-                                                   ROOT / "tests/specs/tiny_itr.yaml"]
+SPECS = DEMO_SPECS + [ROOT / "tests/specs/tiny_vqa.yaml", ROOT / "tests/specs/tiny_itr.yaml"]
 
 
 def schema_keys(node: dict, root: dict, prefix: str = "") -> set[str]:
@@ -47,8 +47,11 @@ def config_keys(cls: type, prefix: str = "") -> set[str]:
 
 def test_every_schema_key_has_a_typed_field_and_back():
     schema = load_schema()
-    # patch_size, stem and pos_init are vision-only in the schema, one EncoderShape serves all three
-    vision_only = {f"teacher.{e}.{k}" for e in ("text", "fusion") for k in ("patch_size", "stem", "pos_init")}
+    # patch_size, stem, pos_init, activation and the Swin keys are vision-only in the schema,
+    # one EncoderShape serves all three
+    vision_only = {f"teacher.{e}.{k}" for e in ("text", "fusion")
+                   for k in ("patch_size", "stem", "pos_init", "activation", "kind", "depths",
+                             "window_size")}
     norm_free = {"teacher.vision.norm"}  # the vision encoder is always pre-norm (a ViT)
     load_time = {"extends"}  # resolved as the spec is read: params never carry it
     assert config_keys(Params) - vision_only - norm_free == schema_keys(schema, schema) - load_time
@@ -115,7 +118,8 @@ def test_data_has_no_tokenizer_of_its_own():
 
 def test_unknown_and_missing_keys_name_their_path():
     with pytest.raises(ConfigError, match=r"^task_teacher\.train: unknown key 'lrr'"):
-        params_from_dict({"task_teacher": {"checkpoint": None, "lr_scale": 1.0,
+        params_from_dict({"task_teacher": {"checkpoint": None, "checkpoint_format": "evlm",
+                                          "lr_scale": 1.0,
                                           "label_smoothing": 0.0, "train": {"lrr": 1}}})
     with pytest.raises(ConfigError, match=r"^teacher: unknown key 'train'"):
         shape = {"layers": 1, "width": 8, "heads": 2, "ffn": 16}

@@ -180,7 +180,7 @@ class Objective:
                                   ) / len(mine.logits)
         # Padded text tokens are left out of every term: as hidden states and as the query
         # rows of attention maps (text and fusion queries are text tokens; images have none).
-        masks = {"vision": None, "text": out.text_mask, "fusion": out.fusion_mask}
+        masks = {"vision": None, "text": out.text_mask, "fusion": out.text_mask}
         if self.hidden:
             terms["hidden"] = sum(
                 self.hidden.loss(out.encoder(e).hidden_states, t_out.encoder(e).hidden_states,

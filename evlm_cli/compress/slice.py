@@ -33,6 +33,9 @@ def _slice_attention(old: Attention, keep: Tensor, scale: Tensor, layer_scale: f
             lin = getattr(old, name)
             out[f"{name}.weight"], out[f"{name}.bias"] = lin.weight[rows], lin.bias[rows]
         out["out.weight"] = old.out.weight[:, rows] * scale.to(old.out.weight).repeat_interleave(hd)[None]
+    table = getattr(old, "relative_position_bias_table", None)
+    if table is not None:  # a Swin window attention: each head's bias column goes with it
+        out["relative_position_bias_table"] = table[:, keep.to(table.device)]
     return out
 
 

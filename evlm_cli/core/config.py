@@ -44,8 +44,8 @@ PATH_KEYS = (
     PathKey(("data", "answer_list"), "file"),
     PathKey(("teacher", "checkpoint"), "file or directory", True),
     PathKey(("teacher", "init", "text"), "directory", True, True),
-    PathKey(("teacher", "init", "vision"), "file", True),
-    PathKey(("task_teacher", "checkpoint"), "directory", True),
+    PathKey(("teacher", "init", "vision"), "file or directory", True),
+    PathKey(("task_teacher", "checkpoint"), "file or directory", True),
 )
 
 
@@ -103,6 +103,7 @@ class DataConfig:
     storage: str  # auto | memory | files (`evlm_cli.data.images`)
     skip_bad_images: bool
     caption_prompt: str  # captioning: put before every caption ("" = none)
+    vqa_loss: str  # VQA: bce or soft_ce, recorded in the prepared meta for every training stage
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,10 @@ class EncoderShape:
     patch_size: int | None = None  # vision only
     stem: str | None = None  # vision only
     pos_init: str | None = None  # vision only
+    activation: str | None = None  # vision only: None = as its weights' source says
+    kind: str | None = None  # vision only: vit | swin
+    depths: tuple[int, ...] | None = None  # vision only: a Swin's layers per stage
+    window_size: int | None = None  # vision only: a Swin's window, in patches a side
 
 
 @dataclass(frozen=True)
@@ -201,7 +206,8 @@ class PretrainConfig:
 class TaskTeacherConfig:
     """The task teacher: fine-tuned from the pre-trained teacher, or imported finished."""
 
-    checkpoint: str | None  # an evlm task model, used as it is
+    checkpoint: str | None  # a finished task teacher, used as it is
+    checkpoint_format: str  # evlm (a task model directory) | xvlm (X-VLM's fine-tuned file)
     lr_scale: float  # the pre-trained tensors' learning rate, as a share of train.lr
     label_smoothing: float  # captioning's LM loss
     train: OptimConfig

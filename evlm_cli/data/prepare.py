@@ -113,6 +113,8 @@ def prepare(data: DataConfig, task: str, seed: int, out_dir: Path, tokenizer: Pa
             rows = {name: [{**row, "caption": data.caption_prompt + row["caption"]}
                            for row in split] for name, split in rows.items()}
             about["caption_prompt_ids"] = prompt_ids(text, data.caption_prompt)
+        if task == "vqa":  # every stage that trains on this data reads the objective here
+            about["vqa_loss"] = data.vqa_loss
         return write_prepared(out, rows, answers, text, data.image_size, data.max_text_len,
                               about, references,
                               images=ImageOptions("data", _storage(data), data.skip_bad_images))

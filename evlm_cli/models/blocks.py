@@ -348,12 +348,15 @@ class Encoder(nn.Module):
         self.name = name
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.layers))
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, kv: Tensor | None = None,
+    def forward(self, x: Tensor, mask: Tensor | None = None,
+                kv: Tensor | tuple[Tensor, ...] | None = None,
                 kv_mask: Tensor | None = None, gates: Gates | None = None,
                 output_hidden: bool = False, output_attentions: bool = False,
                 causal: bool = False, cache: DecoderCache | None = None) -> EncoderOutput:
         """`x` [B, L, width]. With a `cache` (causal only), `x` holds the positions after the
-        cached ones, and `mask`, if given, covers the cached positions and then these."""
+        cached ones, and `mask`, if given, covers the cached positions and then these. `kv` as
+        a tuple (NLVR2's two images): layer i cross-attends to kv[i mod its length], X-VLM's
+        rule for a text read against several images."""
         hidden = [x] if output_hidden else None
         attns = [] if output_attentions else None
         crosses = [] if output_attentions else None
@@ -369,7 +372,8 @@ class Encoder(nn.Module):
         mask = additive_mask(mask, x.dtype, causal, x.shape[1], x.device, past)
         kv_mask = additive_mask(kv_mask, x.dtype)
         for i, layer in enumerate(self.layers):
-            out = layer(x, mask, kv, kv_mask, gates, f"{self.name}.{i}", output_attentions,
+            layer_kv = kv[i % len(kv)] if isinstance(kv, tuple) else kv
+            out = layer(x, mask, layer_kv, kv_mask, gates, f"{self.name}.{i}", output_attentions,
                         cache.layers[i] if cache is not None else None)
             x = out.hidden
             if output_hidden:

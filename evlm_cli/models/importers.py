@@ -19,7 +19,8 @@ from torch import Tensor
 
 from evlm_cli.core.errors import CheckpointError
 from evlm_cli.models.checkpoint import read_weights
-from evlm_cli.models.config import EncoderConfig, TextConfig, VisionConfig
+from evlm_cli.models.config import EncoderConfig, SwinConfig, TextConfig, VisionConfig
+from evlm_cli.models.swin import layer_geometry, relative_position_index, shift_mask
 from evlm_cli.models.vlm import LAYER_PREFIX, resample_pos_embed
 
 State = dict[str, Tensor]
@@ -37,9 +38,11 @@ _BERT_UNUSED = (
 _BERT_HEADS_UNUSED = r"cls\..*"
 # The ImageNet classifier (or CLIP's projection) of a timm ViT: our heads are built per task.
 _TIMM_UNUSED = (r"head\.(weight|bias)",)
-# X-VLM heads our model does not have: the ITM head is an MLP (Linear, LayerNorm, GELU,
-# Linear) where ours is one Linear, and the box head serves grounding, which evlm lacks.
-_XVLM_UNUSED = (r"itm_head\.[013]\.(weight|bias)", r"bbox_head\.\d+\.(weight|bias)")
+# X-VLM's heads, each its `build_mlp` (Linear, LayerNorm, GELU, Linear: indices 0, 1, 3), as
+# ours: ITM (pre-training, retrieval) and NLVR2's classifier.
+_XVLM_HEADS = {"itm_head": "heads.itm", "cls_head": "heads.nlvr2"}
+# The one X-VLM head no task of evlm computes with: the box head of grounding.
+_XVLM_UNUSED = (r"bbox_head\.[013]\.(weight|bias)",)
 
 # timm ViT features that change what a block computes and that our blocks lack: refused by name.
 _TIMM_UNSUPPORTED = {
@@ -189,8 +192,9 @@ def import_hf_bert(state: State, hf_config: dict, text_layers: int | None = None
     return out, cfg
 
 
-def load_hf_bert_dir(directory: str | Path) -> tuple[State, dict]:
-    """Read an HF BERT directory: config.json plus model.safetensors or pytorch_model.bin."""
+def load_hf_dir(directory: str | Path) -> tuple[State, dict]:
+    """Read a transformers model directory (BERT, CLIP): config.json plus model.safetensors or
+    pytorch_model.bin."""
     directory = Path(directory)
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
@@ -217,8 +221,17 @@ def _layer_scaled(src: _Source, key: str, weight: Tensor, bias: Tensor) -> tuple
     return weight * gamma[:, None], bias * gamma
 
 
+def _vit_config(*, width: int, num_heads: int, layers: int, ffn: int, act: str, eps: float,
+                image_size: int, patch: int, channels: int, patch_bias: bool, pre_norm: bool,
+                kernel: str) -> VisionConfig:
+    enc = EncoderConfig(width=width, head_dim=width // num_heads, heads=[num_heads] * layers,
+                        ffn=[ffn] * layers, norm="pre", act=act, eps=eps)
+    return VisionConfig(encoder=enc, image_size=image_size, patch_size=patch, channels=channels,
+                        patch_bias=patch_bias, pre_norm=pre_norm, pos_resample=kernel)
+
+
 def _timm_vit(src: _Source, num_heads: int, image_size: int | None, eps: float | None, act: str,
-              prefix: str) -> tuple[State, VisionConfig]:
+              prefix: str, kernel: str) -> tuple[State, VisionConfig]:
     state, source = src.state, src.name
     for pattern, feature in _TIMM_UNSUPPORTED.items():
         rx = re.compile(re.escape(prefix) + pattern)
@@ -240,12 +253,12 @@ def _timm_vit(src: _Source, num_heads: int, image_size: int | None, eps: float |
     has_pre = f"{prefix}norm_pre.weight" in state
     # CLIP's towers (the ones with norm_pre) use LayerNorm eps 1e-5; timm's other ViTs 1e-6.
     eps = eps if eps is not None else (1e-5 if has_pre else 1e-6)
-    enc = EncoderConfig(width=width, head_dim=width // num_heads, heads=[num_heads] * len(layer_ids),
-                        ffn=[ffn] * len(layer_ids), norm="pre", act=act, eps=eps)
-    cfg = VisionConfig(encoder=enc, image_size=image_size, patch_size=patch, channels=channels,
-                       patch_bias=f"{prefix}patch_embed.proj.bias" in state, pre_norm=has_pre)
+    cfg = _vit_config(width=width, num_heads=num_heads, layers=len(layer_ids), ffn=ffn, act=act,
+                      eps=eps, image_size=image_size, patch=patch, channels=channels,
+                      patch_bias=f"{prefix}patch_embed.proj.bias" in state, pre_norm=has_pre,
+                      kernel=kernel)
     out = {"vision.stem.weight": patch_w, "vision.cls_token": g("cls_token"),
-           "vision.pos_embed": resample_pos_embed(pos, image_size // patch),
+           "vision.pos_embed": resample_pos_embed(pos, image_size // patch, kernel),
            "vision.norm.weight": g("norm.weight"), "vision.norm.bias": g("norm.bias")}
     if cfg.patch_bias:
         out["vision.stem.bias"] = g("patch_embed.proj.bias")
@@ -280,28 +293,336 @@ def import_timm_vit(state: State, num_heads: int, image_size: int | None = None,
     activation is not in the weights either: timm builds its `*_clip_*` ViTs with GELU and the
     `*_clip_quickgelu_*` ones, with the same tensors, with QuickGELU, so `act` is given.
     LayerScale is folded into the projections; qk_norm and register tokens are refused. Position
-    embeddings are resampled to `image_size`. Tensors outside `prefix` are not looked at.
+    embeddings are resampled to `image_size` as timm does. Tensors outside `prefix` are not
+    looked at.
     """
     src = _Source(state, source)
-    out, cfg = _timm_vit(src, num_heads, image_size, eps, act, prefix)
+    out, cfg = _timm_vit(src, num_heads, image_size, eps, act, prefix, "bicubic_antialias")
+    src.refuse_leftovers(within=prefix)
+    return out, cfg
+
+
+# --- CLIP ViT in Hugging Face's naming (transformers, X-VLM, EfficientVLM) ----------------
+
+# The class token, patch convolution and position table of a CLIP vision tower. X-VLM's and
+# EfficientVLM's `models/clip_vit.py` take transformers' names with the `embeddings.` level
+# dropped and two of them renamed; every other name is the same in both.
+_CLIP_EMBEDDINGS = {
+    "transformers": ("embeddings.class_embedding", "embeddings.patch_embedding.weight",
+                     "embeddings.position_embedding.weight"),
+    "xvlm": ("class_embedding", "patch_embed.weight", "pos_embed.weight"),
+}
+# The index buffer 0, 1, ..., N that older transformers and X-VLM's module save beside the
+# position table: it selects every row in order, which is what our model does.
+_CLIP_UNUSED = (r"(?:embeddings\.)?position_ids",)
+# Beside a transformers CLIPModel's vision tower: its text tower and the projections into
+# CLIP's joint space. evlm's text side is a BERT and its ITC projections are its own, as
+# X-VLM's are (it loads the vision tower alone), so nothing of evlm reads these.
+_CLIP_MODEL_UNUSED = (r"text_model\..*", r"visual_projection\.weight", r"text_projection\.weight",
+                      r"logit_scale")
+# How transformers' CLIP saves its vision tower: alone (transformers 5), under
+# `vision_model.` (CLIPVisionModel before it, and every CLIPModel).
+_CLIP_PREFIXES = ("", "vision_model.")
+# CLIPVisionConfig's defaults, for a config.json that leaves a key out as transformers does.
+_CLIP_VISION_DEFAULTS = {"num_attention_heads": 12, "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu"}
+# The activation each naming implies when nothing says otherwise: timm builds a ViT with GELU
+# unless its name asks for QuickGELU; OpenAI trained CLIP with QuickGELU, and transformers'
+# and X-VLM's CLIP configs say so.
+NAMING_ACT = {"timm": "gelu", "transformers": "quick_gelu", "xvlm": "quick_gelu"}
+
+
+def vision_naming(state: State, prefix: str = "") -> str | None:
+    """Whose names a ViT under `prefix` carries, told by its patch convolution: "timm",
+    "transformers" (CLIP) or "xvlm" (CLIP as X-VLM's `clip_vit.py` names it); None if none."""
+    if f"{prefix}patch_embed.proj.weight" in state:
+        return "timm"
+    return next((naming for naming, (_, patch, _) in _CLIP_EMBEDDINGS.items()
+                 if f"{prefix}{patch}" in state), None)
+
+
+def _clip_vit(src: _Source, prefix: str, naming: str, num_heads: int, image_size: int | None,
+              eps: float, act: str, kernel: str) -> tuple[State, VisionConfig]:
+    """CLIP's vision tower -> our ViT: its pre-LayerNorm (`pre_layrnorm`) is our `norm_pre`,
+    and its `post_layernorm` our final norm over every token, as X-VLM applies it (transformers'
+    `last_hidden_state` stops before it; its `pooler_output` is our first token)."""
+    g = lambda k: src.take(f"{prefix}{k}")  # noqa: E731
+    cls_key, patch_key, pos_key = _CLIP_EMBEDDINGS[naming]
+    patch_w = g(patch_key)
+    width, channels, patch = patch_w.shape[0], patch_w.shape[1], patch_w.shape[2]
+    pos = g(pos_key)[None]
+    grid = math.isqrt(pos.shape[1] - 1)
+    if grid * grid != pos.shape[1] - 1:
+        raise CheckpointError(f"{src.name}: {prefix}{pos_key} has {pos.shape[1]} positions, not "
+                              "one for the class token plus a square grid")
+    image_size = image_size or grid * patch
+    layer_ids = _layer_ids(src.state, f"{prefix}encoder.layers.")
+    if not layer_ids:
+        raise CheckpointError(f"{src.name}: no '{prefix}encoder.layers.N.*' tensors found")
+    cfg = _vit_config(width=width, num_heads=num_heads, layers=len(layer_ids),
+                      ffn=g("encoder.layers.0.mlp.fc1.weight").shape[0], act=act, eps=eps,
+                      image_size=image_size, patch=patch, channels=channels, patch_bias=False,
+                      pre_norm=True, kernel=kernel)
+    out = {"vision.stem.weight": patch_w, "vision.cls_token": g(cls_key).reshape(1, 1, width),
+           "vision.pos_embed": resample_pos_embed(pos, image_size // patch, kernel)}
+    for ours, theirs in (("norm_pre", "pre_layrnorm"), ("norm", "post_layernorm")):
+        for name in ("weight", "bias"):
+            out[f"vision.{ours}.{name}"] = g(f"{theirs}.{name}")
+    for i in layer_ids:
+        s, dst = f"encoder.layers.{i}", f"{LAYER_PREFIX['vision']}.{i}"
+        for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj")):
+            out[f"{dst}.attn.{ours}.weight"] = g(f"{s}.self_attn.{theirs}.weight")
+            out[f"{dst}.attn.{ours}.bias"] = g(f"{s}.self_attn.{theirs}.bias")
+        out[f"{dst}.attn.out.weight"] = g(f"{s}.self_attn.out_proj.weight")
+        out[f"{dst}.attn.out_bias"] = g(f"{s}.self_attn.out_proj.bias")
+        out[f"{dst}.mlp.fc1.weight"] = g(f"{s}.mlp.fc1.weight")
+        out[f"{dst}.mlp.fc1.bias"] = g(f"{s}.mlp.fc1.bias")
+        out[f"{dst}.mlp.fc2.weight"] = g(f"{s}.mlp.fc2.weight")
+        out[f"{dst}.mlp.fc2_bias"] = g(f"{s}.mlp.fc2.bias")
+        for ours, theirs in (("norm1", "layer_norm1"), ("norm2", "layer_norm2")):
+            out[f"{dst}.{ours}.weight"] = g(f"{s}.{theirs}.weight")
+            out[f"{dst}.{ours}.bias"] = g(f"{s}.{theirs}.bias")
+    src.skip(prefix, _CLIP_UNUSED)
+    return out, cfg
+
+
+def clip_vision_settings(hf_config: dict, source: str = "CLIP config") -> dict:
+    """What a transformers CLIPVisionModel or CLIPModel config.json says that the weights do
+    not: {"num_heads", "eps", "act"} of its vision tower."""
+    model_type = hf_config.get("model_type")
+    if model_type == "clip":
+        vision = hf_config.get("vision_config") or {}
+    elif model_type == "clip_vision_model":
+        vision = hf_config
+    else:
+        raise CheckpointError(f"{source}: model_type {model_type!r} is not a transformers CLIP "
+                              "model (expected 'clip' or 'clip_vision_model')")
+    vision = {**_CLIP_VISION_DEFAULTS, **vision}
+    if vision["hidden_act"] not in _HF_ACT:
+        raise CheckpointError(f"{source}: hidden_act {vision['hidden_act']!r} is not supported "
+                              f"(supported: {', '.join(_HF_ACT)})")
+    return {"num_heads": vision["num_attention_heads"], "eps": vision["layer_norm_eps"],
+            "act": _HF_ACT[vision["hidden_act"]]}
+
+
+def import_clip_vit(state: State, num_heads: int, image_size: int | None = None,
+                    eps: float = 1e-5, act: str = "quick_gelu",
+                    source: str = "CLIP checkpoint") -> tuple[State, VisionConfig]:
+    """A CLIP vision tower in Hugging Face's naming -> our ViT: transformers' CLIPVisionModel
+    or CLIPModel (its vision tower; the text tower and projections are known, unused), or
+    X-VLM's `clip_vit.py` names. Heads, eps and activation are not in the weights: a
+    transformers config gives them (`clip_vision_settings`); the defaults are OpenAI's CLIP
+    (LayerNorm eps 1e-5, QuickGELU). Position embeddings are resampled to `image_size` as
+    X-VLM resamples CLIP's (plain bicubic, as transformers' own interpolation).
+    """
+    prefix = next((p for p in _CLIP_PREFIXES if vision_naming(state, p) in _CLIP_EMBEDDINGS), None)
+    if prefix is None:
+        raise CheckpointError(f"{source}: no CLIP vision tower found (expected a key "
+                              "'[vision_model.]embeddings.patch_embedding.weight' or "
+                              "'patch_embed.weight')")
+    src = _Source(state, source)
+    out, cfg = _clip_vit(src, prefix, vision_naming(state, prefix), num_heads, image_size, eps, act,
+                         "bicubic")
+    if prefix == "vision_model.":
+        src.skip("", _CLIP_MODEL_UNUSED)
+    src.refuse_leftovers()
+    return out, cfg
+
+
+def import_vit(state: State, num_heads: int, image_size: int | None = None,
+               act: str | None = None, source: str = "ViT checkpoint") -> tuple[State, VisionConfig]:
+    """A ViT state dict in timm's naming or in CLIP's (transformers' or X-VLM's) -> our ViT,
+    each with its own defaults (`import_timm_vit`, `import_clip_vit`); `act` None = the
+    activation its naming implies (`NAMING_ACT`)."""
+    if is_swin(state):  # timm's names too, but no ViT: say so rather than miss its positions
+        raise CheckpointError(f"{source}: a Swin, not a ViT (it imports as teacher.vision.kind "
+                              "swin)")
+    if vision_naming(state) == "timm":
+        return import_timm_vit(state, num_heads, image_size, act=act or NAMING_ACT["timm"],
+                               source=source)
+    if not any(vision_naming(state, p) in _CLIP_EMBEDDINGS for p in _CLIP_PREFIXES):
+        raise CheckpointError(f"{source}: not a ViT in a naming evlm reads (expected timm's "
+                              "'patch_embed.proj.weight', or CLIP's "
+                              "'[vision_model.]embeddings.patch_embedding.weight' or "
+                              "'patch_embed.weight')")
+    return import_clip_vit(state, num_heads, image_size, act=act or "quick_gelu", source=source)
+
+
+# --- Swin (timm, X-VLM) -------------------------------------------------------------------
+
+# A timm Swin's ImageNet classifier: our heads are built per task.
+_SWIN_UNUSED = (r"head\.fc\.(weight|bias)", r"head\.(weight|bias)")
+# Swin features our encoder lacks, refused by name: absolute positions (`ape`), Swin V2's
+# cosine attention with a log-spaced position MLP.
+_SWIN_UNSUPPORTED = {
+    r"absolute_pos_embed": "absolute position embeddings (ape)",
+    r"layers\.\d+\.blocks\.\d+\.attn\.(logit_scale|cpb_mlp\..*)": "Swin V2 attention",
+}
+
+
+def is_swin(state: State, prefix: str = "") -> bool:
+    """Whether the vision encoder under `prefix` is a Swin (timm's or X-VLM's names)."""
+    return f"{prefix}layers.0.blocks.0.attn.relative_position_bias_table" in state
+
+
+def _swin_config(src: _Source, prefix: str, image_size: int) -> tuple[VisionConfig, list[str]]:
+    """The config a Swin's weights imply at `image_size`, and its blocks' source names in
+    order. Heads are in the weights (a bias table column each), and so is the window (the
+    largest table's); widths, head size and the window must be Swin's, one per stage."""
+    state, source = src.state, src.name
+    patch_w = state[f"{prefix}patch_embed.proj.weight"]
+    first, channels, patch = patch_w.shape[0], patch_w.shape[1], patch_w.shape[2]
+    stages = _layer_ids(state, f"{prefix}layers.")
+    if stages != list(range(len(stages))):
+        raise CheckpointError(f"{source}: Swin stages {stages} are not numbered 0, 1, ...")
+    depths, blocks, heads, ffn = [], [], [], []
+    for stage in stages:
+        ids = _layer_ids(state, f"{prefix}layers.{stage}.blocks.")
+        if ids != list(range(len(ids))):
+            raise CheckpointError(f"{source}: Swin stage {stage} has blocks {ids}")
+        depths.append(len(ids))
+        for j in ids:
+            block = f"{prefix}layers.{stage}.blocks.{j}"
+            blocks.append(block)
+            heads.append(state[f"{block}.attn.relative_position_bias_table"].shape[1])
+            ffn.append(state[f"{block}.mlp.fc1.weight"].shape[0])
+    tables = [state[f"{b}.attn.relative_position_bias_table"].shape[0] for b in blocks]
+    window = (max(math.isqrt(rows) for rows in tables) + 1) // 2
+    head_dim = first // heads[0]
+    widths = [first * 2 ** stage for stage, depth in enumerate(depths) for _ in range(depth)]
+    if any(w != h * head_dim for w, h in zip(widths, heads, strict=True)):
+        raise CheckpointError(f"{source}: Swin heads {heads} do not all have {head_dim} channels")
+    enc = EncoderConfig(width=first * 2 ** (len(depths) - 1), head_dim=head_dim, heads=heads,
+                        ffn=ffn, norm="pre", act="gelu", eps=1e-5)
+    try:
+        cfg = VisionConfig(encoder=enc, image_size=image_size, patch_size=patch, channels=channels,
+                           patch_bias=f"{prefix}patch_embed.proj.bias" in state,
+                           swin=SwinConfig(depths=depths, window_size=window))
+    except ValueError as error:
+        raise CheckpointError(f"{source}: {error}") from None
+    for block, rows, want in zip(blocks, tables, cfg.bias_table_rows(), strict=True):
+        if rows != want:
+            raise CheckpointError(
+                f"{source}: {block}.attn.relative_position_bias_table has {rows} rows; at "
+                f"{image_size} pixels that stage's windows need {want} (resizing the table to "
+                "another window is not supported)")
+    return cfg, blocks
+
+
+def _swin_buffers(src: _Source, block: str, window: int, grid: int, shift: int) -> None:
+    """A block's saved index and mask buffers (X-VLM keeps them; timm recomputes them) must be
+    the ones our encoder computes from its shape: accounted for by checking, not copying."""
+    expected = {"attn.relative_position_index": relative_position_index(window),
+                "attn_mask": shift_mask(grid, window, shift) if shift else None}
+    for name, want in expected.items():
+        key = f"{block}.{name}"
+        if key not in src:
+            continue
+        saved = src.take(key)
+        if want is None or saved.shape != want.shape or not torch.equal(saved.to(want.dtype), want):
+            raise CheckpointError(f"{src.name}: {key} is not the buffer of a Swin block of "
+                                  f"window {window} and shift {shift} on a {grid}-patch grid")
+
+
+def _swin(src: _Source, prefix: str, image_size: int | None) -> tuple[State, VisionConfig]:
+    """A Swin in timm's names (patch merging at the start of stages 1, 2, ...) or in Microsoft's
+    and X-VLM's (at the end of stages 0, 1, ...) -> our Swin encoder."""
+    for pattern, feature in _SWIN_UNSUPPORTED.items():
+        rx = re.compile(re.escape(prefix) + pattern)
+        if any(rx.fullmatch(k) for k in src.state):
+            raise CheckpointError(f"{src.name}: Swin with {feature} is not supported")
+    if image_size is None:
+        raise CheckpointError(f"{src.name}: a Swin's windows depend on the image size; give it")
+    cfg, blocks = _swin_config(src, prefix, image_size)
+    g = lambda k: src.take(f"{prefix}{k}")  # noqa: E731
+    out = {"vision.stem.weight": g("patch_embed.proj.weight"),
+           "vision.norm_pre.weight": g("patch_embed.norm.weight"),
+           "vision.norm_pre.bias": g("patch_embed.norm.bias"),
+           "vision.norm.weight": g("norm.weight"), "vision.norm.bias": g("norm.bias")}
+    if cfg.patch_bias:
+        out["vision.stem.bias"] = g("patch_embed.proj.bias")
+    # Merging into stage s + 1 is X-VLM's `layers.{s}.downsample` and timm's `layers.{s+1}.…`.
+    at_end = f"{prefix}layers.0.downsample.reduction.weight" in src
+    for merge in range(cfg.swin.stages - 1):
+        theirs = f"layers.{merge if at_end else merge + 1}.downsample"
+        for name in ("norm.weight", "norm.bias", "reduction.weight"):
+            out[f"vision.encoder.merges.{merge}.{name}"] = g(f"{theirs}.{name}")
+    for i, (block, (grid, window, shift)) in enumerate(zip(blocks, layer_geometry(cfg),
+                                                           strict=True)):
+        t = lambda k, block=block: src.take(f"{block}.{k}")  # noqa: E731
+        dst = f"{LAYER_PREFIX['vision']}.{i}"
+        qkv_w, qkv_b = t("attn.qkv.weight"), t("attn.qkv.bias")
+        for name, w, b in zip("qkv", qkv_w.chunk(3), qkv_b.chunk(3), strict=True):
+            out[f"{dst}.attn.{name}.weight"], out[f"{dst}.attn.{name}.bias"] = w, b
+        out[f"{dst}.attn.out.weight"], out[f"{dst}.attn.out_bias"] = (t("attn.proj.weight"),
+                                                                      t("attn.proj.bias"))
+        out[f"{dst}.attn.relative_position_bias_table"] = t("attn.relative_position_bias_table")
+        out[f"{dst}.mlp.fc1.weight"], out[f"{dst}.mlp.fc1.bias"] = (t("mlp.fc1.weight"),
+                                                                    t("mlp.fc1.bias"))
+        out[f"{dst}.mlp.fc2.weight"], out[f"{dst}.mlp.fc2_bias"] = (t("mlp.fc2.weight"),
+                                                                    t("mlp.fc2.bias"))
+        for n in ("norm1", "norm2"):
+            out[f"{dst}.{n}.weight"], out[f"{dst}.{n}.bias"] = t(f"{n}.weight"), t(f"{n}.bias")
+        _swin_buffers(src, block, window, grid, shift)
+    src.skip(prefix, _SWIN_UNUSED)
+    return out, cfg
+
+
+def import_timm_swin(state: State, image_size: int, prefix: str = "",
+                     source: str = "Swin checkpoint") -> tuple[State, VisionConfig]:
+    """A timm SwinTransformer state dict (or one in Microsoft's original names) -> our Swin
+    encoder at `image_size`. Its shape is read from the weights: stages, heads (a bias table
+    column each), window, FFN widths. Tensors outside `prefix` are not looked at."""
+    src = _Source(state, source)
+    out, cfg = _swin(src, prefix, image_size)
     src.refuse_leftovers(within=prefix)
     return out, cfg
 
 
 # --- X-VLM / EfficientVLM ------------------------------------------------------------------
 
-def import_xvlm(state: State, vision_heads: int, text_hf_config: dict, image_size: int | None = None,
-                source: str = "X-VLM checkpoint") -> tuple[State, dict]:
-    """An X-VLM/EfficientVLM checkpoint (ViT vision encoder) -> our state dict + config parts.
+def _xvlm_vision(src: _Source, num_heads: int, image_size: int | None, act: str | None
+                 ) -> tuple[State, VisionConfig]:
+    """X-VLM's vision encoder, `vision_encoder.*`: its Swin, its ViT (timm's names, GELU, eps
+    1e-6) or its CLIP ViT (`clip_vit.py`: QuickGELU, eps 1e-5, as its CLIP config says); `act`
+    None = that activation. A ViT's positions are resampled as X-VLM's `interpolate_pos_embed`
+    does, for both ViTs."""
+    prefix = "vision_encoder."
+    if is_swin(src.state, prefix):  # X-VLM's released checkpoints: the window gives the size
+        return _swin(src, prefix, image_size)
+    naming = vision_naming(src.state, prefix)
+    if naming == "timm":
+        return _timm_vit(src, num_heads, image_size, None, act or NAMING_ACT[naming], prefix,
+                         "bicubic")
+    if naming == "xvlm":
+        return _clip_vit(src, prefix, naming, num_heads, image_size, 1e-5, act or NAMING_ACT[naming],
+                         "bicubic")
+    raise CheckpointError(f"{src.name}: no X-VLM vision encoder found (expected a key "
+                          f"'{prefix}patch_embed.proj.weight' (ViT) or '{prefix}patch_embed.weight' "
+                          "(CLIP ViT))")
 
-    Layout: `vision_encoder.*` (timm-style ViT), `text_encoder.bert.*` (or `text_encoder.*`)
+
+def import_xvlm(state: State, vision_heads: int, text_hf_config: dict, image_size: int | None = None,
+                source: str = "X-VLM checkpoint", vision_act: str | None = None
+                ) -> tuple[State, dict]:
+    """An X-VLM/EfficientVLM checkpoint -> our state dict + config parts.
+
+    Layout: `vision_encoder.*` (a ViT in timm's naming, a CLIP ViT as X-VLM's `clip_vit.py`
+    names it, or a Swin: `_xvlm_vision`), `text_encoder.bert.*` (or `text_encoder.*`)
     with BERT layers; layers from `fusion_layer` (= the first layer that has
-    `crossattention.*`) on are fusion layers. Also `vision_proj`, `text_proj`, `temp` (ITC),
-    `itm_head` and the MLM head `text_encoder.cls.predictions`.
-    Returns the state and {"vision": VisionConfig, "text": TextConfig, "fusion": EncoderConfig}.
+    `crossattention.*`) on are fusion layers: NLVR2's model has twice as many, one per image
+    in turn, and they import as they are (`vlm.paired_fusion`). Also `vision_proj`, `text_proj`,
+    `temp` (ITC), the heads of `_XVLM_HEADS` and the MLM head `text_encoder.cls.predictions`.
+    The text position table keeps the checkpoint's length (BERT's 512), however short the
+    data's text. Returns the state and {"vision": VisionConfig, "text": TextConfig,
+    "fusion": EncoderConfig}.
     """
     src = _Source(state, source)
-    vis_state, vcfg = _timm_vit(src, vision_heads, image_size, None, "gelu", "vision_encoder.")
+    vis_state, vcfg = _xvlm_vision(src, vision_heads, image_size, vision_act)
+    if any(k.startswith("text_decoder.") for k in state):
+        raise CheckpointError(f"{source}: X-VLM's text decoder ('text_decoder.*', of its "
+                              "generative VQA and captioning models) is not supported: evlm's "
+                              "VQA head is a classifier and its captioning model the fusion "
+                              "encoder run causally")
     p = _bert_prefix(state)
     if not p.startswith("text_encoder."):
         raise CheckpointError(f"{source}: no X-VLM text encoder ('text_encoder.*embeddings.*')")
@@ -311,7 +632,9 @@ def import_xvlm(state: State, vision_heads: int, text_hf_config: dict, image_siz
         raise CheckpointError(f"{source}: no cross-attention layers "
                               f"('{p}encoder.layer.N.crossattention.*')")
     n_text = cross_ids[0]
-    tcfg = bert_text_config(text_hf_config, n_text, source)
+    positions = state[f"{p}embeddings.position_embeddings.weight"].shape[0]
+    tcfg = bert_text_config({**text_hf_config, "max_position_embeddings": positions}, n_text,
+                            source)
     out = {**vis_state, **_bert(src, p, tcfg, [])}
     for j, i in enumerate(layer_ids[n_text:]):
         out.update(_bert_layer(src, f"{p}encoder.layer.{i}", f"{LAYER_PREFIX['fusion']}.{j}",
@@ -321,11 +644,14 @@ def import_xvlm(state: State, vision_heads: int, text_hf_config: dict, image_siz
     fcfg = EncoderConfig(width=t.width, head_dim=t.head_dim, heads=[t.heads[0]] * n_fusion,
                          ffn=[t.ffn[0]] * n_fusion, norm="post", act=t.act, eps=t.eps,
                          cross_heads=[t.heads[0]] * n_fusion, kv_width=vcfg.encoder.width)
-    for ours, theirs in (("heads.itc.vision_proj", "vision_proj"), ("heads.itc.text_proj", "text_proj"),
-                         ("heads.itm", "itm_head")):
+    for ours, theirs in (("heads.itc.vision_proj", "vision_proj"), ("heads.itc.text_proj", "text_proj")):
         for name in ("weight", "bias"):
             if f"{theirs}.{name}" in src:
                 out[f"{ours}.{name}"] = src.take(f"{theirs}.{name}")
+    for theirs, ours in _XVLM_HEADS.items():
+        if f"{theirs}.0.weight" in src:
+            out.update({f"{ours}.{i}.{name}": src.take(f"{theirs}.{i}.{name}")
+                        for i in (0, 1, 3) for name in ("weight", "bias")})
     if "temp" in src:
         out["heads.itc.temp"] = src.take("temp").reshape(())
     out.update(_xvlm_mlm(src, f"{p.removesuffix('bert.')}cls.predictions", out["embeddings.word.weight"],

@@ -20,6 +20,13 @@ def uniform_layer_map(n_student: int, n_teacher: int) -> list[int]:
     return [(i + 1) * n_teacher // n_student - 1 for i in range(n_student)]
 
 
+def paired_layer_map(layer_map: Sequence[int]) -> list[int]:
+    """A fusion layer map for models whose fusion layers come in pairs, one per image (NLVR2,
+    `vlm.paired_fusion`): student layer 2i + s imitates teacher layer 2 layer_map[i] + s, the
+    copy that reads the same image."""
+    return [2 * j + side for j in layer_map for side in (0, 1)]
+
+
 def resolve_layer_map(layer_map: Sequence[int] | None, n_student: int, n_teacher: int
                       ) -> list[int]:
     """An explicit map checked against the layer counts, or the uniform one when None."""
@@ -44,7 +51,13 @@ def student_from_teacher(teacher: VLM, student_layers: dict[str, int],
             mapping[e] = resolve_layer_map(given.get(e), student_layers[e], tcfg.encoder(e).layers)
         except ValueError as error:
             raise ValueError(f"layer map for {e}: {error}") from None
-    scfg = tcfg.with_encoders(*(tcfg.encoder(e).select(mapping[e]) for e in ENCODERS))
+    stages = None
+    if tcfg.vision.swin is not None:  # a Swin student keeps each layer in its stage
+        try:
+            stages = tcfg.vision.swin.select(mapping["vision"])
+        except ValueError as error:
+            raise ValueError(f"layer map for vision: {error}") from None
+    scfg = tcfg.with_encoders(*(tcfg.encoder(e).select(mapping[e]) for e in ENCODERS), swin=stages)
     student = VLM(scfg)
     source = teacher.state_dict()
     pattern = re.compile("^(" + "|".join(re.escape(p) for p in LAYER_PREFIX.values()) + r")\.(\d+)\.")

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from evlm_cli.models.blocks import DecoderCache, Encoder, EncoderOutput, Gates
-from evlm_cli.models.config import ENCODERS, EncoderConfig, VisionConfig, VLMConfig
+from evlm_cli.models.blocks import Block, DecoderCache, Encoder, EncoderOutput, Gates
+from evlm_cli.models.config import (
+    ENCODERS,
+    POS_RESAMPLE,
+    EncoderConfig,
+    VisionConfig,
+    VLMConfig,
+)
 from evlm_cli.models.groups import PrunableGroup
+from evlm_cli.models.swin import SwinEncoder
 
 # Where each encoder's layers live in the state dict: "<prefix>.<layer>.<tensor>".
 LAYER_PREFIX = {"vision": "vision.encoder.layers", "text": "text.layers", "fusion": "fusion.layers"}
@@ -165,6 +172,14 @@ class MLMHead(nn.Module):
         return self.decoder(self.transform(hidden))
 
 
+def xvlm_mlp(width: int, outputs: int) -> nn.Sequential:
+    """X-VLM's classifier (`models/xvlm.py:build_mlp`): Linear to twice the width, LayerNorm
+    (torch's eps), GELU, Linear to the outputs. X-VLM's ITM and NLVR2 heads take this shape, and
+    so does evlm's VQA classifier, so that their weights import index by index (0, 1, 3)."""
+    return nn.Sequential(nn.Linear(width, 2 * width), nn.LayerNorm(2 * width), nn.GELU(),
+                         nn.Linear(2 * width, outputs))
+
+
 def build_heads(cfg: VLMConfig) -> nn.ModuleDict:
     w = cfg.fusion.width
     heads = nn.ModuleDict()
@@ -172,15 +187,15 @@ def build_heads(cfg: VLMConfig) -> nn.ModuleDict:
         if name == "vqa":
             if cfg.num_answers < 1:
                 raise ValueError("the vqa head needs num_answers >= 1")
-            heads["vqa"] = nn.Sequential(nn.Linear(w, 2 * w), nn.GELU(), nn.LayerNorm(2 * w),
-                                         nn.Linear(2 * w, cfg.num_answers))
+            heads["vqa"] = xvlm_mlp(w, cfg.num_answers)
         elif name == "nlvr2":
-            # Reads the two pooled fusion outputs (one per image) side by side, as X-VLM's reads
-            # the two fused [CLS] states (pool "cls").
-            heads["nlvr2"] = nn.Sequential(nn.Linear(2 * w, 2 * w), nn.GELU(), nn.LayerNorm(2 * w),
-                                           nn.Linear(2 * w, max(cfg.num_answers, 2)))
+            if cfg.fusion.layers % 2:
+                raise ValueError(f"the nlvr2 head reads a fusion encoder whose layers take the two "
+                                 f"images in turn, so it needs an even number of fusion layers, "
+                                 f"not {cfg.fusion.layers}")
+            heads["nlvr2"] = xvlm_mlp(w, 2)  # true or false
         elif name == "itm":
-            heads["itm"] = nn.Linear(w, 2)
+            heads["itm"] = xvlm_mlp(w, 2)
         elif name == "itc":
             heads["itc"] = ITCHead(cfg.vision.encoder.width, cfg.text.encoder.width, cfg.embed_dim)
         elif name == "mlm":
@@ -195,13 +210,7 @@ class VLMOutput:
     vision: EncoderOutput
     text: EncoderOutput
     fusion: EncoderOutput
-    text_mask: Tensor | None = None  # [B, L] 1 = a real token
-    # The fusion tokens' mask: the text's, or each row twice when the text meets two images.
-    fusion_mask: Tensor | None = None
-
-    def __post_init__(self):
-        if self.fusion_mask is None:
-            self.fusion_mask = self.text_mask
+    text_mask: Tensor | None = None  # [B, L] 1 = a real token (the fusion tokens are the text's)
 
     def encoder(self, name: str) -> EncoderOutput:
         return getattr(self, name)
@@ -223,7 +232,7 @@ class VLM(nn.Module):
                              f"({cfg.vision.encoder.width})")
         self.config = cfg
         tcfg = cfg.text.encoder
-        self.vision = VisionEncoder(cfg.vision)
+        self.vision = SwinEncoder(cfg.vision) if cfg.vision.swin is not None else VisionEncoder(cfg.vision)
         self.embeddings = TextEmbeddings(cfg.text, tcfg.width, tcfg.eps)
         self.text = Encoder(tcfg, "text")
         self.text_to_fusion = (nn.Linear(tcfg.width, cfg.fusion.width)
@@ -235,18 +244,18 @@ class VLM(nn.Module):
                 gates: Gates | None = None, output_hidden: bool = False,
                 output_attentions: bool = False, causal: bool = False) -> VLMOutput:
         """One pass over image-text pairs. `images` [B, 3, H, W], or [B, 2, 3, H, W] for a text
-        about two images (NLVR2): each image is encoded, and the text is fused with each in
-        turn, so the fusion rows come in pairs (2b, 2b + 1)."""
+        about two images (NLVR2): both are encoded (vision rows 2b, 2b + 1), and the text passes
+        the fusion layers once, layer 2i cross-attending to the first image and 2i + 1 to the
+        second, as in X-VLM's `models/model_nlvr.py` (see `paired_fusion`)."""
         opts = dict(gates=gates, output_hidden=output_hidden, output_attentions=output_attentions)
         two_images = images.ndim == 5
         vision = self.vision(images.flatten(0, 1) if two_images else images, **opts)
         text = self.encode_text(input_ids, attention_mask, causal=causal, **opts)
-        text_tokens, fusion_mask = text.last, attention_mask
+        image_tokens = vision.last
         if two_images:
-            text_tokens = text_tokens.repeat_interleave(2, dim=0)
-            fusion_mask = None if fusion_mask is None else fusion_mask.repeat_interleave(2, dim=0)
-        fusion = self.fuse(text_tokens, fusion_mask, vision.last, causal=causal, **opts)
-        return VLMOutput(vision, text, fusion, attention_mask, fusion_mask)
+            image_tokens = tuple(image_tokens.unflatten(0, (-1, 2)).unbind(1))
+        fusion = self.fuse(text.last, attention_mask, image_tokens, causal=causal, **opts)
+        return VLMOutput(vision, text, fusion, attention_mask)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                     cache: DecoderCache | None = None, **opts) -> EncoderOutput:
@@ -256,10 +265,11 @@ class VLM(nn.Module):
         return self.text(self.embeddings(input_ids, offset), mask=attention_mask, cache=cache,
                          **opts)
 
-    def fuse(self, text_tokens: Tensor, attention_mask: Tensor | None, image_tokens: Tensor,
-             **opts) -> EncoderOutput:
-        """The fusion encoder over encoded text, cross-attending to encoded image tokens
-        (`causal=True`: each text position sees only the ones before it, as a decoder; a
+    def fuse(self, text_tokens: Tensor, attention_mask: Tensor | None,
+             image_tokens: Tensor | tuple[Tensor, ...], **opts) -> EncoderOutput:
+        """The fusion encoder over encoded text, cross-attending to encoded image tokens (a tuple
+        of images: layer i reads image i mod their number;
+        `causal=True`: each text position sees only the ones before it, as a decoder; a
         `cache=DecoderCache` then feeds only the new positions, see `Encoder.forward`)."""
         return self.fusion(self.text_to_fusion(text_tokens), mask=attention_mask, kv=image_tokens,
                            **opts)
@@ -291,23 +301,22 @@ class VLM(nn.Module):
         return fused_tokens.amax(1)
 
     def pooled(self, out: VLMOutput) -> Tensor:
-        return self.pool(out.fusion.last, out.fusion_mask)
+        return self.pool(out.fusion.last, out.text_mask)
 
     def logits(self, task: str, out: VLMOutput) -> Tensor:
         """Task logits of one forward pass: VQA answer scores from the pooled fusion output;
-        NLVR2's true/false from the two images' pooled outputs side by side; for retrieval,
+        NLVR2's true/false from the pooled output of the text fused with both images; for retrieval,
         the ITM match scores of the given pairs (what re-ranking computes); for captioning,
         next-token scores at every text position [B, L, V] (run the pass with causal=True)."""
         if task == "vqa":
             return self.heads["vqa"](self.pooled(out))
         if task == "nlvr2":
-            if out.fusion.last.shape[0] != 2 * out.text.last.shape[0]:
+            if out.vision.last.shape[0] != 2 * out.text.last.shape[0]:
                 raise ValueError("nlvr2 reads a text fused with two images: pass images as "
                                  "[B, 2, 3, H, W]")
-            pooled = self.pooled(out)
-            return self.heads["nlvr2"](pooled.reshape(pooled.shape[0] // 2, -1))
+            return self.heads["nlvr2"](self.pooled(out))
         if task in ("itm", "retrieval"):
-            return self.match_logits(out.fusion.last, out.fusion_mask)
+            return self.match_logits(out.fusion.last, out.text_mask)
         if task == "captioning":
             return self.mlm_logits(out.fusion.last)
         raise ValueError(f"no head for task {task!r}")
@@ -347,14 +356,20 @@ def for_inference(model: VLM) -> VLM:
             block.mlp.fuse_projections()
             block.mlp.pad_hidden(INFERENCE_WIDTH_MULTIPLE)
     vision = fast.vision
-    fold_constants(vision.encoder, vision.norm_pre.bias if isinstance(vision.norm_pre, nn.LayerNorm)
-                   else vision.pos_embed)
+    if isinstance(vision, SwinEncoder):
+        # Patch merging reads the residual stream between stages, so each stage folds alone;
+        # only the first has a bias just before it (its patch norm's).
+        for stage, blocks in enumerate(vision.encoder.stage_layers()):
+            fold_constants(blocks, vision.norm_pre.bias if stage == 0 else None)
+    else:
+        fold_constants(vision.encoder, vision.norm_pre.bias
+                       if isinstance(vision.norm_pre, nn.LayerNorm) else vision.pos_embed)
     fold_constants(fast.text, fast.embeddings.norm.bias)
     fold_constants(fast.fusion, getattr(fast.text_to_fusion, "bias", None))
     return fast
 
 
-def fold_constants(encoder: Encoder, start: Tensor | None) -> None:
+def fold_constants(encoder: Encoder | list[Block], start: Tensor | None) -> None:
     """Move the output of each empty sublayer (no heads or no neurons: its bias, whatever its
     input) into the bias added just before it, and skip the sublayer (inference only).
 
@@ -362,10 +377,11 @@ def fold_constants(encoder: Encoder, start: Tensor | None) -> None:
     so adding a constant one addition earlier changes no later value, and the encoder's
     output is unchanged. `start` is the bias that ends the encoder's input (None: the first
     constants stay). Post-norm layers normalise after each addition, so their constants stay.
+    `encoder` may also be a list of consecutive blocks (a Swin stage).
     """
     target = start
     with torch.no_grad():
-        for block in encoder.layers:
+        for block in getattr(encoder, "layers", encoder):
             if not block.pre_norm:
                 target = None
                 continue
@@ -409,13 +425,20 @@ def prunable_groups(cfg: VLMConfig, units=("heads", "ffn")) -> list[PrunableGrou
     groups = []
     for enc in ENCODERS:
         ecfg: EncoderConfig = cfg.encoder(enc)
-        w, hd = ecfg.width, ecfg.head_dim
+        hd = ecfg.head_dim
+        # A Swin's layers differ in width by stage, and each head owns a column of its layer's
+        # relative position bias table.
+        vision = enc == "vision"
+        widths = cfg.vision.layer_widths() if vision else [ecfg.width] * ecfg.layers
+        table_rows = cfg.vision.bias_table_rows() if vision else [0] * ecfg.layers
         for i in range(ecfg.layers):
+            w = widths[i]
+
             def add(unit, size, cost, enc=enc, i=i):
                 if size:
                     groups.append(PrunableGroup(f"{enc}.{i}.{unit}", enc, unit, i, size, cost))
             if "heads" in units:
-                add("heads", ecfg.heads[i], _head_params(w, hd, w))
+                add("heads", ecfg.heads[i], _head_params(w, hd, w) + table_rows[i])
                 if ecfg.has_cross:
                     add("cross_heads", ecfg.cross_heads[i], _head_params(w, hd, ecfg.kv_width))
             if "ffn" in units:
@@ -433,7 +456,8 @@ def param_breakdown(model: VLM) -> dict[str, int]:
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     v = model.vision
     parts = {
-        "embeddings": count(v.stem) + v.cls_token.numel() + v.pos_embed.numel()
+        # the stem, and a ViT's class token and positions (a Swin has neither)
+        "embeddings": count(v) - count(v.encoder) - count(v.norm) - count(v.norm_pre)
         + count(model.embeddings),
         "vision": count(v.encoder) + count(v.norm) + count(v.norm_pre),
         "text": count(model.text),
@@ -454,17 +478,44 @@ def prunable_param_count(cfg: VLMConfig) -> dict[str, int]:
     return totals
 
 
-def resample_pos_embed(pos: Tensor, grid: int) -> Tensor:
-    """Bicubic resampling of [1, 1+g*g, D] position embeddings to a new grid (CLS kept), with
-    antialiasing (torch's PIL-like kernel), as timm resamples a ViT's positions."""
+def resample_pos_embed(pos: Tensor, grid: int, kernel: str = "bicubic_antialias") -> Tensor:
+    """Bicubic resampling of [1, 1+g*g, D] position embeddings to a new grid (CLS kept).
+
+    `kernel` (`VisionConfig.pos_resample`) follows the weights' source, whose fine-tuned models
+    expect its values: "bicubic_antialias" (torch's PIL-like kernel) as timm's
+    `resample_abs_pos_embed`; "bicubic", without antialiasing, as X-VLM's
+    `interpolate_pos_embed` and transformers' CLIP. They differ growing the grid too: torch's
+    antialiased bicubic is PIL's cubic (a = -0.5), the plain one a = -0.75.
+    """
+    if kernel not in POS_RESAMPLE:
+        raise ValueError(f"unknown position resampling {kernel!r} (known: {', '.join(POS_RESAMPLE)})")
     old = int(round((pos.shape[1] - 1) ** 0.5))
     if old == grid:
         return pos
     cls, patches = pos[:, :1], pos[:, 1:]
     patches = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
     patches = nn.functional.interpolate(patches, size=(grid, grid), mode="bicubic",
-                                        align_corners=False, antialias=True)
+                                        align_corners=False, antialias=kernel == "bicubic_antialias")
     return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos.dtype)], 1)
+
+
+def paired_fusion(fusion: EncoderConfig) -> EncoderConfig:
+    """The fusion config of X-VLM's NLVR2 model (`models/model_nlvr.py`): every layer twice, so
+    that layer 2i reads the first image and 2i + 1 the second."""
+    return fusion.select([i for i in range(fusion.layers) for _ in range(2)])
+
+
+def paired_fusion_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` with fusion layer i copied to layers 2i and 2i + 1, as X-VLM's NLVR2 model starts
+    from a pre-trained one (`model_nlvr.py:XVLM.load_pretrained`)."""
+    prefix = LAYER_PREFIX["fusion"] + "."
+    out = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            for copy_index in (2 * int(index), 2 * int(index) + 1):
+                out[f"{prefix}{copy_index}.{rest}"] = value.clone()
+    return out
 
 
 def with_heads(model: VLM, heads: list[str], *, num_answers: int | None = None,
@@ -473,13 +524,18 @@ def with_heads(model: VLM, heads: list[str], *, num_answers: int | None = None,
 
     A head that the model has, with the same shape, keeps its weights (the retrieval heads of
     a pre-trained model); any other starts fresh (a task's answer classifier). Unlisted heads
-    are dropped. At another `image_size` the position embeddings are resampled (bicubic) to
-    its patch grid, as X-VLM fine-tunes at a larger size than it pre-trains; the patch stem
-    does not depend on the size.
+    are dropped. At another `image_size` the position embeddings are resampled to its patch
+    grid with the kernel of the weights' source (`VisionConfig.pos_resample`), as X-VLM
+    fine-tunes at a larger size than it pre-trains; the patch stem does not depend on the size.
+    A model given the nlvr2 head it lacked has its fusion layers paired, one for each image
+    (`paired_fusion`).
     """
     cfg = model.config.to_dict()
     cfg.update(heads=list(heads), pool=pool or cfg["pool"],
                num_answers=cfg["num_answers"] if num_answers is None else num_answers)
+    pair = "nlvr2" in heads and "nlvr2" not in model.config.heads
+    if pair:
+        cfg["fusion"] = asdict(paired_fusion(model.config.fusion))
     patch = cfg["vision"]["patch_size"]
     if image_size is not None and image_size != cfg["vision"]["image_size"]:
         if image_size % patch:
@@ -489,8 +545,13 @@ def with_heads(model: VLM, heads: list[str], *, num_answers: int | None = None,
     new = VLM(VLMConfig.from_dict(cfg))
     own = new.state_dict()
     state = model.state_dict()
-    state["vision.pos_embed"] = resample_pos_embed(state["vision.pos_embed"],
-                                                   new.config.vision.image_size // patch)
+    if pair:
+        state = paired_fusion_state(state)
+    vision = new.config.vision
+    if vision.swin is None:  # a Swin has no absolute positions: its windows fit any grid
+        state["vision.pos_embed"] = resample_pos_embed(state["vision.pos_embed"],
+                                                       vision.image_size // patch,
+                                                       vision.pos_resample)
     state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in state]
     if any(not k.startswith("heads.") for k in missing):

@@ -19,7 +19,7 @@ from evlm_cli.data.loader import PreparedData, open_prepared
 from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.vlm import VLM
 from evlm_cli.recipe.scoring import evaluate_task
-from evlm_cli.recipe.student import task_student
+from evlm_cli.recipe.student import task_layer_maps, task_student
 from evlm_cli.tasks import task_for
 from evlm_cli.training.loop import Optim, adamw, finish, fit, make_run, setup
 
@@ -56,7 +56,7 @@ def _train_on_task(name: str, params: Params, train: OptimConfig, weights: LossW
     teacher_model = teacher_model.to(device).eval()
     layer_maps = json.loads((Path(student) / "layer_map.json").read_text())
     objective = Objective(student_model, params.task, weights, f.temperature, teacher_model,
-                          layer_maps,
+                          task_layer_maps(layer_maps, params.task),
                           task_spec=task_for(params.task, data.meta, f.label_smoothing))
     run = make_run(name, data.split("train"), train, params.seed,
                    modules={"student": student_model, **objective.modules},

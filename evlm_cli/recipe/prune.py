@@ -18,7 +18,7 @@ from evlm_cli.data.loader import open_prepared
 from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.vlm import param_breakdown
 from evlm_cli.recipe.scoring import evaluate_task
-from evlm_cli.recipe.student import task_student
+from evlm_cli.recipe.student import task_layer_maps, task_student
 from evlm_cli.tasks import task_for
 from evlm_cli.training.loop import Optim, adamw, empty_log, finish, fit, make_run, setup
 
@@ -65,7 +65,7 @@ def run_prune(params: Params, *, prepared: Path, student: Path, teacher: Path, m
     constraint = SparsityConstraint(gates, p.mode, p.target_sparsity, p.warmup_fraction,
                                     min_keep=p.min_keep)
     objective = Objective(student_model, params.task, p.weights, p.temperature, teacher_model,
-                          layer_maps, gates=gates, constraint=constraint,
+                          task_layer_maps(layer_maps, params.task), gates=gates, constraint=constraint,
                           task_spec=task_for(params.task, data.meta, p.label_smoothing))
     run = None
     if constraint.uses_gates:

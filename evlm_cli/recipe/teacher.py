@@ -9,7 +9,7 @@ from evlm_cli.core.config import OptimConfig, Params, PretrainConfig, to_dict
 from evlm_cli.core.errors import CheckpointError
 from evlm_cli.core.io import atomic_path
 from evlm_cli.data.loader import PreparedData, open_prepared
-from evlm_cli.models.build import build_teacher, require_vocabulary
+from evlm_cli.models.build import build_teacher, import_xvlm_task_teacher, require_vocabulary
 from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.vlm import VLM, with_heads
 from evlm_cli.recipe.scoring import evaluate_task
@@ -78,20 +78,23 @@ def task_teacher(params: Params, data: PreparedData, pretrained: Path
                  ) -> tuple[VLM, set[str] | None]:
     """The task teacher before fine-tuning, and the names of its tensors that come from the
     pre-trained teacher (all but a fresh task head); None when it is imported finished and
-    needs no fine-tuning."""
+    needs no fine-tuning: an evlm task model, or X-VLM's fine-tuned model (retrieval, NLVR2)
+    in the pre-trained teacher's shape."""
     tt, task = params.task_teacher, TASKS[params.task]
     if tt.checkpoint is not None:
-        model = load_model(tt.checkpoint)
+        source = f"task_teacher.checkpoint {tt.checkpoint}"
+        if tt.checkpoint_format == "xvlm":
+            model = import_xvlm_task_teacher(tt.checkpoint, load_model(pretrained).config,
+                                             heads=list(task.heads),
+                                             num_answers=data.num_answers,
+                                             image_size=data.meta["image_size"])
+        else:
+            model = load_model(tt.checkpoint)
         missing = [h for h in task.heads if h not in model.config.heads]
         if missing:
-            raise CheckpointError(f"task_teacher.checkpoint {tt.checkpoint}: has no {missing[0]} "
-                                  f"head for task {task.name}")
-        source = f"task_teacher.checkpoint {tt.checkpoint}"
+            raise CheckpointError(f"{source}: has no {missing[0]} head for task {task.name}")
         require_vocabulary(model, data.meta["vocab_size"], source, "the prepared data's tokenizer")
-        positions, needed = model.config.text.max_positions, data.meta["max_text_len"]
-        if positions < needed:
-            raise CheckpointError(f"{source}: has {positions} text positions, the task data "
-                                  f"{needed} (data.max_text_len)")
+        require_positions(model, data.meta["max_text_len"], source)
         size, wanted = model.config.vision.image_size, data.meta["image_size"]
         if size != wanted:
             raise CheckpointError(f"{source}: takes {size} px images, the task data "
@@ -102,9 +105,22 @@ def task_teacher(params: Params, data: PreparedData, pretrained: Path
                                   f"{data.num_answers}")
         return model, None
     source = load_model(pretrained)
+    require_positions(source, data.meta["max_text_len"], f"the pre-trained teacher {pretrained}")
     model = with_heads(source, list(task.heads), num_answers=data.num_answers,
                        image_size=data.meta["image_size"])
-    return model, set(source.state_dict()) & set(model.state_dict())
+    # Every encoder tensor came from the pre-trained teacher (NLVR2's paired fusion layers
+    # too), and so did a head it had in the same shape.
+    kept = source.state_dict()
+    return model, {k for k, v in model.state_dict().items() if not k.startswith("heads.")
+                   or (k in kept and kept[k].shape == v.shape)}
+
+
+def require_positions(model: VLM, needed: int, source: str) -> None:
+    """The task's text must fit the model's position table; a longer table is kept as it is."""
+    positions = model.config.text.max_positions
+    if positions < needed:
+        raise CheckpointError(f"{source}: has {positions} text positions, the task data "
+                              f"{needed} (data.max_text_len)")
 
 
 def run_teacher(params: Params, *, prepared: Path, pretrained: Path, model: Path, log: Path

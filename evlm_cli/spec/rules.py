@@ -127,10 +127,17 @@ def heads_divide_width(spec: dict) -> Problems:
                    f"teacher.{encoder}.heads {heads}")
 
 
+def teacher_from_scratch(teacher: dict) -> bool:
+    """A teacher that imports no text weights: its position table has pairs.max_text_len rows.
+    One that imports them keeps the table of its checkpoint, however long (BERT's 512); the
+    import checks it against the data."""
+    return teacher["init"]["text"] is None and teacher["checkpoint"] is None
+
+
 def task_text_fits_teacher_positions(spec: dict) -> Problems:
     """A teacher trained from scratch has pairs.max_text_len text positions, no more."""
     pairs, data, teacher = spec["pairs"], spec["data"], spec["teacher"]
-    if data["max_text_len"] > pairs["max_text_len"] and teacher["init"]["text"] is None:
+    if data["max_text_len"] > pairs["max_text_len"] and teacher_from_scratch(teacher):
         yield ([("data", "max_text_len"), ("pairs", "max_text_len")],
                f"data.max_text_len: {data['max_text_len']} is more than pairs.max_text_len "
                f"{pairs['max_text_len']}, the teacher's text positions")
@@ -140,7 +147,7 @@ def captions_fit_teacher_positions(spec: dict) -> Problems:
     pairs, teacher = spec["pairs"], spec["teacher"]
     max_len = spec["evaluate"]["max_len"]
     if (spec["task"] == "captioning" and max_len is not None and max_len >= pairs["max_text_len"]
-            and teacher["init"]["text"] is None):
+            and teacher_from_scratch(teacher)):
         # A caption of max_len tokens follows its begin token: max_len + 1 positions.
         yield ([("evaluate", "max_len"), ("pairs", "max_text_len")],
                f"evaluate.max_len: {max_len} tokens after the begin token need more than "
@@ -223,6 +230,54 @@ def text_shape_matches_text_init(spec: dict) -> Problems:
         yield (("teacher", "text", "layers"),
                f"teacher.text.layers: {text['layers']} is more than the {available} layers of "
                "teacher.init.text")
+
+
+# transformers CLIP config keys of the vision tower, by the teacher.vision key each must equal.
+CLIP_VISION_KEYS = {"width": "hidden_size", "heads": "num_attention_heads",
+                    "ffn": "intermediate_size", "layers": "num_hidden_layers",
+                    "patch_size": "patch_size"}
+CLIP_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def vision_init_fits_the_teacher(spec: dict) -> Problems:
+    """teacher.init.vision is a weights file, or a transformers CLIP directory whose vision
+    tower has teacher.vision's shape; either holds a patch convolution, which a conv stem
+    cannot load."""
+    teacher = spec["teacher"]
+    value, where = teacher["init"]["vision"], ("teacher", "init", "vision")
+    if value is None:
+        return
+    if teacher["vision"]["stem"] != "patch":
+        yield (("teacher", "vision", "stem"),
+               f"teacher.vision.stem: {teacher['vision']['stem']} cannot load the patch "
+               "convolution of teacher.init.vision; use patch")
+    if not path_exists(value):
+        return  # paths_exist_locally's to report
+    directory = Path(value)
+    if not directory.is_dir():
+        yield from checkpoint_problems(where, value, "xvlm")  # a weights file, as X-VLM's are
+        return
+    expected = "expected a transformers CLIP directory: config.json and " + " or ".join(CLIP_WEIGHTS)
+    if not (directory / "config.json").is_file() or not any(
+            (directory / name).is_file() for name in CLIP_WEIGHTS):
+        yield where, f"teacher.init.vision: {quote(value)} lacks config.json or weights ({expected})"
+        return
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        yield where, f"teacher.init.vision: cannot read {directory / 'config.json'}: {error}"
+        return
+    model_type = config.get("model_type")
+    if model_type not in ("clip", "clip_vision_model"):
+        yield where, (f"teacher.init.vision: model_type {quote(str(model_type))} of {quote(value)} "
+                      f"is not a transformers CLIP model (expected clip or clip_vision_model)")
+        return
+    vision = (config.get("vision_config") or {}) if model_type == "clip" else config
+    for key, config_key in CLIP_VISION_KEYS.items():
+        if config_key in vision and teacher["vision"][key] != vision[config_key]:
+            yield (("teacher", "vision", key),
+                   f"teacher.vision.{key}: {teacher['vision'][key]} does not match {config_key} "
+                   f"{vision[config_key]} of teacher.init.vision")
 
 
 # ---------------------------------------------------------------- pruning
@@ -338,14 +393,12 @@ def checkpoints_look_like_their_format(spec: dict) -> Problems:
     """An existing checkpoint must look like one of its format, by its first bytes only.
 
     evlm: a directory with config.json and model.safetensors; xvlm: a safetensors file, a torch
-    zip checkpoint or a legacy torch pickle. teacher.checkpoint may be either; a task teacher is
-    an evlm model. (A missing one is paths_exist_locally's to report.)
+    zip checkpoint or a legacy torch pickle, as each section's checkpoint_format says. (A
+    missing one is paths_exist_locally's to report.)
     """
-    teacher = spec["teacher"]
-    yield from checkpoint_problems(("teacher", "checkpoint"), teacher["checkpoint"],
-                                   teacher["checkpoint_format"])
-    yield from checkpoint_problems(("task_teacher", "checkpoint"),
-                                   spec["task_teacher"]["checkpoint"], "evlm")
+    for section in ("teacher", "task_teacher"):
+        yield from checkpoint_problems((section, "checkpoint"), spec[section]["checkpoint"],
+                                       spec[section]["checkpoint_format"])
 
 
 def checkpoint_problems(where: JsonPath, value: str | None, fmt: str) -> Problems:
@@ -356,7 +409,7 @@ def checkpoint_problems(where: JsonPath, value: str | None, fmt: str) -> Problem
         expected = ("expected an evlm checkpoint: a directory with config.json and "
                     "model.safetensors")
         if not path.is_dir():
-            hint = "; an X-VLM file needs teacher.checkpoint_format: xvlm" if where[0] == "teacher" else ""
+            hint = f"; an X-VLM file needs {where[0]}.checkpoint_format: xvlm"
             yield where, f"{name}: {quote(value)} is not a directory ({expected}{hint})"
             return
         missing = [file for file in MODEL_FILES if not (path / file).is_file()]
@@ -366,7 +419,7 @@ def checkpoint_problems(where: JsonPath, value: str | None, fmt: str) -> Problem
     expected = f"expected {WEIGHT_FILES}"
     if path.is_dir():
         yield where, (f"{name}: {quote(value)} is a directory ({expected}; an evlm "
-                      "directory needs teacher.checkpoint_format: evlm)")
+                      f"directory needs {where[0]}.checkpoint_format: evlm)")
         return
     try:
         found = file_weights_format(path)
@@ -414,6 +467,7 @@ RULES: list[Callable[[dict], Problems]] = [
     fusion_from_text_has_the_text_shape,
     imported_bert_encoders_are_post_norm,
     text_shape_matches_text_init,
+    vision_init_fits_the_teacher,
     min_keep_fits_the_target,
     prune_units_prune_something,
     runs_on_one_node,

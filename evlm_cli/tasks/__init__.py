@@ -64,7 +64,10 @@ TASKS: dict[str, Task] = {
 
 def task_for(name: str, meta: Mapping, label_smoothing: float) -> Task:
     """TASKS[name] as the prepared data (`meta`) and the spec set it up: captioning learns only
-    what follows the prepared prompt, with the spec's label smoothing; the others as they are."""
+    what follows the prepared prompt, with the spec's label smoothing; VQA with the objective
+    the data section chose (`data.vqa_loss`, recorded at prepare); the others as they are."""
+    if name == "vqa":
+        return dataclasses.replace(TASKS[name], loss=vqa.VQA_LOSSES[meta.get("vqa_loss", "bce")])
     if name != "captioning":
         return TASKS[name]
     loss = caption.CaptionLoss(len(meta.get("caption_prompt_ids", [])), label_smoothing)

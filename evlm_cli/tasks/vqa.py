@@ -162,6 +162,21 @@ def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, targets) * targets.size(-1)
 
 
+def vqa_soft_ce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the answers' scores normalised to sum to one: each answer's
+    log-likelihood weighted by its share, as X-VLM and ALBEF weight their answer decoders'.
+    A row that scores no answer of the list (all annotators outside it) weighs nothing."""
+    targets = targets.to(logits.dtype)
+    total = targets.sum(dim=-1, keepdim=True)
+    weights = targets / total.clamp_min(torch.finfo(targets.dtype).tiny)
+    per_row = -(weights * F.log_softmax(logits, dim=-1)).sum(dim=-1)
+    return per_row.sum() / (total.squeeze(-1) > 0).sum().clamp_min(1)
+
+
+# The objectives `data.vqa_loss` names.
+VQA_LOSSES = {"bce": vqa_loss, "soft_ce": vqa_soft_ce_loss}
+
+
 def vqa_example_scores(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per example, the target score of the predicted (argmax) answer. With the official
     targets of `answer_scores` that is the official accuracy, up to float16 storage."""

@@ -6,8 +6,8 @@ import torch
 from evlm_cli.compress.objective import Masking, Objective
 from evlm_cli.core.config import LossWeights
 from evlm_cli.models.config import make_config
-from evlm_cli.models.student import student_from_teacher
-from evlm_cli.models.vlm import VLM, model_inputs
+from evlm_cli.models.student import paired_layer_map, student_from_teacher
+from evlm_cli.models.vlm import VLM, model_inputs, with_heads
 from evlm_cli.tasks import TASKS, task_for
 from evlm_cli.tasks.caption import IGNORE, lm_labels, lm_loss
 
@@ -18,13 +18,19 @@ TASK_SETUP = {"vqa": (["vqa"], 4), "nlvr2": (["nlvr2"], 2), "captioning": (["mlm
 def models(task: str = "vqa"):
     torch.manual_seed(0)
     heads, answers = TASK_SETUP[task]
+    # NLVR2's models pair the fusion layers of pre-trained ones (X-VLM's), as the stages do
+    paired = task == "nlvr2"
     cfg = make_config(vision=dict(layers=2, width=16, heads=2, ffn=32),
                       text=dict(layers=2, width=16, heads=2, ffn=32),
                       fusion=dict(layers=2, width=16, heads=2, ffn=32), image_size=16,
-                      patch_size=8, vocab_size=30, max_positions=8, heads=heads,
-                      num_answers=answers)
+                      patch_size=8, vocab_size=30, max_positions=8,
+                      heads=["itm"] if paired else heads, num_answers=answers)
     teacher = VLM(cfg).eval()
     student, maps = student_from_teacher(teacher, {"vision": 1, "text": 1, "fusion": 1})
+    if paired:
+        teacher, student = (with_heads(m, heads, num_answers=answers).eval()
+                            for m in (teacher, student))
+        maps = {**maps, "fusion": paired_layer_map(maps["fusion"])}
     # a student that differs from its teacher, so every term is non-zero
     with torch.no_grad():
         for p in student.parameters():
@@ -45,7 +51,7 @@ def batch(pad_token: int, task: str = "vqa"):
 
 @pytest.mark.parametrize("task", list(TASK_SETUP))
 def test_padding_changes_no_distillation_term(task):
-    # NLVR2 fuses each text twice (each row's mask twice); captioning scores every real position
+    # NLVR2's fusion reads both images in one pass; captioning scores every real position
     teacher, student, maps = models(task)
     objective = Objective(student, task, LossWeights(task=1.0, logits=1.0, hidden=1.0, attention=1.0),
                           2.0, teacher, maps)
@@ -75,7 +81,7 @@ def test_a_configured_captioning_task_leaves_the_prompt_out_and_smooths_labels()
         _, plain = Objective(student, "captioning", objective.weights, 2.0, teacher, maps)(
             data, 0, 1)
     assert terms["task"] != pytest.approx(plain["task"], abs=1e-4)
-    assert task_for("vqa", {}, 0.1) is TASKS["vqa"]
+    assert task_for("nlvr2", {}, 0.1) is TASKS["nlvr2"]
 
 
 def pretrain_models(student_layers: int = 1):

@@ -26,7 +26,7 @@ def prepared(tmp_path_factory, easy_vqa_tokenizer):
     data = {"source": "easy-vqa", "train": None, "val": None, "test": None, "image_root": None,
             "answer_list": None, "image_size": SIZE, "max_text_len": 12, "limit": 96,
             "val_fraction": 0.1, "storage": "files", "skip_bad_images": False,
-            "caption_prompt": ""}
+            "caption_prompt": "", "vqa_loss": "bce"}
     prepare(build(DataConfig, data), "vqa", 0, out, easy_vqa_tokenizer)
     return out
 

@@ -22,7 +22,7 @@ def prepared(tmp_path_factory, easy_vqa_tokenizer):
     data = {
         "source": "easy-vqa", "train": None, "val": None, "test": None, "image_root": None,
         "answer_list": None, "image_size": SIZE, "max_text_len": 12, "limit": COUNT,
-        "val_fraction": 0.1, "storage": "auto", "skip_bad_images": False, "caption_prompt": "",
+        "val_fraction": 0.1, "storage": "auto", "skip_bad_images": False, "caption_prompt": "", "vqa_loss": "bce",
     }
     prepare(build(DataConfig, data), "vqa", 3, out, easy_vqa_tokenizer)
     return out
@@ -136,7 +136,7 @@ def prepare_xvlm(tmp_path, task, entries, tokenizer):
         "source": "xvlm-json", "train": [str(file)], "val": [str(file)], "test": [str(file)],
         "image_root": str(root), "answer_list": None, "image_size": SIZE, "max_text_len": 8,
         "limit": None, "val_fraction": 0.1, "storage": "auto", "skip_bad_images": False,
-        "caption_prompt": "",
+        "caption_prompt": "", "vqa_loss": "bce",
     }
     out = tmp_path / "prepared"
     prepare(build(DataConfig, data), task, 0, out, tokenizer)

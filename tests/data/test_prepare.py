@@ -31,7 +31,7 @@ def make_spec(**data):
     defaults = {
         "source": "easy-vqa", "train": None, "val": None, "test": None, "image_root": None,
         "answer_list": None, "image_size": SIZE, "max_text_len": TEXT_LEN, "limit": LIMIT,
-        "val_fraction": 0.1, "storage": "auto", "skip_bad_images": False, "caption_prompt": "",
+        "val_fraction": 0.1, "storage": "auto", "skip_bad_images": False, "caption_prompt": "", "vqa_loss": "bce",
     }
     return {
         "name": "t", "task": "vqa", "seed": 0,

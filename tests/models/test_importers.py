@@ -26,7 +26,7 @@ from evlm_cli.models.importers import (
     import_hf_bert,
     import_timm_vit,
     import_xvlm,
-    load_hf_bert_dir,
+    load_hf_dir,
 )
 from evlm_cli.models.vlm import VLM, MLMHead, TextEmbeddings, VisionEncoder
 from evlm_cli.spec.load import load_spec
@@ -69,7 +69,7 @@ def tiny_bert_dir(tmp_path):
 # --- HF BERT -------------------------------------------------------------------------------
 
 def test_text_encoder_matches_transformers_bert_on_minilm():
-    state, hf_config = load_hf_bert_dir(MINILM)
+    state, hf_config = load_hf_dir(MINILM)
     ours_state, cfg = import_hf_bert(state, hf_config)  # its pooler and position_ids: known, unused
     assert cfg.encoder.layers == 6 and cfg.encoder.width == 384 and cfg.encoder.heads == [12] * 6
     emb, enc = _text_encoder(ours_state, cfg)
@@ -89,7 +89,7 @@ def test_text_encoder_matches_transformers_bert_on_minilm():
 
 def test_text_encoder_takes_eps_and_activation_from_the_bert_config(tiny_bert_dir):
     directory, ref = tiny_bert_dir
-    state, hf_config = load_hf_bert_dir(directory)
+    state, hf_config = load_hf_dir(directory)
     ours_state, cfg = import_hf_bert(state, hf_config)
     assert (cfg.encoder.eps, cfg.encoder.act) == (1e-3, "gelu_tanh")
     emb, enc = _text_encoder(ours_state, cfg)
@@ -113,7 +113,7 @@ def test_bert_config_refuses_what_our_encoder_cannot_compute():
 
 
 def test_bert_import_names_the_missing_tensor():
-    state, hf_config = load_hf_bert_dir(MINILM)
+    state, hf_config = load_hf_dir(MINILM)
     del state["encoder.layer.3.output.dense.weight"]
     with pytest.raises(CheckpointError, match=r"encoder\.layer\.3\.output\.dense\.weight"):
         import_hf_bert(state, hf_config)
@@ -256,9 +256,16 @@ def _xvlm_state() -> dict:
     return state
 
 
+def _xvlm_mlp_state(name: str, width: int, outputs: int) -> dict:
+    """An X-VLM head as `build_mlp` saves it: Linear, LayerNorm, GELU, Linear (0, 1, 3)."""
+    return {f"{name}.0.weight": torch.randn(2 * width, width), f"{name}.0.bias": torch.randn(2 * width),
+            f"{name}.1.weight": torch.randn(2 * width), f"{name}.1.bias": torch.randn(2 * width),
+            f"{name}.3.weight": torch.randn(outputs, 2 * width), f"{name}.3.bias": torch.randn(outputs)}
+
+
 def test_xvlm_layout_imports_into_a_full_model():
     state = _xvlm_state()
-    state.update({"itm_head.weight": torch.randn(2, 32), "itm_head.bias": torch.randn(2),
+    state.update({**_xvlm_mlp_state("itm_head", 32, 2),
                   "vision_proj.weight": torch.randn(16, 48), "vision_proj.bias": torch.randn(16),
                   "text_proj.weight": torch.randn(16, 32), "text_proj.bias": torch.randn(16),
                   "temp": torch.tensor([0.05])})
@@ -279,8 +286,8 @@ def test_xvlm_layout_imports_into_a_full_model():
 
 
 def test_xvlm_mlm_head_matches_berts_and_its_other_heads_are_accounted_for():
-    """X-VLM's own heads: the MLM head maps onto ours; its MLP ITM head and box head have no
-    counterpart here and are known, unused; anything else is refused by name."""
+    """X-VLM's own heads: the MLM and ITM heads map onto ours; the box head (grounding) is
+    known and unused; anything else is refused by name."""
     state = _xvlm_state()
     hf = BertConfig(**XVLM_HF)
     torch.manual_seed(0)
@@ -289,19 +296,18 @@ def test_xvlm_mlm_head_matches_berts_and_its_other_heads_are_accounted_for():
     with torch.no_grad():
         ref.predictions.bias.normal_()
     state.update({f"text_encoder.cls.{k}": v for k, v in ref.state_dict().items()})
-    for head, out in (("itm_head", 2), ("bbox_head", 4)):  # build_mlp: Linear, LayerNorm, GELU, Linear
-        state.update({f"{head}.0.weight": torch.randn(64, 32), f"{head}.0.bias": torch.randn(64),
-                      f"{head}.1.weight": torch.randn(64), f"{head}.1.bias": torch.randn(64),
-                      f"{head}.3.weight": torch.randn(out, 64), f"{head}.3.bias": torch.randn(out)})
+    for head, out in (("itm_head", 2), ("bbox_head", 4)):
+        state.update(_xvlm_mlp_state(head, 32, out))
     ours, parts = import_xvlm(state, vision_heads=3, text_hf_config=XVLM_HF)
-    assert not any(k.startswith("heads.itm") for k in ours)
+    assert torch.equal(ours["heads.itm.1.weight"], state["itm_head.1.weight"])
+    assert not any("bbox" in k for k in ours)
     mlm = MLMHead(32, 50, parts["fusion"].eps).eval()
     _load(mlm, ours, "heads.mlm.")
     tokens = torch.randn(2, 5, 32)
     with torch.no_grad():
         assert (mlm(tokens) - ref(tokens)).abs().max() < 1e-5
-    state["text_decoder.bert.embeddings.word_embeddings.weight"] = torch.randn(50, 32)
-    with pytest.raises(CheckpointError, match=r"unexpected tensor 'text_decoder\.bert\.embeddings"):
+    state["cls_head.9.weight"] = torch.randn(2, 64)
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'cls_head\.9\.weight'"):
         import_xvlm(state, vision_heads=3, text_hf_config=XVLM_HF)
 
 
@@ -350,7 +356,7 @@ def test_build_teacher_from_an_xvlm_checkpoint_keeps_its_weights(tmp_path):
                   max_position_embeddings=16, num_hidden_layers=4)
     state = {f"vision_encoder.{k}": v for k, v in vit.state_dict().items() if not k.startswith("head")}
     state.update(_tiny_bert_state(hf_cfg, range(4), cross={2, 3}, vision_width=32))
-    state.update({"itm_head.weight": torch.randn(2, 32), "itm_head.bias": torch.randn(2)})
+    state.update(_xvlm_mlp_state("itm_head", 32, 2))
     torch.save({"model": state}, tmp_path / "xvlm.pth")
     shape = dict(layers=2, width=32, heads=2, ffn=64, norm="post")
     teacher = _teacher(text=shape, fusion=shape, checkpoint=str(tmp_path / "xvlm.pth"),

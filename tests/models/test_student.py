@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from evlm_cli.models.config import make_config
-from evlm_cli.models.student import student_from_teacher
+from evlm_cli.models.student import paired_layer_map, student_from_teacher
 from evlm_cli.models.vlm import VLM
 
 
@@ -34,7 +34,7 @@ def test_6_3_3_student_holds_the_mapped_teacher_layers():
             # and it is not the neighbouring teacher layer
             other = t_layers[mapping[enc][i] - 1].state_dict()
             assert not torch.equal(layer.mlp.fc1.weight, other["mlp.fc1.weight"])
-    for name in ("embeddings.word.weight", "vision.pos_embed", "heads.vqa.3.weight", "heads.itm.bias"):
+    for name in ("embeddings.word.weight", "vision.pos_embed", "heads.vqa.3.weight", "heads.itm.3.bias"):
         assert torch.equal(student.state_dict()[name], teacher.state_dict()[name])
     assert student.config.vision.encoder.layers == 6 and student.config.fusion.layers == 3
 
@@ -48,3 +48,10 @@ def test_explicit_layer_map_and_bad_maps():
                        teacher.vision.encoder.layers[0].attn.q.weight)
     with pytest.raises(ValueError, match="layer map for text"):
         student_from_teacher(teacher, {"vision": 2, "text": 1, "fusion": 1}, {"text": [6]})
+
+
+def test_paired_fusion_layers_imitate_the_teachers_copy_for_the_same_image():
+    """NLVR2 pairs the fusion layers of student and teacher alike (X-VLM's `model_nlvr.py`):
+    student layer 2i + s imitates teacher layer 2 m(i) + s."""
+    assert paired_layer_map([1, 3, 5]) == [2, 3, 6, 7, 10, 11]
+    assert paired_layer_map([]) == []

@@ -129,7 +129,7 @@ def hand_count(cfg: VLMConfig) -> int:
     n += sum(layer(tw, t.encoder.heads[i], t.encoder.head_dim, t.encoder.ffn[i]) for i in range(2))
     n += sum(layer(tw, f.heads[i], f.head_dim, f.ffn[i], f.cross_heads[i], vw) for i in range(2))
     n += (tw * 2 * tw + 2 * tw) + 4 * tw + (2 * tw * 5 + 5)  # vqa head
-    n += tw * 2 + 2  # itm
+    n += (tw * 2 * tw + 2 * tw) + 4 * tw + (2 * tw * 2 + 2)  # itm: X-VLM's MLP, as vqa's
     n += (vw * 8 + 8) + (tw * 8 + 8) + 1  # itc
     n += (tw * tw + tw) + 2 * tw + (tw * 40 + 40)  # mlm
     return n
@@ -139,8 +139,8 @@ def test_parameter_count_matches_a_hand_count():
     cfg = tiny_config()
     parts = param_breakdown(VLM(cfg))
     assert parts["total"] == hand_count(cfg)
-    assert parts["heads"] == (24 * 48 + 48 + 96 + 48 * 5 + 5) + 50 + (32 * 8 + 8 + 24 * 8 + 8 + 1) + (
-        24 * 24 + 24 + 48 + 24 * 40 + 40)
+    assert parts["heads"] == (24 * 48 + 48 + 96 + 48 * 5 + 5) + (24 * 48 + 48 + 96 + 48 * 2 + 2) + (
+        32 * 8 + 8 + 24 * 8 + 8 + 1) + (24 * 24 + 24 + 48 + 24 * 40 + 40)
 
 
 def test_prunable_groups_cost_what_slicing_removes():
@@ -233,7 +233,7 @@ def test_with_heads_keeps_the_encoders_and_matching_heads_and_starts_the_rest_fr
         a, b = pretrained(*x), vqa(*x)
     assert torch.equal(a.fusion.last, b.fusion.last)  # the encoders carried over exactly
     retrieval = with_heads(pretrained, ["itc", "itm"])
-    assert torch.equal(retrieval.heads["itm"].weight, pretrained.heads["itm"].weight)
+    assert torch.equal(retrieval.heads["itm"][3].weight, pretrained.heads["itm"][3].weight)
     assert "mlm" not in retrieval.heads
     # a head of the same name but another shape is not carried over: it starts fresh
     again = with_heads(vqa, ["vqa"], num_answers=3)
@@ -307,7 +307,11 @@ def test_an_evlm_teacher_imports_its_encoders_and_gains_the_heads_it_lacks(tmp_p
                       max_text_len=16)
 
 
-def test_nlvr2_reads_the_text_fused_with_each_image_side_by_side():
+def test_nlvr2_reads_one_text_fused_with_the_two_images_in_turn():
+    """X-VLM's NLVR2 (`models/model_nlvr.py`): fusion layer 2i cross-attends to the first
+    image, 2i + 1 to the second, over one text stream; the head reads its pooled output."""
+    from evlm_cli.models.blocks import additive_mask
+
     torch.manual_seed(0)
     model = VLM(tiny_config(heads=["nlvr2"], num_answers=2, pool="max")).eval()
     images, ids, mask = inputs(batch=3)
@@ -315,14 +319,32 @@ def test_nlvr2_reads_the_text_fused_with_each_image_side_by_side():
     pair = torch.stack([images, second], dim=1)  # [B, 2, 3, H, W]
     logits = model.logits("nlvr2", model(pair, ids, mask))
     with torch.no_grad():
-        left = model.pooled(model(images, ids, mask))
-        right = model.pooled(model(second, ids, mask))
-        expected = model.heads["nlvr2"](torch.cat([left, right], dim=-1))
+        hidden = model.text_to_fusion(model.encode_text(ids, mask).last)
+        keep = additive_mask(mask, hidden.dtype)
+        for layer, image in zip(model.fusion.layers, (images, second), strict=True):
+            hidden = layer(hidden, keep, model.vision(image).last).hidden
+        expected = model.heads["nlvr2"](model.pool(hidden, mask))
     assert logits.shape == (3, 2)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     swapped = model.logits("nlvr2", model(pair.flip(1), ids, mask))
-    assert not torch.allclose(swapped, logits)  # which image is left matters
+    assert not torch.allclose(swapped, logits)  # which image is first matters
+    with pytest.raises(ValueError, match="even number of fusion layers"):
+        VLM(tiny_config(heads=["nlvr2"], num_answers=2,
+                        fusion=dict(layers=3, width=24, heads=3, ffn=48)))
 
+
+def test_with_heads_pairs_the_fusion_layers_for_nlvr2_as_x_vlm_starts_it():
+    from evlm_cli.models.vlm import with_heads
+
+    torch.manual_seed(0)
+    pretrained = VLM(tiny_config(heads=["itc", "itm"], num_answers=0))
+    nlvr2 = with_heads(pretrained, ["nlvr2"], num_answers=2)
+    assert nlvr2.config.fusion.layers == 4 and nlvr2.config.fusion.cross_heads == [3, 3, 3, 3]
+    for index, layer in enumerate(nlvr2.fusion.layers):
+        source = pretrained.fusion.layers[index // 2].state_dict()
+        assert all(torch.equal(v, source[k]) for k, v in layer.state_dict().items())
+    again = with_heads(nlvr2, ["nlvr2"], num_answers=2)  # already paired: kept as it is
+    assert again.config.fusion.layers == 4
 
 
 def test_nlvr2_needs_two_images_per_text_and_keeps_its_head_through_save_and_load(tmp_path):

@@ -77,7 +77,7 @@ def captioning(pairs, tmp_path_factory):
     prepare(DataConfig(source="easy-vqa", train=(), val=(), test=(), image_root=None,
                        answer_list=None, image_size=16, max_text_len=16, limit=12,
                        val_fraction=0.1, storage="auto", skip_bad_images=False,
-                       caption_prompt=""), "captioning", 0, out, pairs.directory / "tokenizer")
+                       caption_prompt="", vqa_loss="bce"), "captioning", 0, out, pairs.directory / "tokenizer")
     return PreparedData(out)
 
 

@@ -11,13 +11,16 @@ from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.config import make_config
 from evlm_cli.models.vlm import VLM
 from evlm_cli.recipe.teacher import param_groups, task_teacher
+from tests.helpers.xvlm import VOCAB, nlvr2_checkpoint, pretrained_like
 
 
 def saved(tmp_path, heads, num_answers=0, positions=16):
     torch.manual_seed(0)
+    fusion_layers = 2 if "nlvr2" in heads else 1  # NLVR2's fusion layers come in pairs
     model = VLM(make_config(vision=dict(layers=1, width=16, heads=2, ffn=32),
                             text=dict(layers=1, width=16, heads=2, ffn=32),
-                            fusion=dict(layers=1, width=16, heads=2, ffn=32), image_size=16,
+                            fusion=dict(layers=fusion_layers, width=16, heads=2, ffn=32),
+                            image_size=16,
                             patch_size=8, vocab_size=40, max_positions=positions, heads=heads,
                             num_answers=num_answers))
     save_model(model, tmp_path / "teacher")
@@ -25,7 +28,8 @@ def saved(tmp_path, heads, num_answers=0, positions=16):
 
 
 def imported(task, checkpoint, answers=2, max_text_len=16, image_size=16):
-    params = SimpleNamespace(task=task, task_teacher=SimpleNamespace(checkpoint=checkpoint))
+    params = SimpleNamespace(task=task, task_teacher=SimpleNamespace(checkpoint=checkpoint,
+                                                                     checkpoint_format="evlm"))
     data = SimpleNamespace(meta={"vocab_size": 40, "max_text_len": max_text_len,
                                  "image_size": image_size}, num_answers=answers)
     return task_teacher(params, data, pretrained=None)
@@ -61,10 +65,11 @@ def test_a_fresh_head_trains_at_the_full_rate_and_the_pretrained_body_at_its_sha
     """task_teacher.lr_scale: what run_teacher builds from the pre-trained model's tensors."""
     path = saved(tmp_path, ["itc", "itm", "mlm"])
     params = SimpleNamespace(task="nlvr2", task_teacher=SimpleNamespace(checkpoint=None))
-    data = SimpleNamespace(num_answers=2, meta={"image_size": 32})  # resampled positions
+    data = SimpleNamespace(num_answers=2, meta={"image_size": 32, "max_text_len": 16})
     model, pretrained = task_teacher(params, data, pretrained=path)
-    assert model.config.vision.image_size == 32
+    assert model.config.vision.image_size == 32  # positions resampled
     assert pretrained and not any(name.startswith("heads.nlvr2") for name in pretrained)
+    assert "fusion.layers.1.mlp.fc1.weight" in pretrained  # the paired copy of layer 0
     optim_cfg = OptimConfig(epochs=1, max_steps=None, batch_size=8, lr=1e-3, weight_decay=0.01,
                             warmup_ratio=0.1, grad_clip=1.0, checkpoint_every=10,
                             answer_balance=0.0)
@@ -75,3 +80,16 @@ def test_a_fresh_head_trains_at_the_full_rate_and_the_pretrained_body_at_its_sha
     assert head and all(lr_of[i] == 1e-3 for i in head)
     assert all(lr_of[id(p)] == pytest.approx(1e-4) for p in model.parameters()
                if id(p) not in head)
+
+
+def test_the_teacher_stage_imports_an_xvlm_task_teacher(tmp_path):
+    state, _ = nlvr2_checkpoint()
+    torch.save({"model": state}, tmp_path / "nlvr2.th")
+    save_model(VLM(pretrained_like()), tmp_path / "pretrained")
+    params = SimpleNamespace(task="nlvr2", task_teacher=SimpleNamespace(
+        checkpoint=str(tmp_path / "nlvr2.th"), checkpoint_format="xvlm"))
+    data = SimpleNamespace(num_answers=2, meta={"vocab_size": VOCAB, "max_text_len": 16,
+                                                "image_size": 32})
+    model, train = task_teacher(params, data, pretrained=tmp_path / "pretrained")
+    assert train is None and model.config.fusion.layers == 4
+    assert torch.equal(model.heads["nlvr2"][3].weight, state["cls_head.3.weight"])

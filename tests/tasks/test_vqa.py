@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evlm_cli.tasks import TASKS
+from evlm_cli.tasks import TASKS, task_for
 from evlm_cli.tasks.vqa import (
     accuracy_of_count,
     answer_scores,
@@ -14,6 +14,7 @@ from evlm_cli.tasks.vqa import (
     vqa_example_scores,
     vqa_loss,
     vqa_report,
+    vqa_soft_ce_loss,
 )
 
 
@@ -121,3 +122,19 @@ def test_registry_entry():
     task = TASKS["vqa"]
     assert task.metric_name == "vqa_accuracy"
     assert task.loss is vqa_loss and task.heads == ("vqa",) and not task.contrastive
+
+
+def test_soft_ce_is_cross_entropy_against_the_normalised_scores():
+    logits = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+    one_hot = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 1.0, 0, 0]])
+    assert vqa_soft_ce_loss(logits, one_hot).item() == pytest.approx(
+        F.cross_entropy(logits, one_hot.argmax(-1)).item(), rel=1e-6)
+    soft = torch.tensor([[0.6, 0.9, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 0]])  # the last: no answer
+    weights = soft[:2] / soft[:2].sum(-1, keepdim=True)
+    expected = -(weights * F.log_softmax(logits[:2], -1)).sum(-1).mean()
+    assert vqa_soft_ce_loss(logits, soft).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_the_prepared_data_chooses_the_vqa_objective():
+    assert task_for("vqa", {"vqa_loss": "soft_ce"}, 0.0).loss is vqa_soft_ce_loss
+    assert task_for("vqa", {"vqa_loss": "bce"}, 0.0).loss is vqa_loss
