@@ -15,12 +15,16 @@ from evlm_cli.models.config import EncoderConfig, VisionConfig
 # together from opposite edges of the image. Swin uses this finite value rather than -inf,
 # and imported weights must see the scores their source saw.
 SHIFT_MASK_SCORE = -100.0
+# Where the derived (unsaved) buffers are computed, whatever the default device: a model built
+# on the meta device and loaded with its saved tensors (`checkpoint.load_model`) still has them.
+BUFFER_DEVICE = "cpu"
 
 
 def relative_position_index(window: int) -> Tensor:
     """[N, N] (N = window**2 patches of a window, row-major): the row of the bias table that
     holds the bias between patch i and patch j, one row per (row offset, column offset)."""
-    rows, columns = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    steps = torch.arange(window, device=BUFFER_DEVICE)
+    rows, columns = torch.meshgrid(steps, steps, indexing="ij")
     rows, columns = rows.flatten(), columns.flatten()
     row_offset = rows[:, None] - rows[None, :] + window - 1
     column_offset = columns[:, None] - columns[None, :] + window - 1
@@ -45,13 +49,13 @@ def shift_mask(grid: int, window: int, shift: int) -> Tensor:
     at the far edge then holds patches from both edges of the image, which must not attend
     to each other. Each patch is labelled by the band (0, 1, 2) it came from along each axis;
     patches with different labels are kept apart."""
-    bands = torch.zeros(grid, dtype=torch.long)
+    bands = torch.zeros(grid, dtype=torch.long, device=BUFFER_DEVICE)
     bands[grid - window:grid - shift] = 1
     bands[grid - shift:] = 2
     labels = (bands[:, None] * 3 + bands[None, :]).to(torch.float32)
     labels = to_windows(labels[None, :, :, None], window).squeeze(-1)  # [windows, N]
     apart = labels[:, :, None] != labels[:, None, :]
-    return torch.zeros(apart.shape).masked_fill(apart, SHIFT_MASK_SCORE)
+    return torch.zeros(apart.shape, device=BUFFER_DEVICE).masked_fill(apart, SHIFT_MASK_SCORE)
 
 
 def layer_geometry(cfg: VisionConfig) -> list[tuple[int, int, int]]:

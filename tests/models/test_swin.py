@@ -18,7 +18,7 @@ from evlm_cli.core.config import TeacherConfig, build, to_dict
 from evlm_cli.core.errors import CheckpointError
 from evlm_cli.deploy.onnx import OnnxModel, export_onnx
 from evlm_cli.models.build import build_teacher
-from evlm_cli.models.checkpoint import check_state
+from evlm_cli.models.checkpoint import check_state, load_model, save_model
 from evlm_cli.models.config import VLMConfig, make_config
 from evlm_cli.models.importers import import_timm_swin, import_xvlm
 from evlm_cli.models.student import student_from_teacher
@@ -291,10 +291,14 @@ def test_sliced_swin_equals_gated_and_its_groups_count_what_slicing_removes():
     assert 0 < count_flops(sliced, images, ids, mask) < count_flops(model, images, ids, mask)
 
 
-def test_a_swin_model_saves_its_stages_and_changes_heads():
+def test_a_swin_model_saves_loads_and_changes_heads(tmp_path):
     model = swin_vlm()
     again = VLMConfig.from_dict(model.config.to_dict())
     assert again == model.config and again.vision.kind == "swin"
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path).eval()  # built on the meta device: its derived buffers too
+    with torch.no_grad():
+        assert torch.equal(loaded.logits("vqa", loaded(*inputs())), model.logits("vqa", model(*inputs())))
     retrieval = with_heads(model, ["itm", "itc"])
     assert torch.equal(retrieval.vision.encoder.merges[1].reduction.weight,
                        model.vision.encoder.merges[1].reduction.weight)
