@@ -178,6 +178,7 @@ class TeacherConfig:
     checkpoint_format: str
     embed_dim: int
     pool: str
+    itm_head: str
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def teacher_config(t: TeacherConfig, *, heads: list[str], image_size: int, vocab
                       patch_size=t.vision.patch_size, stem=t.vision.stem,
                       pos_init=t.vision.pos_init, vocab_size=vocab_size,
                       max_positions=max_positions, heads=list(heads), num_answers=num_answers,
-                      embed_dim=t.embed_dim, pool=t.pool)
+                      embed_dim=t.embed_dim, pool=t.pool, itm_head=t.itm_head)
     if vision_layout is not None:
         cfg.vision = replace(cfg.vision, patch_bias=vision_layout.patch_bias,
                              pre_norm=vision_layout.pre_norm,

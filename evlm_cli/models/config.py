@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from evlm_cli.core.config import ENCODERS  # noqa: F401  (re-exported: models speak of encoders too)
 
 POOLS = ("cls", "max")
+ITM_HEADS = ("mlp", "linear")
 POS_RESAMPLE = ("bicubic_antialias", "bicubic")
 
 
@@ -206,10 +207,13 @@ class VLMConfig:
     num_answers: int = 0  # the task's answer list: outputs of the "vqa" classifier (NLVR2's: 2)
     embed_dim: int = 256  # ITC projection width
     pool: str = "cls"  # what the task heads read: "cls" (the first fused token) or "max" (over tokens)
+    itm_head: str = "mlp"  # X-VLM's MLP, or one Linear (a model trained here may choose it)
 
     def __post_init__(self):
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, not {self.pool!r}")
+        if self.itm_head not in ITM_HEADS:
+            raise ValueError(f"itm_head must be one of {ITM_HEADS}, not {self.itm_head!r}")
 
     def encoder(self, name: str) -> EncoderConfig:
         return {"vision": self.vision.encoder, "text": self.text.encoder, "fusion": self.fusion}[name]
@@ -249,7 +253,7 @@ class VLMConfig:
 def make_config(*, vision: dict, text: dict, fusion: dict, image_size: int, patch_size: int,
                 vocab_size: int, max_positions: int = 512, stem: str = "patch",
                 pos_init: str = "normal", heads: list[str] | None = None, num_answers: int = 0,
-                embed_dim: int = 256, pool: str = "cls") -> VLMConfig:
+                embed_dim: int = 256, pool: str = "cls", itm_head: str = "mlp") -> VLMConfig:
     """A uniform config from per-encoder {layers, width, heads, ffn[, norm, eps, act]} (the spec's
     teacher; eps and act where a checkpoint it imports fixes them).
 
@@ -275,7 +279,7 @@ def make_config(*, vision: dict, text: dict, fusion: dict, image_size: int, patc
                                          pos_init=pos_init, swin=swin),
                      text=TextConfig(tenc, vocab_size=vocab_size, max_positions=max_positions),
                      fusion=fenc, heads=heads or ["itm", "itc"], num_answers=num_answers,
-                     embed_dim=embed_dim, pool=pool)
+                     embed_dim=embed_dim, pool=pool, itm_head=itm_head)
 
 
 def swin_encoder(vision: dict) -> tuple[EncoderConfig, SwinConfig]:

@@ -195,7 +195,7 @@ def build_heads(cfg: VLMConfig) -> nn.ModuleDict:
                                  f"not {cfg.fusion.layers}")
             heads["nlvr2"] = xvlm_mlp(w, 2)  # true or false
         elif name == "itm":
-            heads["itm"] = xvlm_mlp(w, 2)
+            heads["itm"] = xvlm_mlp(w, 2) if cfg.itm_head == "mlp" else nn.Linear(w, 2)
         elif name == "itc":
             heads["itc"] = ITCHead(cfg.vision.encoder.width, cfg.text.encoder.width, cfg.embed_dim)
         elif name == "mlm":

@@ -374,6 +374,16 @@ def paths_exist_locally(spec: dict) -> Problems:
                 yield item_where, f"{name}: {kind} {quote(item)} does not exist"
 
 
+def xvlm_checkpoints_keep_the_mlp_itm_head(spec: dict) -> Problems:
+    """X-VLM's itm_head is an MLP; a one-Linear head has no place for its tensors."""
+    teacher = spec["teacher"]
+    if (teacher["itm_head"] == "linear" and teacher["checkpoint"] is not None
+            and teacher["checkpoint_format"] == "xvlm"):
+        yield [("teacher", "itm_head"), ("teacher", "checkpoint")], (
+            "teacher.itm_head: linear cannot take an X-VLM checkpoint's itm_head (an MLP); "
+            "use mlp")
+
+
 def image_roots_hold_no_outputs(spec: dict) -> Problems:
     """A relative image root is a DVC dependency of prepare, and DVC refuses a dependency
     that contains the stage outputs (the project folder, or one above it, holds runs/)."""
@@ -478,6 +488,7 @@ RULES: list[Callable[[dict], Problems]] = [
     pair_source_has_what_it_needs,
     paths_exist_locally,
     image_roots_hold_no_outputs,
+    xvlm_checkpoints_keep_the_mlp_itm_head,
     checkpoints_look_like_their_format,
 ]
 

@@ -7,7 +7,7 @@ import torch
 
 from evlm_cli.core.errors import CheckpointError
 from evlm_cli.models.checkpoint import load_model, save_model
-from evlm_cli.models.config import EncoderConfig, TextConfig, VisionConfig, VLMConfig
+from evlm_cli.models.config import EncoderConfig, TextConfig, VisionConfig, VLMConfig, make_config
 from evlm_cli.models.vlm import VLM, param_breakdown, prunable_groups
 from tests.helpers.models import tiny_config
 
@@ -295,7 +295,7 @@ def test_an_evlm_teacher_imports_its_encoders_and_gains_the_heads_it_lacks(tmp_p
             "text": {**shape, "norm": "post"}, "fusion": {**shape, "norm": "post"},
             "init": {"text": None, "vision": None, "fusion_from_text": False, "lr_scale": 0.1},
             "checkpoint": str(tmp_path / "teacher"), "checkpoint_format": "evlm", "embed_dim": 8,
-            "pool": "cls"}
+            "pool": "cls", "itm_head": "mlp"}
     teacher = build(TeacherConfig, spec)
     model, pretrained = build_teacher(teacher, heads=["itc", "itm", "mlm"], seed=0,
                                       image_size=16, vocab_size=40, max_text_len=16)
@@ -498,3 +498,13 @@ def test_sincos_positions_start_as_large_as_the_patch_features_and_tell_patches_
         sincos_positions(4, 30)
     with pytest.raises(ValueError, match="unknown pos_init"):
         VLM(tiny_config(pos_init="fourier"))
+
+
+def test_the_itm_head_is_x_vlms_mlp_or_one_linear():
+    base = dict(vision=dict(layers=1, width=16, heads=2, ffn=32),
+                text=dict(layers=1, width=16, heads=2, ffn=32),
+                fusion=dict(layers=1, width=16, heads=2, ffn=32), image_size=16, patch_size=8,
+                vocab_size=50, heads=["itm"])
+    assert isinstance(VLM(make_config(**base)).heads["itm"], torch.nn.Sequential)
+    linear = VLM(make_config(**base, itm_head="linear")).heads["itm"]
+    assert isinstance(linear, torch.nn.Linear) and linear.out_features == 2
