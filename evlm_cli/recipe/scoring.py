@@ -37,15 +37,6 @@ def predict_forward(forward: Forward, data: PreparedData, split: str, batch_size
     return torch.cat(predicted), total
 
 
-def evaluate_forward(forward: Forward, data: PreparedData, split: str, task: str,
-                     batch_size: int, device: torch.device) -> float:
-    """The task metric of `forward` on a whole split from the prepared targets (for VQA, the
-    official accuracy up to float16 targets): what training validates with."""
-    predicted, total = predict_forward(forward, data, split, batch_size, device,
-                                       TASKS[task].example_scores)
-    return total / max(len(predicted), 1)
-
-
 # Why a split without answers has no metric: its predictions are written for a server.
 UNSCORED = "not scored: the {split} split has no answers (predictions written for its server)"
 
