@@ -101,14 +101,17 @@ def test_summary_times_the_exported_student_against_the_exported_teacher():
     fp32 = Exported(runtime="onnxruntime", value=0.9, retention=0.947, retention_of_student=1.0,
                     size_bytes=2_000_000, speedup={"batch_1": 2.0, "batch_32": 6.0},
                     over_flops_ratio={"batch_1": 0.5, "batch_32": 1.5},
-                    speedup_over_pytorch_teacher={"batch_1": 1.0, "batch_32": 1.0})
+                    speedup_over_pytorch_teacher={"batch_1": 1.0, "batch_32": 6.4},
+                    speedup_over_fastest_teacher={"batch_1": 1.0, "batch_32": 6.0})
     lines = summary_table(replace(run, results=replace(
         r, latency_ms=latency, exported={"onnx_fp32": fp32}))).splitlines()
     at = next(i for i, line in enumerate(lines) if "student, ONNX Runtime" in line)
     assert lines[at + 1].split() == ["teacher", "fp32", "-", "-", "4.00", "60.00"]
     assert lines[at + 2].split() == ["fp32", "0.9000", "94.7%", "2.00", "2.00x", "10.00", "6.00x",
                                      "2.00"]
-    assert lines[at + 3] == ("  fp32 student over the teacher: 0.50 of the FLOPs ratio at batch 1, "
+    assert lines[at + 3].strip() == ("over the teacher's faster runtime (PyTorch or ONNX): 1.00x "
+                                     "at batch 1, 6.00x at batch 32")
+    assert lines[at + 4] == ("  fp32 student over the teacher: 0.50 of the FLOPs ratio at batch 1, "
                              "1.50 of the FLOPs ratio at batch 32")
     # without an export stage, no ONNX rows at all
     assert not any("ONNX" in line for line in summary_table(run).splitlines())

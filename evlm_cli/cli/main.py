@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import traceback
 from pathlib import Path
 
 import click
 
+from evlm_cli.core.config import params_from_dict
 from evlm_cli.core.errors import EvlmError
 from evlm_cli.core.layout import RUNS
+from evlm_cli.core.results import EvaluateResults
 from evlm_cli.pipeline.compile import compile_specs as compile_specs_to_dvc
 from evlm_cli.pipeline.compile import plan, write_code_fingerprints
 from evlm_cli.pipeline.registry import FINAL_KIND, KINDS
@@ -21,10 +24,13 @@ from evlm_cli.pipeline.runner import (
 )
 from evlm_cli.report.diff import diff_json, diff_rows
 from evlm_cli.report.runs import (
+    BENCH,
     SeedGroup,
+    evaluate_digest,
     load_group,
     load_run,
     load_runs,
+    members_of,
     read_params,
 )
 from evlm_cli.report.show import show_text
@@ -269,6 +275,43 @@ def export_run(run_name: str, out_dir: str, opset: int, int8: bool) -> None:
         click.echo(f"wrote {Path(out_dir) / file} ({variant}, "
                    f"{summary['size_bytes'][variant] / 1e6:.2f} MB)")
     click.echo(f"fp32 ONNX vs PyTorch: max abs difference {summary['parity_max_abs_diff']:.1e}")
+
+
+@main.command("bench")
+@click.argument("runs", nargs=-1, required=True, metavar="RUN...")
+def bench_runs(runs: tuple[str, ...]) -> None:
+    """Time finished runs again, alone, every model interleaved in one process.
+
+    Each RUN (a name under runs/, a spec file, or a spec's group of seeds) is timed as its
+    evaluate stage times it: teacher, dense student, student and the exported files, with its
+    evaluate.latency threads and batch sizes. All of them run in the same rounds, so their
+    figures compare like for like. The figures go to runs/NAME/bench.json with how loaded the
+    machine was, and every table (`evlm show`, `evlm diff`, the run summary) shows them in
+    place of evaluate's until evaluate reruns. Run it on an otherwise idle machine.
+    """
+    members = [run for name in runs for run in members_of([load_runs(
+        load_specs((name,))[0]["name"] if is_spec_file(name) else name)])]
+    from evlm_cli.recipe.bench import Benched, bench  # loads torch; --help does not
+
+    targets = []
+    for run in members:
+        if "@" in run.name:
+            raise EvlmError(f"{run.name}: evlm bench times runs in this checkout, not at a "
+                            "git revision")
+        evaluate = {s.kind.name: s for s in plan(run.params)}[FINAL_KIND]
+        missing = [p for p in evaluate.inputs.values() if not p.exists()]
+        if missing:
+            raise EvlmError(f"{missing[0]}: missing; rerun `evlm run` for {run.name} (DVC "
+                            "keeps it in its cache: `dvc checkout` restores it)")
+        metrics = evaluate.outputs["metrics"]
+        text = metrics.read_text()
+        targets.append(Benched(
+            name=run.name, params=params_from_dict(run.params, KINDS[FINAL_KIND].sections),
+            **evaluate.inputs, results=EvaluateResults.from_json(json.loads(text), str(metrics)),
+            evaluate_sha256=evaluate_digest(text), out=RUNS / run.name / BENCH))
+    bench(targets)
+    for target in targets:
+        click.echo(f"\n{run_summary(load_run(target.name))}\nwrote {target.out}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,

@@ -271,6 +271,7 @@ class LatencyConfig:
     repeats: int
     warmup: int
     threads: int
+    cpu: bool = False  # on CUDA, the CPU figures too
 
 
 @dataclass(frozen=True)
@@ -315,6 +316,7 @@ class Params:
     seed_scope: str | None = None
     shared_seed: int | None = None
     device: str | None = None
+    precision: str | None = None  # auto | fp32 | bf16: the training stages' autocast
     resources: Resources | None = None
     pairs: PairsConfig | None = None
     data: DataConfig | None = None

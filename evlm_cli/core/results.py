@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -20,7 +20,7 @@ from evlm_cli.core.errors import EvlmError
 Result = TypeVar("Result")
 
 # Raise it with any change a reader would notice: a field added, renamed, retyped or moved.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class Versioned:
@@ -63,6 +63,24 @@ class Score:
 
 
 @dataclass(frozen=True)
+class Timing:
+    """How a results file's latencies were taken, so a reader can tell a figure timed alone
+    from one timed beside other work. `others_busy_*` are the cores other processes kept busy
+    in the second before timing and while it ran; `contended` says they left fewer free cores
+    than the timing's threads."""
+
+    taken_by: str  # "evaluate" (the stage, wherever it ran) or "bench" (`evlm bench`)
+    device: str  # what ran the PyTorch models: "cpu", or the CUDA device's name
+    threads: int  # torch's and ONNX Runtime's intra-op threads while timing
+    cores: int  # logical CPUs the process could run on
+    repeats: int
+    warmup: int
+    others_busy_before: float
+    others_busy_during: float
+    contended: bool
+
+
+@dataclass(frozen=True)
 class TeacherResults(Versioned):
     """What teacher_eval writes: the task teacher, scored, sized and timed alone."""
 
@@ -73,6 +91,7 @@ class TeacherResults(Versioned):
     params_by_part: dict[str, int]  # embeddings, vision, text, fusion, heads, total
     prunable_params: dict[str, int]  # per encoder, and total
     latency_ms: dict[str, float]  # batch_N -> median ms of one pass
+    timing: Timing
 
     STAGE: ClassVar[str] = "teacher_eval"
 
@@ -163,6 +182,9 @@ class Exported:
     speedup: dict[str, float]  # batch_N -> over the teacher exported the same way
     over_flops_ratio: dict[str, float]  # that speedup over the FLOPs ratio
     speedup_over_pytorch_teacher: dict[str, float]
+    # over the teacher's fastest runtime at that batch size (PyTorch or ONNX Runtime): the
+    # teacher a user would deploy instead
+    speedup_over_fastest_teacher: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -174,14 +196,47 @@ class EvaluateResults(Versioned):
     teacher: Teacher
     dense: Dense
     student: Student
-    latency_ms: dict[str, Latency]  # batch_N -> per model
-    speedup: dict[str, Speedup]  # batch_N -> split
+    # batch_N -> per model, on the spec's device in fp32; on CUDA also batch_N_bf16 (bf16
+    # autocast) and, where asked or exported, cpu_batch_N (the ONNX files are timed there)
+    latency_ms: dict[str, Latency]
+    speedup: dict[str, Speedup]  # as latency_ms
     generation: dict[str, Generation] | None  # batch_N -> whole captions; captioning only
     sparsity: Sparsity
     warnings: tuple[str, ...]  # what the prune stage warned of
     exported: dict[str, Exported]  # onnx_fp32, onnx_int8: the export stage's files, if any
+    timing: Timing
 
     STAGE: ClassVar[str] = "evaluate"
+
+
+@dataclass(frozen=True)
+class BenchResults(Versioned):
+    """What `evlm bench` writes beside a finished run (`runs/NAME/bench.json`): the run's
+    timings taken again, alone and interleaved with the other runs benched with it. Readers
+    show them in place of evaluate's while `evaluate_sha256` is the hash of the evaluate
+    results they were taken for. Not a DVC output: DVC would rerun evaluate over a changed
+    metrics file and take its figures back."""
+
+    schema_version: int = field(default=SCHEMA_VERSION, kw_only=True)
+    evaluate_sha256: str
+    benched_with: tuple[str, ...]  # the runs timed in the same rounds
+    latency_ms: dict[str, Latency]
+    speedup: dict[str, Speedup]
+    # file -> {"speedup", "over_flops_ratio", "speedup_over_pytorch_teacher",
+    # "speedup_over_fastest_teacher"} -> batch_N -> value, as `Exported` names them
+    exported: dict[str, dict[str, dict[str, float]]]
+    timing: Timing
+
+    STAGE: ClassVar[str] = "bench"
+
+
+def retimed(results: EvaluateResults, bench: BenchResults) -> EvaluateResults:
+    """`results` with `bench`'s timings in place of evaluate's: latencies, speedups and how
+    they were taken."""
+    exported = {name: replace(e, **bench.exported[name]) if name in bench.exported else e
+                for name, e in results.exported.items()}
+    return replace(results, latency_ms=bench.latency_ms, speedup=bench.speedup,
+                   exported=exported, timing=bench.timing)
 
 
 def rerun(run: str, stage: str) -> str:
@@ -243,6 +298,10 @@ def _decode(kind: Any, value: Any, where: str, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             _wrong(where, key, "a number", value)
         return float(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            _wrong(where, key, "true or false", value)
+        return value
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             _wrong(where, key, "an integer", value)

@@ -60,8 +60,8 @@ class StageKind:
 # of a shared stage's hash, so changing the thread count retrains nothing.
 UNTRACKED_SECTIONS = ("resources",)
 
-_RUNNING = ("seed", "device", "resources")
-_TRAINING = ("seed", "task", "device", "resources", "augment")
+_RUNNING = ("seed", "device", "precision", "resources")
+_TRAINING = ("seed", "task", "device", "precision", "resources", "augment")
 
 # The paper's graph: pre-training and distillation are task-agnostic and shared by every task;
 # a task fine-tunes its own teacher and prunes the shared student.

@@ -34,7 +34,7 @@ def run_distill(params: Params, *, pairs: Path, teacher: Path, model: Path, log:
                        modules={"student": student, **objective.modules},
                        optims=[Optim(adamw(list(student.parameters()) + objective.parameters(),
                                            d.train))],
-                       loss=objective, device=device, log_path=log, key=(s, d, pt),
+                       loss=objective, device=device, precision=params.precision, log_path=log, key=(s, d, pt),
                        inputs=(teacher, pairs))
         summary["last_step"] = fit(run)
     summary["val_metric"] = evaluate_task(student, data, "val", "pretrain", d.train.batch_size,

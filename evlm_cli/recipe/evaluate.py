@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from evlm_cli.compress.measure import count_flops, measure_latency
+from evlm_cli.compress.measure import (
+    contended,
+    count_flops,
+    load_before,
+    machine_cores,
+    measure_latency,
+    watched_load,
+)
 from evlm_cli.core.config import ENCODERS, EvaluateConfig, LatencyConfig, Params
 from evlm_cli.core.io import atomic_write_json
 from evlm_cli.core.layout import MODEL_WEIGHTS
@@ -25,6 +34,7 @@ from evlm_cli.core.results import (
     Student,
     Teacher,
     TeacherResults,
+    Timing,
 )
 from evlm_cli.data.loader import PreparedData, open_prepared
 from evlm_cli.deploy.onnx import FP32_FILE, INT8_FILE, OnnxModel, export_onnx
@@ -64,18 +74,75 @@ def size_report(model: VLM, model_dir: Path, data: PreparedData) -> dict:
             "size_bytes": (Path(model_dir) / MODEL_WEIGHTS).stat().st_size}
 
 
-def latency_report(models: dict[str, Forward], data: PreparedData,
-                   latency_cfg: LatencyConfig) -> dict:
-    """Median latency (ms) of the task logits per model and batch size, all models
-    interleaved in one process (PyTorch and ONNX Runtime alike, with the same threads)."""
-    out = {}
-    for bs in latency_cfg.batch_sizes:
-        inputs = fixed_batch(data, bs)
-        calls = {name: (lambda f=f, x=inputs: f(*x)) for name, f in models.items()}
-        res = measure_latency(calls, repeats=latency_cfg.repeats, warmup=latency_cfg.warmup,
-                              threads=latency_cfg.threads)
-        out[f"batch_{bs}"] = {name: r["median_ms"] for name, r in res.items()}
-    return out
+@dataclass(frozen=True)
+class TimedSet:
+    """Models timed together in one setting: on `device`, in bf16 autocast or not. Its rows
+    are named `prefix + "batch_N" + suffix` in the results."""
+
+    models: dict[str, Forward]
+    device: torch.device
+    bf16: bool = False
+    prefix: str = ""
+    suffix: str = ""
+
+
+def timed_sets(models: dict[str, VLM], task: str | dict[str, str], device: torch.device,
+               onnx: dict[str, Forward], latency_cfg: LatencyConfig) -> list[TimedSet]:
+    """The settings a model set is timed in: the spec's device in fp32 (with the ONNX files on
+    a CPU spec); on CUDA also bf16 autocast, and the CPU beside it (with the ONNX files) where
+    `latency.cpu` asks or files were exported. `models` are timed as they run fastest, each
+    the same way (`for_inference`), on `task`, or each on its own where it is a mapping."""
+    task_of = task if isinstance(task, dict) else dict.fromkeys(models, task)
+    fast = {name: for_inference(model) for name, model in models.items()}
+    on_device = {name: TaskLogits(model.to(device), task_of[name])
+                 for name, model in fast.items()}
+    if device.type != "cuda":
+        return [TimedSet({**on_device, **onnx}, device)]
+    sets = [TimedSet(on_device, device), TimedSet(on_device, device, bf16=True, suffix="_bf16")]
+    if latency_cfg.cpu or onnx:
+        on_cpu = {name: TaskLogits(copy.deepcopy(model).cpu(), task_of[name])
+                  for name, model in fast.items()}
+        sets.append(TimedSet({**on_cpu, **onnx}, torch.device("cpu"), prefix="cpu_"))
+    return sets
+
+
+def latency_report(sets: list[TimedSet], data: PreparedData, latency_cfg: LatencyConfig,
+                   taken_by: str = "evaluate",
+                   data_of: dict[str, PreparedData] | None = None) -> tuple[dict, Timing]:
+    """Median latency (ms) of the task logits per model, setting and batch size, the models of
+    a setting interleaved in one process (PyTorch and ONNX Runtime alike, with the same
+    threads), and how it was taken: the cores other processes kept busy before and during.
+    Each model runs on the test examples of `data`, or of its own in `data_of`."""
+    before = load_before()
+    during, out = 0.0, {}
+    data_of = data_of or {}
+    for timed in sets:
+        for bs in latency_cfg.batch_sizes:
+            batches = {id(d): tuple(t.to(timed.device) for t in fixed_batch(d, bs))
+                       for d in {id(d): d for d in [data, *data_of.values()]}.values()}
+            inputs = {name: batches[id(data_of.get(name, data))] for name in timed.models}
+            calls = {name: (lambda f=f, x=inputs[name]: f(*x))
+                     for name, f in timed.models.items()}
+            with watched_load() as load:
+                res = measure_latency(calls, repeats=latency_cfg.repeats,
+                                      warmup=latency_cfg.warmup, threads=latency_cfg.threads,
+                                      device=timed.device, bf16=timed.bf16)
+            during = max(during, load.others_busy_cores)
+            out[f"{timed.prefix}batch_{bs}{timed.suffix}"] = {name: r["median_ms"]
+                                                             for name, r in res.items()}
+    cores = machine_cores()
+    timing = Timing(taken_by=taken_by, device=device_name(sets[0].device),
+                    threads=latency_cfg.threads, cores=cores, repeats=latency_cfg.repeats,
+                    warmup=latency_cfg.warmup, others_busy_before=before.others_busy_cores,
+                    others_busy_during=during,
+                    contended=contended(max(before.others_busy_cores, during),
+                                        latency_cfg.threads, cores))
+    return out, timing
+
+
+def device_name(device: torch.device) -> str:
+    """"cpu", or the CUDA device's own name."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def test_report(model: VLM, data: PreparedData, task: str, ev: EvaluateConfig,
@@ -95,7 +162,7 @@ def generation_report(models: dict[str, VLM], data: PreparedData, ev: EvaluateCo
     # Timed on the same fixed batches as one pass: the images only, the text unread.
     writers = {name: (lambda images, input_ids, mask, m=m: greedy_decode(m, images, **ids))
                for name, m in models.items()}
-    return latency_report(writers, data, ev.latency)
+    return latency_report([TimedSet(writers, torch.device("cpu"))], data, ev.latency)[0]
 
 
 def score_of(scores: dict) -> Score:
@@ -129,13 +196,13 @@ def run_teacher_eval(params: Params, *, prepared: Path, teacher: Path,
     scores = test_report(model, data, params.task, ev, device)
     model.cpu()
     size = size_report(model, teacher, data)
-    latency = latency_report({"teacher": TaskLogits(for_inference(model), params.task)},
-                             data, ev.latency)
+    latency, timing = latency_report(timed_sets({"teacher": model}, params.task, device, {},
+                                                ev.latency), data, ev.latency)
     results = TeacherResults(
         metric=ev.metric, score=score_of(scores),
         size=Size(size["params"]["total"], size["gflops_per_example"], size["size_bytes"]),
         params_by_part=size["params"], prunable_params=size["prunable_params"],
-        latency_ms={bs: ms["teacher"] for bs, ms in latency.items()})
+        latency_ms={bs: ms["teacher"] for bs, ms in latency.items()}, timing=timing)
     write_predictions(predictions, scores)
     atomic_write_json(metrics, results.to_json())
     # The stage's one-line summary (`pipeline.entry`); the file holds the rest.
@@ -185,16 +252,16 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
     # The teacher in the same runtime, timed beside the files: the deployed speedup, like for like.
     exported_teacher = ({TEACHER_ONNX: onnx_teacher(teacher_model, task, data, onnx,
                                                     ev.latency.threads)} if exported else {})
-    # Timed as they run fastest, each the same way (`for_inference`).
-    fast = {name: for_inference(model) for name, model in
-            (("teacher", teacher_model), ("dense_student", dense_student),
-             ("student", student_model))}
-    latency = latency_report({**{name: TaskLogits(model, task) for name, model in fast.items()},
-                              **exported, **exported_teacher}, data, ev.latency)
+    models = {"teacher": teacher_model, "dense_student": dense_student, "student": student_model}
+    latency, timing = latency_report(timed_sets(models, task, device,
+                                                {**exported, **exported_teacher}, ev.latency),
+                                     data, ev.latency)
+    for model in models.values():
+        model.cpu()
     generation = None
     if TASKS[task].generative:  # what a captioner costs: a whole caption, not one pass
-        written = generation_report({"teacher": fast["teacher"], "student": fast["student"]},
-                                    data, ev)
+        written = generation_report({"teacher": for_inference(teacher_model),
+                                     "student": for_inference(student_model)}, data, ev)
         generation = {bs: Generation(teacher_ms=ms["teacher"], student_ms=ms["student"],
                                      speedup=ms["teacher"] / ms["student"])
                       for bs, ms in written.items()}
@@ -224,6 +291,7 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
         warnings=tuple(mask_info.get("warnings", [])),
         exported=exported_report(exported, latency, data, task, ev, value, retention,
                                  gflops["teacher"] / gflops["student"]),
+        timing=timing,
     )
     write_predictions(predictions, scores)
     atomic_write_json(metrics, results.to_json())
@@ -242,14 +310,27 @@ def exported_report(exported: dict, latency: dict, data: PreparedData, task: str
     for name, model in exported.items():
         v = classification_report(model, data, "test", task, ev.batch_size,
                                   torch.device("cpu"))["value"]
-        speedup = {bs: r[TEACHER_ONNX] / r[name] for bs, r in latency.items()}
+        speedups = exported_speedups(latency, name)
         out[name] = Exported(
             runtime="onnxruntime", value=v, retention=retention(v),
             retention_of_student=retention_over(value)(v), size_bytes=model.size_bytes,
-            speedup=speedup, over_flops_ratio={bs: s / flops_ratio for bs, s in speedup.items()},
-            speedup_over_pytorch_teacher={bs: r["teacher"] / r[name]
-                                          for bs, r in latency.items()})
+            speedup=speedups["speedup"],
+            over_flops_ratio={bs: s / flops_ratio for bs, s in speedups["speedup"].items()},
+            speedup_over_pytorch_teacher=speedups["speedup_over_pytorch_teacher"],
+            speedup_over_fastest_teacher=speedups["speedup_over_fastest_teacher"])
     return out
+
+
+def exported_speedups(latency: dict, name: str) -> dict[str, dict[str, float]]:
+    """An exported file's speedups per batch size where it was timed (`latency` is {batch:
+    {model: ms}}): over the teacher in ONNX Runtime, over the PyTorch teacher timed in the same
+    setting, and over whichever of the two ran faster."""
+    timed = {bs: r for bs, r in latency.items() if r.get(name) is not None}
+    return {"speedup": {bs: r[TEACHER_ONNX] / r[name] for bs, r in timed.items()},
+            "speedup_over_pytorch_teacher": {bs: r["teacher"] / r[name]
+                                             for bs, r in timed.items()},
+            "speedup_over_fastest_teacher": {bs: min(r["teacher"], r[TEACHER_ONNX]) / r[name]
+                                             for bs, r in timed.items()}}
 
 
 def onnx_teacher(teacher: VLM, task: str, data: PreparedData, onnx: Path,

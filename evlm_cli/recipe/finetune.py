@@ -62,7 +62,7 @@ def _train_on_task(name: str, params: Params, train: OptimConfig, weights: LossW
                    modules={"student": student_model, **objective.modules},
                    optims=[Optim(adamw(list(student_model.parameters()) + objective.parameters(),
                                        train))],
-                   loss=objective, device=device, log_path=log,
+                   loss=objective, device=device, precision=params.precision, log_path=log,
                    key=(weights, f.temperature, f.label_smoothing, train, params.augment),
                    inputs=(student, teacher, prepared), augment=data.augmenter(params.augment))
     last = fit(run)

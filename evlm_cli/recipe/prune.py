@@ -76,7 +76,7 @@ def run_prune(params: Params, *, prepared: Path, student: Path, teacher: Path, m
         run = make_run("prune", data.split("train"), p.train, params.seed,
                        modules={"student": student_model, "gates": gates,
                                 "constraint": constraint, **objective.modules},
-                       optims=optims, loss=objective, device=device, log_path=log,
+                       optims=optims, loss=objective, device=device, precision=params.precision, log_path=log,
                        key=(p, params.augment), inputs=(student, teacher, prepared),
                        augment=data.augmenter(params.augment))
         fit(run)

@@ -63,7 +63,7 @@ def run_teacher_pretrain(params: Params, *, pairs: Path, model: Path, log: Path)
     run = make_run("teacher_pretrain", data.split("train"), pt.train, params.seed,
                    modules={"model": teacher},
                    optims=[Optim(param_groups(teacher, pretrained, pt.train, t.init.lr_scale))],
-                   loss=objective, device=device, log_path=log, key=(t, pt), inputs=(pairs,))
+                   loss=objective, device=device, precision=params.precision, log_path=log, key=(t, pt), inputs=(pairs,))
     summary = {"imported": bool(t.checkpoint), "pretrained_tensors": len(pretrained),
                "last_step": fit(run),
                "val_metric": evaluate_task(teacher, data, "val", "pretrain",
@@ -141,7 +141,7 @@ def run_teacher(params: Params, *, prepared: Path, pretrained: Path, model: Path
                        loss=Objective(teacher, params.task, TASK_ONLY, 1.0,
                                       task_spec=task_for(params.task, data.meta,
                                                          tt.label_smoothing)),
-                       device=device,
+                       device=device, precision=params.precision,
                        log_path=log, key=(tt, params.augment), inputs=(prepared, pretrained),
                        augment=data.augmenter(params.augment))
         summary["last_step"] = fit(run)

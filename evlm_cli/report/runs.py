@@ -3,6 +3,7 @@ labelled figures (what lines runs and seeds up in tables and statistics)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -14,12 +15,14 @@ import yaml
 from evlm_cli.core.config import ENCODERS
 from evlm_cli.core.errors import EvlmError
 from evlm_cli.core.layout import RUNS
-from evlm_cli.core.results import EvaluateResults
+from evlm_cli.core.results import BenchResults, EvaluateResults, retimed
 from evlm_cli.pipeline.registry import FINAL_KIND
 
 # The prune stage's account of what it kept, per encoder and layer (`L0Gates.summary`).
 MASKS = Path("prune") / "masks.json"
 METRICS = Path(FINAL_KIND) / "metrics.json"
+# `evlm bench`'s timings of a finished run, beside its stages' folders.
+BENCH = Path("bench.json")
 # A run of one seed of a spec's `seeds`: <name>-s<seed> (`spec.seed_runs`).
 SEED_RUN = re.compile(r"^(?P<base>.+)-s(?P<seed>\d+)$")
 # Timed work, teacher next to student, as its rows are labelled. Every task times one pass;
@@ -84,8 +87,29 @@ def load_run(name: str, root: Path = Path("."), require_metrics: bool = True) ->
     metrics_text = _file_text(metrics_path)
     if metrics_text is None and require_metrics:
         raise EvlmError(f"{metrics_path}: missing; the run has not finished (evlm run its spec)")
-    return Run(name, params, _results(metrics_text, str(metrics_path), name),
+    results = _results(metrics_text, str(metrics_path), name)
+    return Run(name, params, _with_bench(results, metrics_text, _file_text(folder / BENCH),
+                                         str(folder / BENCH), name),
                _json(_file_text(folder / MASKS), str(folder / MASKS)))
+
+
+def evaluate_digest(metrics_text: str) -> str:
+    """What a bench file names the evaluate results it retimed by."""
+    return hashlib.sha256(metrics_text.encode()).hexdigest()
+
+
+def _with_bench(results: EvaluateResults | None, metrics_text: str | None,
+                bench_text: str | None, where: str, name: str,
+                fix: str | None = None) -> EvaluateResults | None:
+    """The run's results with `evlm bench`'s timings, when it retimed these very results
+    (a rerun of evaluate leaves an older bench file unread)."""
+    if results is None or bench_text is None:
+        return results
+    bench = BenchResults.from_json(_json(bench_text, where), where, f"run {name}",
+                                   fix or f"rerun `evlm bench {name}`")
+    if bench.evaluate_sha256 != evaluate_digest(metrics_text):
+        return results
+    return retimed(results, bench)
 
 
 def read_params(name: str, root: Path = Path(".")) -> dict:
@@ -156,10 +180,11 @@ def load_run_at(ref: str, root: Path = Path("."), require_metrics: bool = True) 
     if metrics_text is None and require_metrics:
         raise EvlmError(f"{ref}: {metrics_path} is not committed at revision {rev} "
                         f"({commit[:10]}): the run had not finished there")
+    fix = f"compare a run evaluated since, or read {rev} with the evlm that wrote it"
+    results = _results(metrics_text, f"{ref}: {metrics_path} at {rev}", name, fix)
     return Run(ref, yaml.safe_load(params_text),
-               _results(metrics_text, f"{ref}: {metrics_path} at {rev}", name,
-                        f"compare a run evaluated since, or read {rev} with the evlm "
-                        "that wrote it"),
+               _with_bench(results, metrics_text, committed(folder / BENCH),
+                           f"{ref}: {folder / BENCH} at {rev}", name, fix),
                _json(committed(folder / MASKS), f"{ref}: {folder / MASKS} at {rev}"))
 
 

@@ -4,7 +4,7 @@ seeds as mean ± std, with the exported files' rows."""
 from __future__ import annotations
 
 from evlm_cli.core.config import ENCODERS
-from evlm_cli.core.results import EvaluateResults
+from evlm_cli.core.results import EvaluateResults, Timing
 from evlm_cli.report.runs import CAPTION, PASS, Loaded, Run, SeedGroup
 from evlm_cli.report.seeds import MeanStd, seed_figures
 
@@ -50,9 +50,11 @@ def summary_table(run: Run) -> str:
                  student.size.params / 1e6, ".2f"),
              row("GFLOPs / example", teacher.size.gflops_per_example,
                  dense.size.gflops_per_example, student.size.gflops_per_example, ".3f")]
+    mark = CONTENDED_MARK if r.timing.contended else ""
     for bs, lat in r.latency_ms.items():
-        lines.append(row(f"{PASS} {bs.replace('_', ' ')} (ms)", lat.teacher, lat.dense_student,
-                         lat.student, ".2f", f"   speedup {r.speedup[bs].total:.2f}x"))
+        lines.append(row(f"{PASS} {bs.replace('_', ' ')} (ms){mark}", lat.teacher,
+                         lat.dense_student, lat.student, ".2f",
+                         f"   speedup {r.speedup[bs].total:.2f}x"))
     for bs, gen in (r.generation or {}).items():
         lines.append(row(f"{CAPTION} {bs.replace('_', ' ')} (ms)", gen.teacher_ms, "-",
                          gen.student_ms, ".2f", f"   speedup {gen.speedup:.2f}x"))
@@ -68,7 +70,26 @@ def summary_table(run: Run) -> str:
     lines.append(row("file size (MB)", _mb(teacher.size.size_bytes), _mb(dense.size.size_bytes),
                      _mb(student.size.size_bytes), ".2f"))
     lines += exported_rows(r)
+    lines += timing_lines(r.timing, run.name)
     return "\n".join(lines)
+
+
+# Marks the latencies of a run timed while other processes took the cores it needed.
+CONTENDED_MARK = " *"
+
+
+def timing_lines(timing: Timing, name: str) -> list[str]:
+    """How the latencies were taken, and, when other processes competed for the cores, that
+    they are not to be trusted and how to retake them."""
+    how = (f"  timed by {timing.taken_by} on {timing.device}, {timing.threads} threads of "
+           f"{timing.cores} cores, median of {timing.repeats}")
+    if not timing.contended:
+        return ["", how + f"; other processes kept {timing.others_busy_during:.1f} cores busy"]
+    return ["", how,
+            f" {CONTENDED_MARK.strip()} contended: other processes kept "
+            f"{timing.others_busy_before:.1f} cores busy before timing and "
+            f"{timing.others_busy_during:.1f} while it ran: these latencies and speedups are "
+            f"not the model's; retake them alone with `evlm bench {name}`"]
 
 
 def _retention_text(r: EvaluateResults) -> str:
@@ -120,7 +141,8 @@ def exported_rows(r: EvaluateResults) -> list[str]:
     next to the teacher exported the same way: the speedups compare like with like."""
     if not r.exported:
         return []
-    batches = list(r.latency_ms)
+    # the settings the files were timed in (on a CUDA spec, the CPU's)
+    batches = [bs for bs, lat in r.latency_ms.items() if lat.teacher_onnx_fp32 is not None]
     head = "".join(f"{'ms ' + bs.replace('batch_', 'b'):>10}{'speedup':>9}" for bs in batches)
     lines = ["", f"  {'student, ONNX Runtime':<24}{'metric':>10}{'retention':>11}"
              f"{head}{'MB':>8}"]
@@ -133,6 +155,9 @@ def exported_rows(r: EvaluateResults) -> list[str]:
         retention = "-" if e.retention is None else f"{e.retention:.1%}"
         lines.append(f"  {name.replace('onnx_', ''):<24}{value:>10}{retention:>10} "
                      f"{cells}{e.size_bytes / 1e6:>8.2f}")
+        fastest = ", ".join(f"{ratio:.2f}x at {bs.replace('_', ' ')}"
+                            for bs, ratio in e.speedup_over_fastest_teacher.items())
+        lines.append(f"  {'':<24}over the teacher's faster runtime (PyTorch or ONNX): {fastest}")
     fp32 = r.exported.get("onnx_fp32")
     if fp32 is not None:
         lines.append("  fp32 student over the teacher: " + ", ".join(

@@ -65,7 +65,7 @@ class Run:
     desc: str = "train"
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    autocast: bool = False  # bf16 autocast (GPU)
+    autocast: bool = False  # bf16 autocast (`bf16_autocast`)
 
 
 class Callback:
@@ -166,12 +166,12 @@ def work_dir(stage: str, *configs, inputs: tuple[Path, ...] = ()) -> Path:
 def make_run(stage: str, split, optim_cfg: OptimConfig, seed: int, *,
              modules: dict[str, nn.Module], optims: list[Optim], loss, device: torch.device,
              log_path: Path, key: tuple = (), inputs: tuple[Path, ...] = (),
-             augment: Callable | None = None) -> Run:
+             augment: Callable | None = None, precision: str = "auto") -> Run:
     """The training run of one stage over `split`, as every training stage sets it up.
 
     `key` (the stage's typed settings) and the contents of `inputs` name the resume folder;
     `augment` (`evlm_cli.data.augment.Augmenter`, built for the data by the stage) augments
-    every training batch.
+    every training batch; `precision` (the spec's) says whether it trains in bf16 autocast.
     """
     rank, size = world()
     if optim_cfg.batch_size % size:
@@ -182,8 +182,13 @@ def make_run(stage: str, split, optim_cfg: OptimConfig, seed: int, *,
                            answer_balance=optim_cfg.answer_balance, augment=augment,
                            pin=device.type == "cuda")
     return Run(modules=modules, optims=optims, loss=loss, batches=batches, optim_cfg=optim_cfg,
-               work_dir=work_dir(stage, seed, *key, inputs=inputs), log_path=log_path,
-               desc=stage, seed=seed, device=device, autocast=device.type == "cuda")
+               work_dir=work_dir(stage, seed, precision, *key, inputs=inputs), log_path=log_path,
+               desc=stage, seed=seed, device=device, autocast=bf16_autocast(precision, device))
+
+
+def bf16_autocast(precision: str, device: torch.device) -> bool:
+    """Whether a stage trains in bf16 autocast: `auto` does on CUDA only."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 class _Log:

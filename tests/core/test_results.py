@@ -16,7 +16,7 @@ from evlm_cli.core.results import (
     Size,
     TeacherResults,
 )
-from tests.helpers.runs import results
+from tests.helpers.runs import TIMING, results
 
 WHERE = "runs/a/evaluate/metrics.json"
 
@@ -31,7 +31,8 @@ def full_results() -> EvaluateResults:
     exported = Exported(runtime="onnxruntime", value=0.9, retention=0.95,
                         retention_of_student=1.0, size_bytes=3_000_000,
                         speedup={"batch_1": 2.0}, over_flops_ratio={"batch_1": 0.5},
-                        speedup_over_pytorch_teacher={"batch_1": 1.5})
+                        speedup_over_pytorch_teacher={"batch_1": 1.5},
+                        speedup_over_fastest_teacher={"batch_1": 1.5})
     return replace(
         r, student=replace(r.student, score=Score(0.9, by_answer_type={"yes/no": 0.95},
                                                   recall={"tr_r1": 0.5},
@@ -44,7 +45,7 @@ def full_results() -> EvaluateResults:
 def test_evaluate_results_survive_a_round_trip_through_json(made):
     r = made()
     data = through_a_file(r.to_json())
-    assert data["schema_version"] == SCHEMA_VERSION == 2
+    assert data["schema_version"] == SCHEMA_VERSION == 3
     assert list(data)[0] == "schema_version"  # first in the file, where a reader looks
     assert EvaluateResults.from_json(data, WHERE) == r
 
@@ -52,7 +53,7 @@ def test_evaluate_results_survive_a_round_trip_through_json(made):
 def test_teacher_results_survive_a_round_trip_through_json():
     t = TeacherResults(metric="vqa_accuracy", score=Score(0.95), size=Size(3, 0.5, 100),
                        params_by_part={"total": 3}, prunable_params={"vision": 1, "total": 1},
-                       latency_ms={"batch_1": 2.5})
+                       latency_ms={"batch_1": 2.5}, timing=TIMING)
     assert TeacherResults.from_json(through_a_file(t.to_json()), WHERE) == t
 
 
@@ -66,8 +67,8 @@ def test_the_file_keeps_numbers_as_leaves_and_absent_figures_as_null():
     assert data["sparsity"] == {"overall": 0.5, "vision": 0.6, "text": 0.4, "fusion": 0.3}
 
 
-@pytest.mark.parametrize("version, found", [(0, "schema_version 0"), (1, "schema_version 1"),
-                                            ("2", "schema_version '2'"),
+@pytest.mark.parametrize("version, found", [(0, "schema_version 0"), (2, "schema_version 2"),
+                                            ("3", "schema_version '3'"),
                                             (None, "no schema_version")])
 def test_another_schema_version_is_refused_with_the_rerun_in_one_line(version, found):
     data = through_a_file(results().to_json())
@@ -79,7 +80,7 @@ def test_another_schema_version_is_refused_with_the_rerun_in_one_line(version, f
         EvaluateResults.from_json(data, WHERE, "run a")
     message = str(caught.value)
     assert "\n" not in message
-    assert message == (f"{WHERE}: results with {found}, expected 2 (written by another evlm "
+    assert message == (f"{WHERE}: results with {found}, expected 3 (written by another evlm "
                        "version): rerun `evlm run SPEC` for run a (the evaluate stage reruns)")
 
 
