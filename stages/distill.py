@@ -1,6 +1,6 @@
 """Stage kind `distill`: a shallower student from the pre-trained teacher's layers, trained on the pairs to match it (task-agnostic).
 
-Reads params: seed, device, resources, pretrain, student, distill. Takes: pairs
+Reads params: seed, device, precision, resources, pretrain, student, distill. Takes: pairs
 (prepare_pairs.data), teacher (teacher_pretrain.model). Writes: model (model), log (log.csv,
 plots). Runs evlm_cli.recipe.distill.run_distill(). Declared in evlm_cli/pipeline/registry.py; DVC
 runs it as `evlm stage distill --params FILE ...`, and this file takes the same arguments.

@@ -1,6 +1,6 @@
 """Stage kind `finetune`: the sliced student recovers with the task loss and KD from the teacher.
 
-Reads params: seed, task, device, resources, augment, finetune. Takes: prepared (prepare.data),
+Reads params: seed, task, device, precision, resources, augment, finetune. Takes: prepared (prepare.data),
 student (prune.model), teacher (teacher.model). Writes: model (model), log (log.csv, plots).
 Runs evlm_cli.recipe.finetune.run_finetune(). Declared in evlm_cli/pipeline/registry.py; DVC runs it
 as `evlm stage finetune --params FILE ...`, and this file takes the same arguments.

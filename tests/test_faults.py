@@ -26,7 +26,7 @@ pytestmark = pytest.mark.e2e
 
 STEPS, EVERY, KILL_AT = 8, 4, 4
 # Columns of log.csv that measure the machine, not the training.
-TIMING = {"examples_per_s", "data_wait"}
+TIMING = {"examples_per_s", "data_wait", "gflop_per_s", "peak_share"}
 
 
 @pytest.fixture(scope="module")

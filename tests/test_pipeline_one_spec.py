@@ -100,3 +100,51 @@ def test_a_team_shares_runs_through_a_dvc_remote_and_nothing_retrains(one_run):
     shared = sh([*EVLM, "diff", "tiny_vqa", "--format", "json"], second).stdout
     assert json.loads(shared)["tiny_vqa"]["metrics"] == json.loads(
         (project / "runs/tiny_vqa/evaluate/metrics.json").read_text())
+
+
+def busy_loops(count: int) -> list:
+    """`count` processes that do nothing but take a core each."""
+    import subprocess
+
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+@pytest.mark.e2e
+def test_evaluate_beside_busy_processes_marks_its_timings_and_bench_retakes_them(one_run,
+                                                                                 tmp_path):
+    import os
+
+    import yaml
+
+    from evlm_cli.core.results import BenchResults, EvaluateResults
+
+    project = tmp_path / "work"
+    shutil.copytree(one_run, project)  # a copy: the module's other tests read the original
+    stage = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]["tiny_vqa-evaluate"]
+    # two busy loops per core: whatever else runs, evaluate finds its cores taken
+    loops = busy_loops(2 * len(os.sched_getaffinity(0)))
+    try:
+        sh(stage["cmd"].split(), project)
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+    metrics = project / "runs/tiny_vqa/evaluate/metrics.json"
+    timing = EvaluateResults.read(metrics).timing
+    assert timing.contended and timing.taken_by == "evaluate"
+    assert timing.others_busy_during > 1.0
+    shown = sh([*EVLM, "show", "tiny_vqa"], project).stdout
+    assert re.search(r"latency batch 1 \(ms\) \*", shown)
+    assert "* contended: other processes kept" in shown and "evlm bench tiny_vqa" in shown
+    # bench retimes the run and every table shows its figures, with how they were taken
+    benched = sh([*EVLM, "bench", "tiny_vqa"], project).stdout
+    assert "wrote runs/tiny_vqa/bench.json" in benched
+    bench = BenchResults.read(project / "runs/tiny_vqa/bench.json")
+    assert bench.timing.taken_by == "bench" and bench.benched_with == ("tiny_vqa",)
+    assert set(bench.latency_ms) == set(EvaluateResults.read(metrics).latency_ms)
+    shown = sh([*EVLM, "show", "tiny_vqa"], project).stdout
+    assert "timed by bench on cpu" in shown
+    # evaluate's results rewritten (a rerun): the older bench file is no longer shown
+    metrics.write_text(metrics.read_text().replace('"taken_by": "evaluate"',
+                                                   '"taken_by": "evaluate" '))
+    assert "timed by evaluate on cpu" in sh([*EVLM, "show", "tiny_vqa"], project).stdout

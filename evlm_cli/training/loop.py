@@ -33,6 +33,7 @@ from evlm_cli.core.io import atomic_path
 from evlm_cli.core.layout import WORK_ROOT
 from evlm_cli.core.ranks import is_main, world
 from evlm_cli.training import distributed
+from evlm_cli.training.throughput import StepFlops, peak_matmul_flops
 
 CHECKPOINT = "resume.pt"
 
@@ -127,13 +128,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def deterministic() -> None:
+    """Have torch pick its deterministic kernel wherever it has one.
+
+    On the CPU the gradient of advanced indexing (`x[index]`, how ITM gathers its negatives)
+    accumulates with atomic adds across threads, in whatever order the threads reach them, once
+    a tensor is large enough to split: the same run gave other weights from the first step
+    on. The deterministic kernel sorts the indices first. On CUDA cuBLAS needs a fixed
+    workspace; a kernel with no deterministic version warns, naming itself, and still runs.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def setup(seed: int, threads: int | None, device: str) -> torch.device:
-    """Seed, threads and device of a stage process: `auto` is CUDA when there is one.
+    """Seed, threads, determinism and device of a stage process: `auto` is CUDA when there
+    is one.
 
     The one seeding site before a stage builds anything, so what it creates before training
     (the L0 gates' tie-breaking noise, KD projections) is the same on every run: the process
     starts from an entropy-seeded generator. `fit` reseeds for the loop itself.
     """
+    deterministic()
     seed_everything(seed)
     if threads:
         torch.set_num_threads(threads)
@@ -276,6 +292,7 @@ def fit(run: Run, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
     every_param = [p for o in run.optims for g in o.optimizer.param_groups for p in g["params"]]
     every = run.optim_cfg.checkpoint_every
     last = {}
+    flops, peak = StepFlops(), peak_matmul_flops(run.device, run.autocast)
     bar = tqdm(total=total, initial=step, desc=run.desc, unit="step", dynamic_ncols=True,
                disable=not main_rank)
     try:
@@ -287,15 +304,19 @@ def fit(run: Run, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
                 wait = t0 - waited_from  # the step stood still for its batch this long
                 # batches come pinned on CUDA: the copy overlaps the previous step's work
                 batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
-                with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.autocast):
-                    loss, logs = run.loss(batch, step, total)
-                if not distributed.everywhere(bool(torch.isfinite(loss))):
-                    raise TrainingError(f"{run.desc}: the loss became {loss.item()} at step {step} "
-                                        f"({', '.join(f'{k}={v:.4g}' for k, v in logs.items())}); "
-                                        "nothing was saved. Lower the learning rate or check the data")
-                for o in run.optims:
-                    o.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                with flops.watch():
+                    with torch.autocast(run.device.type, dtype=torch.bfloat16,
+                                        enabled=run.autocast):
+                        loss, logs = run.loss(batch, step, total)
+                    if not distributed.everywhere(bool(torch.isfinite(loss))):
+                        raise TrainingError(
+                            f"{run.desc}: the loss became {loss.item()} at step {step} "
+                            f"({', '.join(f'{k}={v:.4g}' for k, v in logs.items())}); "
+                            "nothing was saved. Lower the learning rate or check the data")
+                    for o in run.optims:
+                        o.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                flops.done()
                 distributed.average_gradients(every_param)  # N processes train as one
                 for callback in callbacks:
                     callback.after_backward(step, run)
@@ -309,11 +330,14 @@ def fit(run: Run, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
                 step += 1
                 dt = time.perf_counter() - t0
                 n = next(iter(batch.values())).shape[0] * world()[1]
-                # data_wait: the share of the step spent waiting for its batch (0 = fed)
+                # data_wait: the share of the step spent waiting for its batch (0 = fed);
+                # peak_share: this process's arithmetic rate over its device's matmul peak
+                rate = (flops.per_step or 0) / (dt + wait)
                 last = {"step": step, "epoch": round(step / steps_per_epoch, 4),
                         **distributed.mean_over_ranks({"loss": loss.item(), **logs}),
                         "lr": main.param_groups[0]["lr"], "grad_norm": grad_norm,
-                        "examples_per_s": n / (dt + wait), "data_wait": wait / (dt + wait)}
+                        "examples_per_s": n / (dt + wait), "data_wait": wait / (dt + wait),
+                        "gflop_per_s": rate / 1e9, "peak_share": rate / peak}
                 log.write(last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=f"{last['examples_per_s']:.0f}")
                 bar.update(1)

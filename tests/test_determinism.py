@@ -1,0 +1,110 @@
+"""The same spec, seed, threads and processes give the same models and metrics: from scratch
+in two folders, and when a run is killed in the middle of a stage and run again.
+
+Three `evlm run`s of the tiny VQA spec, each in a folder of its own: two uninterrupted, and
+one whose whole process group (evlm, DVC and the stage) is SIGKILLed once pruning has written
+a resume checkpoint, then run again. Every file they write must be equal byte for byte, except
+for what measures the machine: latencies and speedups, how they were taken, and the
+throughput columns of log.csv.
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers.pipeline import EVLM, REPO, sh
+
+pytestmark = pytest.mark.e2e
+
+# Columns of log.csv and fields of the results that measure the machine, not the model.
+TIMING_COLUMNS = {"examples_per_s", "data_wait", "gflop_per_s", "peak_share"}
+TIMING_FIELDS = {"latency_ms", "speedup", "timing", "over_flops_ratio", "speedup_over_pytorch_teacher",
+                 "speedup_over_fastest_teacher"}
+
+
+def tiny_folder(root: Path) -> Path:
+    """A folder holding the tiny spec, its pruning long enough to be killed between two of
+    its checkpoints."""
+    (root / "specs").mkdir(parents=True)
+    spec = yaml.safe_load((REPO / "tests/specs/tiny_vqa.yaml").read_text())
+    spec["prune"]["train"].update(max_steps=12, checkpoint_every=2)
+    spec.pop("export")  # ONNX Runtime's own threads are not what this test is about
+    (root / "specs/tiny_vqa.yaml").write_text(yaml.safe_dump(spec))
+    return root
+
+
+def run(folder: Path) -> subprocess.CompletedProcess:
+    return sh([*EVLM, "run", "specs/tiny_vqa.yaml"], folder)
+
+
+def without_timing(value):
+    if isinstance(value, dict):
+        return {k: without_timing(v) for k, v in value.items() if k not in TIMING_FIELDS}
+    if isinstance(value, list):
+        return [without_timing(v) for v in value]
+    return value
+
+
+def outputs(folder: Path) -> dict[str, object]:
+    """Every file the run wrote under runs/, as what must not differ between runs."""
+    found = {}
+    for path in sorted((folder / "runs").rglob("*")):
+        if not path.is_file() or path.name == "run.log":
+            continue
+        name = str(path.relative_to(folder))
+        if path.suffix == ".csv":
+            with path.open() as f:
+                found[name] = [{k: v for k, v in row.items() if k not in TIMING_COLUMNS}
+                               for row in csv.DictReader(f)]
+        elif path.name == "metrics.json":
+            found[name] = without_timing(json.loads(path.read_text()))
+        else:
+            found[name] = path.read_bytes()
+    return found
+
+
+def differences(a: dict, b: dict) -> list[str]:
+    return sorted(name for name in a.keys() | b.keys() if a.get(name) != b.get(name))
+
+
+def killed_while_pruning(folder: Path) -> None:
+    """`evlm run` in its own process group, SIGKILLed (all of it) once pruning has written a
+    resume checkpoint, as a crash or the OOM killer would take it."""
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    proc = subprocess.Popen([*EVLM, "run", "specs/tiny_vqa.yaml"], cwd=folder, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not list(folder.glob(".evlm/work/prune-*/resume.pt")):
+            assert proc.poll() is None, "the run ended before pruning wrote a checkpoint"
+            assert time.monotonic() < deadline, "pruning wrote no checkpoint in 10 minutes"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_a_spec_run_twice_from_scratch_and_once_killed_and_resumed_ends_the_same(tmp_path):
+    first, second, resumed = (tiny_folder(tmp_path / name) for name in ("first", "second",
+                                                                        "resumed"))
+    run(first)
+    run(second)
+    killed_while_pruning(resumed)
+    assert not (resumed / "runs/tiny_vqa/evaluate/metrics.json").exists()
+    again = run(resumed)
+    assert "resuming from step" in again.stdout + again.stderr
+    reference = outputs(first)
+    assert any(name.endswith("model.safetensors") for name in reference)
+    assert "runs/tiny_vqa/evaluate/metrics.json" in reference
+    assert not differences(reference, outputs(second)), "two runs from scratch differ"
+    assert not differences(reference, outputs(resumed)), "the resumed run differs"
