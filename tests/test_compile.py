@@ -19,10 +19,10 @@ def test_stage_names_params_and_deps(tmp_path):
                    for name in stages)
     assert kinds == sorted(KINDS)
     prune = stages["tiny_vqa-prune"]
-    assert prune["params"] == [{"runs/tiny_vqa/params.yaml": ["seed", "task", "device", "augment",
-                                                                  "prune"]}]
-    assert set(KINDS["prune"].sections) == {"seed", "task", "device", "resources", "augment",
-                                             "prune"}
+    assert prune["params"] == [{"runs/tiny_vqa/params.yaml": ["seed", "task", "device",
+                                                              "precision", "augment", "prune"]}]
+    assert set(KINDS["prune"].sections) == {"seed", "task", "device", "precision", "resources",
+                                            "augment", "prune"}
     # each stage depends on its kind's code fingerprint, not on paths into a checkout
     assert prune["deps"][0] == ".evlm/code/prune.json"
     assert not any(d.startswith(("evlm_cli", "stages")) for v in stages.values() for d in v["deps"])
@@ -42,7 +42,7 @@ def test_stage_names_params_and_deps(tmp_path):
     assert params["prune"]["target_sparsity"] == 0.5
     shared_file = next(iter(teacher["params"][0]))
     assert set(yaml.safe_load((tmp_path / shared_file).read_text())) == {
-        "seed", "task", "device", "resources", "augment", "task_teacher"}
+        "seed", "task", "device", "precision", "resources", "augment", "task_teacher"}
 
 
 SHARED = ["prepare_pairs", "teacher_pretrain", "distill", "prepare", "teacher", "teacher_eval"]
