@@ -1,9 +1,18 @@
 """FLOPs, parameter counts and interleaved latency measurement."""
 
+import time
+
 import torch
 from torch import nn
 
-from evlm_cli.compress.measure import count_flops, count_params, measure_latency, speedup
+from evlm_cli.compress.measure import (
+    contended,
+    count_flops,
+    count_params,
+    measure_latency,
+    speedup,
+    watched_load,
+)
 
 
 def test_count_flops_of_linear():
@@ -62,3 +71,36 @@ def test_count_flops_counts_attention_matmuls():
     q = torch.randn(2, 4, 10, 8)
     flops = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
     assert flops == 2 * (2 * 2 * 4 * 10 * 10 * 8)  # scores and context, 2 FLOPs per multiply-add
+
+
+def test_contended_when_other_processes_leave_fewer_free_cores_than_the_threads():
+    assert not contended(0.1, threads=2, cores=2)  # daemons and an idle DVC
+    assert contended(0.5, threads=2, cores=2)  # half a core taken from a 2-thread timing
+    assert not contended(1.0, threads=1, cores=2)  # the other core busy: one thread is free
+    assert contended(1.5, threads=1, cores=2)
+    assert not contended(6.0, threads=2, cores=16)  # a big machine with room to spare
+    assert contended(15.0, threads=2, cores=16)
+
+
+def test_watched_load_sees_a_busy_process_and_not_its_own_work():
+    import os
+    import subprocess
+    import sys
+
+    with watched_load() as alone:
+        sum(i * i for i in range(3_000_000))  # this process's own work is not others' load
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # the interpreter has started and spins
+        with watched_load() as loaded:
+            time.sleep(1.0)
+    finally:
+        busy.kill()
+        busy.wait()
+    cores = len(os.sched_getaffinity(0))
+    # this process kept a core busy, and none of it counts as others' (the suite's other
+    # worker may take up to one more)
+    assert alone.others_busy_cores < cores - 0.5
+    assert loaded.others_busy_cores > 0.6  # the busy loop's core
+    assert 0.9 < loaded.seconds < 5
+    assert loaded.others_busy_cores <= cores + 0.1
