@@ -188,9 +188,10 @@ def load_run_at(ref: str, root: Path = Path("."), require_metrics: bool = True) 
                _json(committed(folder / MASKS), f"{ref}: {folder / MASKS} at {rev}"))
 
 
-def result_rows(r: EvaluateResults) -> list[tuple[str, float | None]]:
+def result_rows(r: EvaluateResults) -> list[tuple[str, float | str | None]]:
     """(label, value) rows of a run's results, in reading order: what a diff lines up across
-    runs, and what seed statistics are taken over."""
+    runs, and what seed statistics are taken over (the numbers; "timed by" says who timed and
+    whether other processes competed)."""
     teacher, dense, student = r.teacher, r.dense, r.student
     rows = [(r.metric, student.score.value), (f"teacher {r.metric}", teacher.score.value),
             ("retention", student.retention),
@@ -206,6 +207,8 @@ def result_rows(r: EvaluateResults) -> list[tuple[str, float | None]]:
         batch = bs.replace("_", " ")
         rows += [(f"{PASS} {batch} (ms)", lat.student), (f"teacher {PASS} {batch} (ms)", lat.teacher),
                  (f"speedup {batch}", r.speedup[bs].total)]
+    timing = r.timing
+    rows.append(("timed by", f"{timing.taken_by}, {'contended' if timing.contended else 'alone'}"))
     for bs, gen in (r.generation or {}).items():
         batch = bs.replace("_", " ")
         rows += [(f"{CAPTION} {batch} (ms)", gen.student_ms),
