@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
               if any(name.split(" ")[0] == w for w in wanted)}
     for batch_size in (1, 32):
         inputs = fixed_batch(data, batch_size)
-        calls = {name: (lambda f=f: f(*inputs)) for name, f in chosen.items()}
+        calls = {name: (lambda f=f, x=inputs: f(*x)) for name, f in chosen.items()}
         timed = measure_latency(calls, repeats=30, warmup=5, threads=args.threads)
         print(f"batch {batch_size}")
         for name, r in timed.items():
