@@ -5,7 +5,7 @@ training loop logs), side by side for the runs given.
     python benchmarks/train_throughput.py PROJECT:RUN [PROJECT:RUN ...] [--csv FILE]
 
 e.g. `/tmp/a:vqa_50pct /tmp/a:vqa_50pct_bf16`. The first steps (warm-up, the step whose FLOPs
-are counted) are left out; each figure is the median over the remaining steps.
+are counted; `--skip`, 5 by default) are left out; each figure is the median over the rest.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ SKIPPED_STEPS = 5
 COLUMNS = ("examples_per_s", "gflop_per_s", "peak_share")
 
 
-def stage_figures(project: Path, run: str) -> dict[str, dict[str, float]]:
+def stage_figures(project: Path, run: str, skip: int = SKIPPED_STEPS
+                  ) -> dict[str, dict[str, float]]:
     """{training stage kind: {column: median}} of one run's stages that trained."""
     params = yaml.safe_load((project / "runs" / run / "params.yaml").read_text())
     out = {}
@@ -35,7 +36,7 @@ def stage_figures(project: Path, run: str) -> dict[str, dict[str, float]]:
         if not path.is_file():
             continue
         with path.open() as f:
-            rows = list(csv.DictReader(f))[SKIPPED_STEPS:]
+            rows = list(csv.DictReader(f))[skip:]
         if not rows or not all(c in rows[0] for c in COLUMNS):
             continue
         out[stage.kind.name] = {c: statistics.median(float(r[c]) for r in rows) for c in COLUMNS}
@@ -46,11 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", metavar="PROJECT:RUN")
     parser.add_argument("--csv", type=Path, help="also write the table here")
+    parser.add_argument("--skip", type=int, default=SKIPPED_STEPS,
+                        help="steps left out at the start of each stage")
     args = parser.parse_args(argv)
     table = []
     for ref in args.runs:
         project, _, run = ref.rpartition(":")
-        for kind, figures in stage_figures(Path(project), run).items():
+        for kind, figures in stage_figures(Path(project), run, args.skip).items():
             table.append({"run": run, "stage": kind, **figures})
     print(f"{'run':<22}{'stage':<18}{'examples/s':>12}{'GFLOP/s':>10}{'of peak':>10}")
     for row in table:

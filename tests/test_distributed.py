@@ -149,6 +149,38 @@ def test_two_processes_train_as_one_and_resume(project):
     assert not [k for k in m2 if not (m2[k] == m2w[k]).all()]
 
 
+# Each training kind's inputs in the module's project, and its outputs.
+KIND_ARGUMENTS = {
+    "teacher_pretrain": ["--pairs", "pairs", "--model", "{out}/model"],
+    "distill": ["--pairs", "pairs", "--teacher", "pre", "--model", "{out}/model"],
+    "teacher": ["--prepared", "data", "--pretrained", "pre", "--model", "{out}/model"],
+    # finetune's loss is dense's on a pruned student (prune is the test above)
+    "dense": ["--prepared", "data", "--student", "student", "--teacher", "teacher",
+              "--model", "{out}/model"],
+}
+
+
+@pytest.mark.parametrize("kind", KIND_ARGUMENTS)
+def test_every_training_kind_trains_under_ddp_with_every_parameter_used(project, kind):
+    """DistributedDataParallel without `find_unused_parameters` fails at the second step if
+    some trained parameter got no gradient in the first: every kind's loss reaches all of
+    them. Distill and dense distil hidden states, so their KD projections train under it too."""
+    spec = yaml.safe_load((project / "params2.yaml").read_text())
+    for section in ("pretrain", "task_teacher", "distill", "finetune"):
+        spec[section]["train"].update(max_steps=3, checkpoint_every=100, batch_size=BATCH)
+    assert spec["distill"]["weights"]["hidden"] and spec["dense"]["weights"]["hidden"]
+    (project / "params2_kinds.yaml").write_text(yaml.safe_dump(spec))
+    out = f"kind-{kind}"
+    args = [a.format(out=out) for a in KIND_ARGUMENTS[kind]]
+    done = subprocess.run([sys.executable, "-m", "evlm_cli", "stage", kind, "--params",
+                           "params2_kinds.yaml", *args, "--log", f"{out}/log.csv"], cwd=project,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with (project / out / "log.csv").open() as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
 def test_ctrl_c_stops_every_worker(project):
     """Ctrl-C (SIGINT to the process group, as a terminal or evlm's runner sends it) stops
     torchrun and both workers: nothing is left running."""

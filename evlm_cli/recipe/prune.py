@@ -78,7 +78,7 @@ def run_prune(params: Params, *, prepared: Path, student: Path, teacher: Path, m
                                 "constraint": constraint, **objective.modules},
                        optims=optims, loss=objective, device=device, precision=params.precision, log_path=log,
                        key=(p, params.augment), inputs=(student, teacher, prepared),
-                       augment=data.augmenter(params.augment))
+                       augment=data.augmenter(params.augment), ascending=("constraint",))
         fit(run)
     gates.eval()
     kept_units, values, report = {}, {}, {}

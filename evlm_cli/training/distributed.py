@@ -3,17 +3,13 @@ gradient average that makes N processes train as one.
 
 `resources.processes` above 1 makes a training stage re-launch itself under torchrun
 (`relaunch`). Each process then trains on its share of every global batch (`train.batch_size`
-stays the global batch, so the recipe does not change with the process count), and after each
-backward pass every gradient is averaged over the processes (`average_gradients`).
+stays the global batch, so the recipe does not change with the process count).
 
-That average is the arithmetic of DistributedDataParallel: a mean loss over equal per-rank
-batches, its gradients all-reduced and divided by the world size. The module wrapper itself is
-not used. The losses here reach the model through several entry points (each encoder, the task
-heads, hooks for the KD terms) and through parameters outside it (the L0 gates' log_alpha,
-the Lagrange multipliers, KD projections), which DDP's forward-hook reducer does not see: it
-would raise "Expected to mark a variable ready only once" or leave those gradients unreduced.
-Averaging after backward covers every parameter of every optimiser, so the gates and the
-multipliers stay identical on every rank.
+The training loop puts every module that descends (student, L0 gates, KD projections) under
+one module whose forward returns the loss (`loop.TrainStep`), wrapped by PyTorch's
+DistributedDataParallel (`data_parallel`): its reducer averages their gradients in buckets
+while the backward pass still runs. The Lagrange multipliers ascend; they stay outside it,
+and `average_gradients` all-reduces theirs after the backward pass.
 """
 
 from __future__ import annotations
@@ -72,6 +68,21 @@ def init(device: torch.device) -> torch.device:
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module` under DistributedDataParallel when several processes train, else itself.
+
+    Buffers are not broadcast: each process keeps its own batch-norm statistics, as it did
+    when it trained alone on its share. Every parameter inside must receive a gradient at
+    every step (no `find_unused_parameters`): the training kinds' losses reach all of them.
+    """
+    if world()[1] == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
+                                   else None, broadcast_buffers=False)
 
 
 def average_gradients(params: Iterable[nn.Parameter]) -> None:

@@ -67,6 +67,23 @@ class Run:
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast: bool = False  # bf16 autocast (`bf16_autocast`)
+    # modules whose parameters ascend (the Lagrange multipliers): kept outside
+    # DistributedDataParallel, their gradients averaged by an all-reduce of their own
+    ascending: tuple[str, ...] = ()
+
+
+class TrainStep(nn.Module):
+    """One training step's forward as one module: every module the loss trains (student, L0
+    gates, KD projections), so that DistributedDataParallel reduces all their gradients as the
+    backward pass produces them, whatever path the loss reaches each by."""
+
+    def __init__(self, modules: dict[str, nn.Module], loss):
+        super().__init__()
+        self.trained = nn.ModuleDict(modules)
+        self.loss = loss
+
+    def forward(self, batch: dict[str, Tensor], step: int, total: int):
+        return self.loss(batch, step, total)
 
 
 class Callback:
@@ -182,12 +199,14 @@ def work_dir(stage: str, *configs, inputs: tuple[Path, ...] = ()) -> Path:
 def make_run(stage: str, split, optim_cfg: OptimConfig, seed: int, *,
              modules: dict[str, nn.Module], optims: list[Optim], loss, device: torch.device,
              log_path: Path, key: tuple = (), inputs: tuple[Path, ...] = (),
-             augment: Callable | None = None, precision: str = "auto") -> Run:
+             augment: Callable | None = None, precision: str = "auto",
+             ascending: tuple[str, ...] = ()) -> Run:
     """The training run of one stage over `split`, as every training stage sets it up.
 
     `key` (the stage's typed settings) and the contents of `inputs` name the resume folder;
     `augment` (`evlm_cli.data.augment.Augmenter`, built for the data by the stage) augments
-    every training batch; `precision` (the spec's) says whether it trains in bf16 autocast.
+    every training batch; `precision` (the spec's) says whether it trains in bf16 autocast;
+    `ascending` names the modules trained by gradient ascent (see `Run`).
     """
     rank, size = world()
     if optim_cfg.batch_size % size:
@@ -199,7 +218,8 @@ def make_run(stage: str, split, optim_cfg: OptimConfig, seed: int, *,
                            pin=device.type == "cuda")
     return Run(modules=modules, optims=optims, loss=loss, batches=batches, optim_cfg=optim_cfg,
                work_dir=work_dir(stage, seed, precision, *key, inputs=inputs), log_path=log_path,
-               desc=stage, seed=seed, device=device, autocast=bf16_autocast(precision, device))
+               desc=stage, seed=seed, device=device, autocast=bf16_autocast(precision, device),
+               ascending=ascending)
 
 
 def bf16_autocast(precision: str, device: torch.device) -> bool:
@@ -290,6 +310,12 @@ def fit(run: Run, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
     clip = run.optim_cfg.grad_clip
     clip_params = [p for g in main.param_groups for p in g["params"]]
     every_param = [p for o in run.optims for g in o.optimizer.param_groups for p in g["params"]]
+    trained = TrainStep({k: m for k, m in run.modules.items() if k not in run.ascending},
+                        run.loss)
+    inside = {id(p) for p in trained.parameters()}
+    outside = [p for p in every_param if id(p) not in inside]
+    # several processes: DistributedDataParallel over everything that descends
+    forward = distributed.data_parallel(trained, run.device)
     every = run.optim_cfg.checkpoint_every
     last = {}
     flops, peak = StepFlops(), peak_matmul_flops(run.device, run.autocast)
@@ -307,7 +333,7 @@ def fit(run: Run, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
                 with flops.watch():
                     with torch.autocast(run.device.type, dtype=torch.bfloat16,
                                         enabled=run.autocast):
-                        loss, logs = run.loss(batch, step, total)
+                        loss, logs = forward(batch, step, total)
                     if not distributed.everywhere(bool(torch.isfinite(loss))):
                         raise TrainingError(
                             f"{run.desc}: the loss became {loss.item()} at step {step} "
@@ -315,9 +341,9 @@ def fit(run: Run, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
                             "nothing was saved. Lower the learning rate or check the data")
                     for o in run.optims:
                         o.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    loss.backward()  # under DDP: its gradients averaged over the processes
                 flops.done()
-                distributed.average_gradients(every_param)  # N processes train as one
+                distributed.average_gradients(outside)  # the multipliers: N processes as one
                 for callback in callbacks:
                     callback.after_backward(step, run)
                 grad_norm = (torch.nn.utils.clip_grad_norm_(clip_params, clip).item()

@@ -15,8 +15,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 # A square matmul this size keeps every core's vector units busy on a laptop or a GPU; its
-# best of a few runs is the machine's rate.
-PEAK_SIZE, PEAK_REPEATS = 1024, 8
+# best of a few runs, after a few that wake the cores and the BLAS up, is the machine's rate.
+PEAK_SIZE, PEAK_WARMUP, PEAK_REPEATS = 1024, 3, 10
 
 
 def peak_matmul_flops(device: torch.device, bf16: bool) -> float:
@@ -28,6 +28,8 @@ def peak_matmul_flops(device: torch.device, bf16: bool) -> float:
             for _ in range(2))
     best = float("inf")
     with torch.no_grad():
+        for _ in range(PEAK_WARMUP):
+            torch.mm(a, b)
         for _ in range(PEAK_REPEATS):
             _synchronize(device)
             start = time.perf_counter()
