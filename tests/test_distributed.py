@@ -149,6 +149,37 @@ def test_two_processes_train_as_one_and_resume(project):
     assert not [k for k in m2 if not (m2[k] == m2w[k]).all()]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_of_one_process_train_as_one_node_of_two(project):
+    """Two torchrun agents on this machine, one process each, meeting at a c10d rendezvous on
+    127.0.0.1, each running the same stage command (as every node of a job does): the same
+    weights as one node of two processes, to the bit; rank 0 alone writes."""
+    if not (project / "two/model").exists():  # the test above makes it; run alone, make it here
+        assert prune(project, 2, "two").returncode == 0
+    spec = yaml.safe_load((project / "params2.yaml").read_text())
+    spec["resources"].update(processes=1, nodes=2, rendezvous=f"127.0.0.1:{free_port()}")
+    (project / "params_nodes.yaml").write_text(yaml.safe_dump(spec))
+    command = [sys.executable, "-m", "evlm_cli", "stage", "prune",
+               *prune_arguments("_nodes", "nodes")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    agents = [subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [agent.communicate(timeout=600)[0] for agent in agents]
+    assert [a.returncode for a in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert sum(out.count("stage prune done") for out in outputs) == 1
+    two, nodes = (load_file(project / f"{r}/model/model.safetensors") for r in ("two", "nodes"))
+    assert two.keys() == nodes.keys()
+    assert not [k for k in two if not torch.equal(two[k], nodes[k])]
+    assert (project / "two/masks.json").read_text() == (project / "nodes/masks.json").read_text()
+
+
 # Each training kind's inputs in the module's project, and its outputs.
 KIND_ARGUMENTS = {
     "teacher_pretrain": ["--pairs", "pairs", "--model", "{out}/model"],

@@ -82,6 +82,7 @@ class LossWeights:
 class Resources:
     processes: int
     nodes: int
+    rendezvous: str | None  # host:port of torchrun's c10d rendezvous; None = the environment's
     threads: int | None
     data_workers: int | None  # null = auto (`evlm_cli.data.loader.resolve_workers`)
 

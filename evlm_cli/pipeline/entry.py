@@ -47,9 +47,11 @@ def run_stage(kind_name: str, argv: list[str]) -> int:
             params = params_from_dict(raw, kind.sections)
         except ConfigError as error:
             raise EvlmError(f"{args.params}: {error}") from error
-        processes = params.resources.processes if params.resources else 1
-        if kind.trains and distributed.should_relaunch(processes):
-            distributed.relaunch(kind.name, argv, processes)  # does not return
+        resources = params.resources
+        processes, nodes = (resources.processes, resources.nodes) if resources else (1, 1)
+        if kind.trains and distributed.should_relaunch(processes, nodes):
+            distributed.relaunch(kind.name, argv, processes, nodes,  # does not return
+                                 resources.rendezvous)
         module, function = kind.run.split(":")
         run = getattr(importlib.import_module(module), function)
         summary = run(params, **{arg: getattr(args, arg) for arg in kind.arguments})

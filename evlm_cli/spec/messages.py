@@ -16,7 +16,8 @@ from evlm_cli.spec.words import JsonPath, describe, dotted, plural, quote, show,
 from evlm_cli.spec.yaml_marks import Marks, mark_of, report
 
 # Human wording for the schema's regular expressions.
-PATTERN_HINTS = {"^[a-z0-9][a-z0-9_-]*$": "lowercase letters, digits, '_' and '-'"}
+PATTERN_HINTS = {"^[a-z0-9][a-z0-9_-]*$": "lowercase letters, digits, '_' and '-'",
+                 "^[^:\\s]+:[0-9]+$": "host:port, e.g. 10.0.0.1:29400"}
 
 TYPE_WORDS = {
     "integer": "an integer",

@@ -303,21 +303,17 @@ def prune_units_prune_something(spec: dict) -> Problems:
 # ---------------------------------------------------------------- resources and images
 
 
-def runs_on_one_node(spec: dict) -> Problems:
-    nodes = spec["resources"]["nodes"]
-    if nodes > 1:
-        yield ("resources", "nodes"), (f"resources.nodes: {nodes} is not implemented yet (one "
-                                       "node, several processes is): use 1")
-
-
 def batches_split_over_processes(spec: dict) -> Problems:
-    processes = spec["resources"]["processes"]
+    processes, nodes = spec["resources"]["processes"], spec["resources"]["nodes"]
+    world = processes * nodes
+    over = (f"resources.processes = {processes}" if nodes == 1 else
+            f"resources.nodes x resources.processes = {nodes} x {processes}")
     for section in TRAINED_SECTIONS:
         size = spec[section]["train"]["batch_size"]
-        if size % processes:
+        if size % world:
             yield ("resources", "processes"), (
-                f"{section}.train.batch_size: {size} does not split evenly over "
-                f"resources.processes = {processes} (it is the global batch)")
+                f"{section}.train.batch_size: {size} does not split evenly over {over} "
+                "(it is the global batch)")
 
 
 def crop_scale_is_a_range(spec: dict) -> Problems:
@@ -480,7 +476,6 @@ RULES: list[Callable[[dict], Problems]] = [
     vision_init_fits_the_teacher,
     min_keep_fits_the_target,
     prune_units_prune_something,
-    runs_on_one_node,
     batches_split_over_processes,
     crop_scale_is_a_range,
     rendered_images_are_not_read_from_files,

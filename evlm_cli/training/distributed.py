@@ -14,6 +14,7 @@ and `average_gradients` all-reduces theirs after the backward pass.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from collections.abc import Iterable
@@ -29,31 +30,62 @@ if TYPE_CHECKING:  # torch is imported where it is used
 LAUNCHED_ENV = "EVLM_TORCHRUN"
 
 
-def torchrun_command(module: str, args: list[str], processes: int) -> list[str]:
-    """torchrun on this machine running `python -m module args...` in `processes` processes.
+# Where a launcher tells the nodes to meet when the spec does not (`resources.rendezvous`).
+RENDEZVOUS_ENV = "EVLM_RENDEZVOUS"
+
+
+def torchrun_command(module: str, args: list[str], processes: int, nodes: int = 1,
+                     rendezvous: str | None = None, run_id: str = "evlm") -> list[str]:
+    """torchrun running `python -m module args...` in `processes` processes on this node; with
+    `nodes` above 1, one agent of `nodes` meeting at the c10d `rendezvous` (host:port) under
+    `run_id`, which every node must give alike.
 
     "--" ends torchrun's own options: it would read an argument such as a stage's `--log` as
     an abbreviation of its `--log-dir`.
     """
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={processes}", "-m", module, "--", *args]
+    where = ["--standalone"] if nodes == 1 else [
+        f"--nnodes={nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rendezvous}",
+        f"--rdzv-id={run_id}"]
+    return [sys.executable, "-m", "torch.distributed.run", *where,
+            f"--nproc-per-node={processes}", "-m", module, "--", *args]
 
 
-def relaunch(kind: str, argv: list[str], processes: int) -> None:
-    """Replace this process with torchrun running `processes` copies of the same stage.
+def rendezvous_of(spec_value: str | None, env: dict[str, str] | None = None) -> str:
+    """Where the nodes meet: the spec's `resources.rendezvous`, else the launcher's
+    environment (EVLM_RENDEZVOUS, else MASTER_ADDR:MASTER_PORT)."""
+    from evlm_cli.core.errors import EvlmError
+
+    env = os.environ if env is None else env
+    found = spec_value or env.get(RENDEZVOUS_ENV) or (
+        f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29400')}" if env.get("MASTER_ADDR")
+        else None)
+    if not found:
+        raise EvlmError("resources.nodes above 1 needs a rendezvous every node reaches: set "
+                        f"resources.rendezvous (host:port) or {RENDEZVOUS_ENV} in each node's "
+                        "environment")
+    return found
+
+
+def relaunch(kind: str, argv: list[str], processes: int, nodes: int = 1,
+             rendezvous: str | None = None) -> None:
+    """Replace this process with torchrun running `processes` copies of the same stage (on
+    each of `nodes` nodes, each running this same command).
 
     The process is replaced (exec), not wrapped, so DVC's Ctrl-C or SIGTERM reaches torchrun
-    directly, which stops every worker: nothing is left orphaned.
+    directly, which stops every worker: nothing is left orphaned. The nodes' agents agree on
+    a run id from the stage and its arguments.
     """
     os.environ[LAUNCHED_ENV] = "1"
-    command = torchrun_command("evlm_cli", ["stage", kind, *argv], processes)
+    run_id = "evlm-" + hashlib.sha256(" ".join([kind, *argv]).encode()).hexdigest()[:16]
+    command = torchrun_command("evlm_cli", ["stage", kind, *argv], processes, nodes,
+                               rendezvous_of(rendezvous) if nodes > 1 else None, run_id)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, command)
 
 
-def should_relaunch(processes: int) -> bool:
-    return processes > 1 and world()[1] == 1 and not os.environ.get(LAUNCHED_ENV)
+def should_relaunch(processes: int, nodes: int = 1) -> bool:
+    return (processes > 1 or nodes > 1) and world()[1] == 1 and not os.environ.get(LAUNCHED_ENV)
 
 
 def init(device: torch.device) -> torch.device:
