@@ -83,6 +83,7 @@ class Resources:
     processes: int
     nodes: int
     rendezvous: str | None  # host:port of torchrun's c10d rendezvous; None = the environment's
+    launcher: str  # none | slurm: how a stage reaches the other nodes
     threads: int | None
     data_workers: int | None  # null = auto (`evlm_cli.data.loader.resolve_workers`)
 

@@ -51,7 +51,7 @@ def run_stage(kind_name: str, argv: list[str]) -> int:
         processes, nodes = (resources.processes, resources.nodes) if resources else (1, 1)
         if kind.trains and distributed.should_relaunch(processes, nodes):
             distributed.relaunch(kind.name, argv, processes, nodes,  # does not return
-                                 resources.rendezvous)
+                                 resources.rendezvous, resources.launcher)
         module, function = kind.run.split(":")
         run = getattr(importlib.import_module(module), function)
         summary = run(params, **{arg: getattr(args, arg) for arg in kind.arguments})

@@ -66,22 +66,62 @@ def rendezvous_of(spec_value: str | None, env: dict[str, str] | None = None) -> 
     return found
 
 
+# The port the rendezvous takes on a Slurm job's first node when the spec names none.
+SLURM_RENDEZVOUS_PORT = 29400
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: `node07`, `node[07-09,12]`, `a,b` or
+    `gpu[1-2],cpu3` (what `scontrol show hostnames` would print first)."""
+    head = nodelist.strip()
+    bracket, comma = head.find("["), head.find(",")
+    if bracket == -1 or (comma != -1 and comma < bracket):
+        return head.split(",")[0]
+    first = head[bracket + 1:].split(",")[0].split("-")[0].rstrip("]")
+    return head[:bracket] + first
+
+
+def launch_command(kind: str, argv: list[str], processes: int, nodes: int = 1,
+                   rendezvous: str | None = None, launcher: str = "none",
+                   env: dict[str, str] | None = None) -> list[str]:
+    """The command that runs stage `kind` in `processes` processes on each of `nodes` nodes:
+    torchrun on this node (every node runs the same command), or, with the `slurm` launcher
+    and several nodes, srun starting one torchrun on each node of the job's allocation.
+
+    The nodes' agents agree on a run id hashed from the stage and its arguments.
+    """
+    from evlm_cli.core.errors import EvlmError
+
+    env = os.environ if env is None else env
+    run_id = "evlm-" + hashlib.sha256(" ".join([kind, *argv]).encode()).hexdigest()[:16]
+    stage = ["stage", kind, *argv]
+    if nodes == 1:
+        return torchrun_command("evlm_cli", stage, processes)
+    if launcher != "slurm":
+        return torchrun_command("evlm_cli", stage, processes, nodes, rendezvous_of(rendezvous, env),
+                                run_id)
+    if "SLURM_JOB_ID" not in env or "SLURM_JOB_NODELIST" not in env:
+        raise EvlmError("resources.launcher slurm: not inside a Slurm allocation (no "
+                        "SLURM_JOB_ID): run `evlm run` from an sbatch script or under salloc")
+    endpoint = rendezvous or env.get(RENDEZVOUS_ENV) or (
+        f"{first_host(env['SLURM_JOB_NODELIST'])}:{SLURM_RENDEZVOUS_PORT}")
+    return ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+            *torchrun_command("evlm_cli", stage, processes, nodes, endpoint, run_id)]
+
+
 def relaunch(kind: str, argv: list[str], processes: int, nodes: int = 1,
-             rendezvous: str | None = None) -> None:
-    """Replace this process with torchrun running `processes` copies of the same stage (on
-    each of `nodes` nodes, each running this same command).
+             rendezvous: str | None = None, launcher: str = "none") -> None:
+    """Replace this process with the command that runs the same stage in several processes
+    (`launch_command`).
 
     The process is replaced (exec), not wrapped, so DVC's Ctrl-C or SIGTERM reaches torchrun
-    directly, which stops every worker: nothing is left orphaned. The nodes' agents agree on
-    a run id from the stage and its arguments.
+    (or srun) directly, which stops every worker: nothing is left orphaned.
     """
     os.environ[LAUNCHED_ENV] = "1"
-    run_id = "evlm-" + hashlib.sha256(" ".join([kind, *argv]).encode()).hexdigest()[:16]
-    command = torchrun_command("evlm_cli", ["stage", kind, *argv], processes, nodes,
-                               rendezvous_of(rendezvous) if nodes > 1 else None, run_id)
+    command = launch_command(kind, argv, processes, nodes, rendezvous, launcher)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, command)
+    os.execvp(command[0], command)
 
 
 def should_relaunch(processes: int, nodes: int = 1) -> bool:
