@@ -2,7 +2,8 @@
 two (when two GPUs exist), exported and evaluated; the figures printed.
 
     python benchmarks/gpu_check.py            # on a machine with a CUDA GPU
-    python benchmarks/gpu_check.py --cpu      # the same steps on the CPU: known to run before a GPU is there
+    python benchmarks/gpu_check.py --cpu      # the same steps on the CPU, in fp32 (--bf16 for
+                                              # bf16): known to run before a GPU is there
 
 `benchmarks/gpu_check.sh` installs evlm first where it is not installed. Each run goes into a
 fresh folder under --out (a temporary one by default). The check fails (exit 1) when a run
@@ -35,11 +36,12 @@ NONDETERMINISTIC = re.compile(r"UserWarning: (\S+) does not have a deterministic
 ACCURACY_SPREAD = 0.05
 
 
-def spec_for(device: str, processes: int) -> dict:
-    """The tiny VQA spec on `device`, trained in bf16, timed at batch 1 and 32 (and on the
-    CPU beside a GPU), exported to ONNX."""
+def spec_for(device: str, processes: int, bf16: bool = True) -> dict:
+    """The tiny VQA spec on `device`, trained in bf16 (or fp32), timed at batch 1 and 32 (and
+    on the CPU beside a GPU), exported to ONNX."""
     spec = yaml.safe_load(TINY.read_text())
-    spec.update(name=f"gpu_check_{processes}p", device=device, precision="bf16")
+    spec.update(name=f"gpu_check_{processes}p", device=device,
+                precision="bf16" if bf16 else "fp32")
     # on the CPU one thread a process: two processes of two would crowd a 2-core machine
     spec["resources"] = {"processes": processes, "threads": 2 if device == "cuda" else 1}
     steps = 40 if device == "cuda" else 8  # the CPU mode checks the path, not the figures
@@ -112,6 +114,8 @@ def check(metrics: dict, device: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (no GPU needed)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="with --cpu, train in bf16 too (slow on a CPU without bf16 units)")
     parser.add_argument("--processes", type=int, default=None,
                         help="the most processes to try (default: 2 on two or more GPUs, else 1)")
     parser.add_argument("--out", type=Path, default=None, help="where the run folders go")
@@ -129,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     problems, values = [], {}
     for processes in range(1, most + 1):
         name = f"{processes} process{'es' if processes > 1 else ''} on {device}"
-        metrics, seconds, output = run(out / f"{processes}p", spec_for(device, processes))
+        spec = spec_for(device, processes, bf16=device == "cuda" or args.bf16)
+        metrics, seconds, output = run(out / f"{processes}p", spec)
         report(name, metrics, seconds, output)
         problems += [f"{name}: {p}" for p in check(metrics, device)]
         values[processes] = metrics["student"]["score"]["value"]

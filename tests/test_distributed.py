@@ -35,11 +35,15 @@ pytestmark = pytest.mark.e2e
 
 STEPS, EVERY, BATCH = 4, 2, 16
 # Float sums run in another order when a batch is split in two (and the two halves' text is
-# trimmed to different lengths): the gradients agree to rounding, not bit for bit.
-ATOL, RTOL = 1e-6, 1e-4
-# The same rounding carried through STEPS AdamW steps: 1.1e-6 at most, measured. A step that
-# differs moves a weight by about the learning rate (1e-4): 10 times the bound.
-MODEL_ATOL, MODEL_RTOL = 1e-5, 0.0
+# trimmed to different lengths): the gradients agree to rounding, not bit for bit. The largest
+# gap measured, 1.8e-6, is in the query and key weights, whose gradients come through the
+# attention maps' softmax; averaging the KD terms per process instead of over the whole batch
+# made gaps of 1e-4.
+ATOL, RTOL = 5e-6, 1e-4
+# The same rounding carried through STEPS AdamW steps: 2.1e-5 at most, measured, in a query
+# weight whose gradient is near zero (Adam divides by its running size). A step that differs
+# moves a weight by about the learning rate (1e-4): twice the bound.
+MODEL_ATOL, MODEL_RTOL = 5e-5, 0.0
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +53,9 @@ def project(tmp_path_factory):
     for section in ("pretrain", "task_teacher", "distill"):
         spec[section]["train"].update(max_steps=2, batch_size=BATCH)
     spec["prune"]["train"].update(max_steps=STEPS, checkpoint_every=EVERY, batch_size=BATCH)
-    # Hidden-state and attention KD average over each process's text tokens, and the two
-    # halves of a batch hold different numbers of them, so under DDP (here as anywhere) the
-    # mean of the two means is not the mean over the whole batch. The task, logit KD and
-    # gate terms are means over examples or independent of the data: exact.
-    spec["prune"]["weights"].update(hidden=0.0, attention=0.0)
+    # Every term on: the two halves of a batch hold different numbers of text tokens, and the
+    # hidden-state and attention KD terms still average over the whole batch's.
+    assert all(spec["prune"]["weights"].values())
     params = {f"params{n}.yaml": {**spec, "resources": {**spec["resources"], "processes": n}}
               for n in (1, 2)}
     # two processes, each with two data workers over its own shard

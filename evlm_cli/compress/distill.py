@@ -39,7 +39,12 @@ def _embedding_offset(student_hidden: Sequence[Tensor], n_student_layers: int) -
 
 
 def _masked_mse(student: Tensor, teacher: Tensor, token_mask: Tensor | None) -> Tensor:
-    """MSE over all elements, or over real tokens only when a [batch, tokens] mask is given."""
+    """MSE over all elements, or over real tokens only when a [batch, tokens] mask is given.
+
+    Under several processes each divides its sum by the mean count over the processes, not by
+    its own: averaging the processes' gradients (as DDP does) then gives the gradient of the
+    MSE over every process's real tokens, what one process computes on the whole batch.
+    """
     if token_mask is None:
         return F.mse_loss(student, teacher)
     mask = token_mask.to(student.dtype)
@@ -47,8 +52,19 @@ def _masked_mse(student: Tensor, teacher: Tensor, token_mask: Tensor | None) -> 
         mask = mask.unsqueeze(-1)
     squared = (student - teacher) ** 2 * mask
     # Each real token contributes every element of its trailing dimensions.
-    elements = mask.expand_as(squared).sum().clamp(min=1.0)
+    elements = _mean_over_processes(mask.expand_as(squared).sum()).clamp(min=1.0)
     return squared.sum() / elements
+
+
+def _mean_over_processes(count: Tensor) -> Tensor:
+    """`count`'s mean over the processes of a torch.distributed group; `count` outside one."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return count
+    total = count.detach().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
 
 
 class HiddenDistiller(nn.Module):
