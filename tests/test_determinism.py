@@ -1,11 +1,13 @@
 """The same spec, seed, threads and processes give the same models and metrics: from scratch
-in two folders, and when a run is killed in the middle of a stage and run again.
+in two folders, even when one of the runs is killed in the middle of a stage and run again.
 
-Three `evlm run`s of the tiny VQA spec, each in a folder of its own: two uninterrupted, and
-one whose whole process group (evlm, DVC and the stage) is SIGKILLed once pruning has written
-a resume checkpoint, then run again. Every file they write must be equal byte for byte, except
-for what measures the machine: latencies and speedups, how they were taken, and the
-throughput columns of log.csv.
+Two `evlm run`s of the tiny VQA spec, each from scratch in a folder of its own: one
+uninterrupted, and one whose whole process group (evlm, DVC and the stage) is SIGKILLed once
+pruning has written a resume checkpoint, then run again. Every file they write must be equal
+byte for byte, except for what measures the machine: latencies and speedups, how they were
+taken, and the throughput columns of log.csv. (A third run, from scratch and uninterrupted,
+would cost the suite a minute and show nothing these two do not: any difference between runs
+from scratch would show here too.)
 """
 
 import csv
@@ -94,11 +96,9 @@ def killed_while_pruning(folder: Path) -> None:
         proc.wait()
 
 
-def test_a_spec_run_twice_from_scratch_and_once_killed_and_resumed_ends_the_same(tmp_path):
-    first, second, resumed = (tiny_folder(tmp_path / name) for name in ("first", "second",
-                                                                        "resumed"))
+def test_a_spec_run_twice_from_scratch_once_killed_and_resumed_ends_the_same(tmp_path):
+    first, resumed = (tiny_folder(tmp_path / name) for name in ("first", "resumed"))
     run(first)
-    run(second)
     killed_while_pruning(resumed)
     assert not (resumed / "runs/tiny_vqa/evaluate/metrics.json").exists()
     again = run(resumed)
@@ -106,5 +106,4 @@ def test_a_spec_run_twice_from_scratch_and_once_killed_and_resumed_ends_the_same
     reference = outputs(first)
     assert any(name.endswith("model.safetensors") for name in reference)
     assert "runs/tiny_vqa/evaluate/metrics.json" in reference
-    assert not differences(reference, outputs(second)), "two runs from scratch differ"
-    assert not differences(reference, outputs(resumed)), "the resumed run differs"
+    assert not differences(reference, outputs(resumed)), "the killed and resumed run differs"
