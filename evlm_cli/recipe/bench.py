@@ -128,7 +128,7 @@ def bench(runs: list[Benched]) -> dict[str, BenchResults]:
             exported[name] = speedups
         results = BenchResults(
             evaluate_sha256=run.evaluate_sha256, benched_with=tuple(x.name for x in runs),
-            latency_ms={s: _latency(ms) for s, ms in mine.items()},
+            latency_ms={s: Latency(**ms) for s, ms in mine.items()},
             speedup=speedup_split(mine, gflops), exported=exported, timing=timing)
         atomic_write_json(run.out, results.to_json())
         out[run.name] = results
@@ -138,7 +138,3 @@ def bench(runs: list[Benched]) -> dict[str, BenchResults]:
 def _batch_of(setting: str) -> int:
     """The batch size of a latency row's name: batch_32, batch_32_bf16, cpu_batch_32."""
     return int(setting.split("batch_")[1].split("_")[0])
-
-
-def _latency(ms: dict[str, float]) -> Latency:
-    return Latency(**ms)

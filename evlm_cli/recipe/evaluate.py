@@ -256,8 +256,6 @@ def run_evaluate(params: Params, *, prepared: Path, student: Path, teacher: Path
     latency, timing = latency_report(timed_sets(models, task, device,
                                                 {**exported, **exported_teacher}, ev.latency),
                                      data, ev.latency)
-    for model in models.values():
-        model.cpu()
     generation = None
     if TASKS[task].generative:  # what a captioner costs: a whole caption, not one pass
         written = generation_report({"teacher": for_inference(teacher_model),
