@@ -15,6 +15,7 @@ from evlm_cli.core.results import EvaluateResults
 from evlm_cli.pipeline.compile import compile_specs as compile_specs_to_dvc
 from evlm_cli.pipeline.compile import plan, write_code_fingerprints
 from evlm_cli.pipeline.registry import FINAL_KIND, KINDS
+from evlm_cli.pipeline.remote import check_remote
 from evlm_cli.pipeline.runner import (
     StageFailed,
     ensure_dvc_project,
@@ -131,7 +132,12 @@ def validate(specs: tuple[str, ...]) -> None:
 @click.argument("specs", nargs=-1, required=True, metavar="SPEC...")
 @click.option("--force", is_flag=True, help="Rerun every stage even if nothing changed.")
 @click.option("--seeds", "seeds_text", metavar="S,S,...", help=SEEDS_HELP)
-def run(specs: tuple[str, ...], force: bool, seeds_text: str | None) -> None:
+@click.option("--remote", metavar="NAME",
+              help="Share finished stages through the DVC remote NAME: before each stage, take "
+                   "it from there if a machine sharing NAME has finished it with the same "
+                   "inputs; after it, push it there. Two checkouts can split a sweep so.")
+def run(specs: tuple[str, ...], force: bool, seeds_text: str | None,
+        remote: str | None) -> None:
     """Validate, compile into dvc.yaml, run `dvc repro` and print a summary table.
 
     Stages whose inputs did not change are not rerun; stages shared by several specs
@@ -140,6 +146,8 @@ def run(specs: tuple[str, ...], force: bool, seeds_text: str | None) -> None:
     """
     seeds = parse_seeds(seeds_text)
     loaded = load_specs(specs)  # before anything is written
+    if remote is not None:
+        check_remote(remote)
     groups = expand_seeds(loaded, seeds)
     resolved = [run_spec for group in groups for run_spec in group]
     with project_lock():
@@ -150,7 +158,7 @@ def run(specs: tuple[str, ...], force: bool, seeds_text: str | None) -> None:
         names = [s["name"] for s in resolved]
         log = RUNS / (names[0] if len(names) == 1 else "_multi") / "run.log"
         try:
-            repro([f"{n}-{FINAL_KIND}" for n in names], log, force=force)
+            repro([f"{n}-{FINAL_KIND}" for n in names], log, force=force, remote=remote)
         except StageFailed as failed:
             click.echo(f"evlm run: {failed}", err=True)
             click.get_current_context().exit(1)

@@ -124,10 +124,15 @@ def stage_status(stages: list[str], root: Path = Path(".")) -> dict[str, list[st
     return out
 
 
-def repro(targets: list[str], log_path: Path, root: Path = Path("."), force: bool = False) -> None:
-    """Run `dvc repro TARGETS`, copying its output to the terminal and to `log_path`."""
+def repro(targets: list[str], log_path: Path, root: Path = Path("."), force: bool = False,
+          remote: str | None = None) -> None:
+    """Run `dvc repro TARGETS`, copying its output to the terminal and to `log_path`.
+
+    With `remote`, stages are shared through that DVC remote instead (`pipeline.remote`).
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else []), *targets]
+    how = ["dvc", "repro"] if remote is None else ["evlm_cli.pipeline.remote", "--remote", remote]
+    cmd = [sys.executable, "-m", *how, *(["--force"] if force else []), *targets]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=root, env=dvc_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
