@@ -91,8 +91,12 @@ class Claims:
             return None
 
     def _write(self, key: str, beat: int) -> None:
+        """Write the claim whole, by renaming a finished file over it: a reader that met a
+        half-written file would take the claim for free."""
         self.fs.makedirs(self.folder, exist_ok=True)
-        self.fs.write_text(self._path(key), f"{self.token} beat {beat}")
+        part = self.fs.join(self.folder, f".{key}.{uuid.uuid4().hex[:8]}")
+        self.fs.write_text(part, f"{self.token} beat {beat}")
+        self.fs.mv(part, self._path(key))
 
     def holder(self, content: str | None) -> str | None:
         """Who a claim's content names, or None when it names no one or this process."""
@@ -193,6 +197,9 @@ def reproduce(targets: list[str], remote: str, force: bool = False) -> None:
     from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
 
     with Repo(".", remote=remote) as repo:
+        # DVC's reminder to `git add` would follow every stage, not once at the end as under
+        # `dvc repro`; `core.autostage` still stages the files
+        repo.scm_context.quiet = True
         pushed = publish(repo)  # what this machine finished before, e.g. without --remote
         if pushed:
             print(f"evlm: pushed {pushed} finished stage(s) to remote '{remote}'", flush=True)
