@@ -216,7 +216,7 @@ def reproduce(targets: list[str], remote: str, force: bool = False) -> None:
                 print(f"evlm: stage '{name}' pushed to remote '{remote}'", flush=True)
 
 
-def _needs_run(repo, name: str, force: bool) -> str | None:
+def _needs_run(repo, name: str) -> str | None:
     """The run-cache key of stage `name` as its dependencies stand now, when this machine would
     run it; None when it is up to date here or DVC would not cache it (its inputs are missing,
     say, which the run will report)."""
@@ -227,7 +227,7 @@ def _needs_run(repo, name: str, force: bool) -> str | None:
     with lock_repo(repo):
         stage = repo.stage.collect(name)[0]
         try:
-            if not force and not stage.changed():
+            if not stage.changed():
                 return None
             stage.save_deps()
             return _get_stage_hash(stage) if _can_hash(stage) else None
@@ -235,29 +235,30 @@ def _needs_run(repo, name: str, force: bool) -> str | None:
             return None
 
 
-def _has_entry(repo, key: str) -> bool:
+def _finished(repo, key: str) -> bool:
+    """Whether a run of the stage keyed `key` is in the run cache here or on the remote."""
     folder = Path(repo.stage_cache.cache_dir) / key[:2] / key
-    return folder.is_dir() and any(folder.iterdir())
+    if folder.is_dir() and any(folder.iterdir()):
+        return True
+    odb = _remote_odb(repo)
+    there = odb.fs.join(odb.path, "runs", key[:2], key)
+    return odb.fs.exists(there) and bool(odb.fs.find(there))
 
 
 @contextlib.contextmanager
 def _claimed(repo, name: str, claims: Claims, force: bool) -> Iterator[None]:
     """Hold the claim on stage `name` while the body runs it, unless no one needs to run it:
-    it is up to date here, or a finished run of it is on the remote (the body restores it)."""
-    key = _needs_run(repo, name, force)
-    if key is None:
-        yield
-        return
-    repo.stage_cache.pull(None)
-    if not force and _has_entry(repo, key):
+    it is up to date here, or a finished run of it is on the remote (the body restores it).
+    With --force every stage runs here, so there is nothing to wait for."""
+    key = None if force else _needs_run(repo, name)
+    if key is None or _finished(repo, key):
         yield
         return
 
-    def done() -> bool:
-        repo.stage_cache.pull(None)
-        return _has_entry(repo, key)
+    def say(text: str) -> None:
+        print(f"evlm: stage '{name}': {text}", flush=True)
 
-    with claims.hold(key, done, say=lambda text: print(f"evlm: stage '{name}': {text}", flush=True)):
+    with claims.hold(key, done=lambda: _finished(repo, key), say=say):
         yield
 
 
