@@ -32,8 +32,14 @@ def test_summary_shows_the_prune_warnings_under_the_sparsity():
         "the text encoder keeps 0.050 of its prunable parameters",)))
     lines = summary_table(run).splitlines()
     at = next(i for i, line in enumerate(lines) if "sparsity (prunable)" in line)
-    assert lines[at + 1] == ("  warning: the text encoder keeps 0.050 of its prunable "
+    # where the gates ended and how much the final selection overruled them, then warnings
+    assert lines[at + 1] == ("  gates at the end        expected sparsity 0.512; the final "
+                             "selection overruled 2.5% of the units")
+    assert lines[at + 2] == ("  warning: the text encoder keeps 0.050 of its prunable "
                              "parameters")
+    unpruned = replace(run.results, sparsity=replace(run.results.sparsity, expected_at_end=None,
+                                                     overruled_share=None))
+    assert "gates at the end" not in summary_table(replace(run, results=unpruned))
 
 
 def test_allocation_heatmap_lists_each_layer_kept_of_total():

@@ -82,5 +82,5 @@ def test_a_run_committed_in_an_older_results_version_is_refused_in_one_line(comm
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
         "a@HEAD: runs/a/evaluate/metrics.json at HEAD: results with schema_version 0, "
-        "expected 3 (written by another evlm version): compare a run evaluated since, or read "
+        "expected 4 (written by another evlm version): compare a run evaluated since, or read "
         "HEAD with the evlm that wrote it"]

@@ -311,6 +311,21 @@ class L0Gates(nn.Module):
             kept += int(mask.sum()) * g.unit_params
         return kept
 
+    @torch.no_grad()
+    def overruled(self, masks: dict[str, Tensor]) -> tuple[int, int]:
+        """How many units `masks` decide against the gates' own decision
+        (`deterministic_masks`), and how many units there are: heads and neurons, each
+        taken as dropped when its sublayer is."""
+        decided = self.deterministic_masks()
+
+        def effective(chosen: dict[str, Tensor], g: PrunableGroup) -> Tensor:
+            mask = chosen[g.name].bool()
+            return mask & chosen[self.parent[g.name]].bool() if g.name in self.parent else mask
+
+        units = [g for g in self.groups if not g.is_layer_gate]
+        differ = sum(int((effective(masks, g) != effective(decided, g)).sum()) for g in units)
+        return differ, sum(g.size for g in units)
+
     def summary(self, masks: dict[str, Tensor] | None = None) -> dict:
         """JSON-ready account of what the masks keep: per encoder, per layer, and overall."""
         masks = self.deterministic_masks() if masks is None else masks

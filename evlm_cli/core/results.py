@@ -20,7 +20,7 @@ from evlm_cli.core.errors import EvlmError
 Result = TypeVar("Result")
 
 # Raise it with any change a reader would notice: a field added, renamed, retyped or moved.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class Versioned:
@@ -168,6 +168,11 @@ class Sparsity:
     vision: float | None
     text: float | None
     fusion: float | None
+    # where training's expected sparsity ended (overall), and the share of units (heads,
+    # neurons) that the final selection, which meets the target exactly, decided against the
+    # gates; None without gates (prune.mode none)
+    expected_at_end: float | None
+    overruled_share: float | None
 
 
 @dataclass(frozen=True)

@@ -351,7 +351,10 @@ def exported_models(onnx: Path, threads: int) -> dict:
 def sparsity_report(masks: dict) -> Sparsity:
     """Sparsity reached over the prunable parameters, overall and per encoder."""
     if "encoders" not in masks:  # prune.mode none
-        return Sparsity(overall=0.0, **dict.fromkeys(ENCODERS, 0.0))
+        return Sparsity(overall=0.0, **dict.fromkeys(ENCODERS, 0.0), expected_at_end=None,
+                        overruled_share=None)
     return Sparsity(overall=masks["sparsity"],
                     **{e: masks["encoders"][e]["sparsity"] if e in masks["encoders"] else None
-                       for e in ENCODERS})
+                       for e in ENCODERS},
+                    expected_at_end=masks["expected_sparsity"],
+                    overruled_share=masks["overruled_share"])

@@ -85,7 +85,10 @@ def run_prune(params: Params, *, prepared: Path, student: Path, teacher: Path, m
     if constraint.uses_gates:
         kept_units = constraint.final_masks()
         values = gates.deterministic_values(kept_units)
-        report = {**gates.summary(kept_units), "training_gap": constraint.training_gap()}
+        overruled, units = gates.overruled(kept_units)
+        report = {**gates.summary(kept_units), "training_gap": constraint.training_gap(),
+                  "overruled_units": overruled, "units": units,
+                  "overruled_share": overruled / units if units else 0.0}
         report["warnings"] = budget_warnings(report, p.mode, p.target_sparsity, p.min_keep)
         for line in report["warnings"]:
             print(f"warning: prune: {line}", file=sys.stderr)

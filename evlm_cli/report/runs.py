@@ -226,6 +226,8 @@ def result_rows(r: EvaluateResults) -> list[tuple[str, float | str | None]]:
                  (f"speedup / FLOPs ratio {batch}", split.over_flops_ratio)]
     rows.append(("sparsity overall", r.sparsity.overall))
     rows += [(f"sparsity {e}", getattr(r.sparsity, e)) for e in ENCODERS]
+    rows += [("expected sparsity at the end", r.sparsity.expected_at_end),
+             ("units overruled", r.sparsity.overruled_share)]
     return rows
 
 

@@ -19,6 +19,14 @@ SCOPE_TEXT = {
 }
 
 
+def gate_lines(r: EvaluateResults) -> list[str]:
+    """Where training left the gates, and how much the final selection overruled them."""
+    if r.sparsity.expected_at_end is None:
+        return []
+    return [f"  {'gates at the end':<24}expected sparsity {r.sparsity.expected_at_end:.3f}; the "
+            f"final selection overruled {r.sparsity.overruled_share:.1%} of the units"]
+
+
 def run_summary(loaded: Loaded) -> str:
     """The end-of-run table of a run, or of a group of seeds."""
     return group_table(loaded) if isinstance(loaded, SeedGroup) else summary_table(loaded)
@@ -66,6 +74,7 @@ def summary_table(run: Run) -> str:
     sparsity = {e: getattr(r.sparsity, e) for e in ENCODERS}
     lines.append(row("sparsity (prunable)", "", "", r.sparsity.overall, ".3f", "   " + ", ".join(
         f"{e} {v:.3f}" for e, v in sparsity.items() if v is not None)))
+    lines += gate_lines(r)
     lines += [f"  warning: {line}" for line in r.warnings]
     lines.append(row("file size (MB)", _mb(teacher.size.size_bytes), _mb(dense.size.size_bytes),
                      _mb(student.size.size_bytes), ".2f"))

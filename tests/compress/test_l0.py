@@ -206,3 +206,18 @@ def test_uniform_reaches_target_in_each_encoder():
     gates, _ = train_two_modalities("uniform")
     assert gates.expected_sparsity("vision").item() == pytest.approx(0.5, abs=0.03)
     assert gates.expected_sparsity("text").item() == pytest.approx(0.5, abs=0.03)
+
+
+def test_overruled_counts_the_units_a_final_selection_decides_against_the_gates():
+    gates = L0Gates(tiny_groups()).eval()
+    set_log_alpha(gates, "vision.0.heads", [5.0, 5.0])
+    set_log_alpha(gates, "vision.0.attn_layer", [5.0])
+    set_log_alpha(gates, "text.0.ffn", [5.0, -5.0, -5.0])
+    decided = gates.deterministic_masks()
+    assert decided["text.0.ffn"].tolist() == [True, False, False]
+    assert gates.overruled(decided) == (0, 5)  # 2 heads and 3 neurons; the sublayer is no unit
+    chosen = {name: mask.clone() for name, mask in decided.items()}
+    chosen["text.0.ffn"][:2] = torch.tensor([False, True])  # one dropped, one kept: 2 against
+    assert gates.overruled(chosen) == (2, 5)
+    chosen["vision.0.attn_layer"][0] = False  # dropping the sublayer drops both heads under it
+    assert gates.overruled(chosen) == (4, 5)

@@ -45,7 +45,7 @@ def full_results() -> EvaluateResults:
 def test_evaluate_results_survive_a_round_trip_through_json(made):
     r = made()
     data = through_a_file(r.to_json())
-    assert data["schema_version"] == SCHEMA_VERSION == 3
+    assert data["schema_version"] == SCHEMA_VERSION == 4
     assert list(data)[0] == "schema_version"  # first in the file, where a reader looks
     assert EvaluateResults.from_json(data, WHERE) == r
 
@@ -64,11 +64,12 @@ def test_the_file_keeps_numbers_as_leaves_and_absent_figures_as_null():
                                              "student": 1.0, "onnx_fp32": None,
                                              "onnx_int8": None, "teacher_onnx_fp32": None}
     assert data["dense"]["value"] is None and data["generation"] is None
-    assert data["sparsity"] == {"overall": 0.5, "vision": 0.6, "text": 0.4, "fusion": 0.3}
+    assert data["sparsity"] == {"overall": 0.5, "vision": 0.6, "text": 0.4, "fusion": 0.3,
+                                "expected_at_end": 0.512, "overruled_share": 0.025}
 
 
 @pytest.mark.parametrize("version, found", [(0, "schema_version 0"), (2, "schema_version 2"),
-                                            ("3", "schema_version '3'"),
+                                            ("4", "schema_version '4'"),
                                             (None, "no schema_version")])
 def test_another_schema_version_is_refused_with_the_rerun_in_one_line(version, found):
     data = through_a_file(results().to_json())
@@ -80,7 +81,7 @@ def test_another_schema_version_is_refused_with_the_rerun_in_one_line(version, f
         EvaluateResults.from_json(data, WHERE, "run a")
     message = str(caught.value)
     assert "\n" not in message
-    assert message == (f"{WHERE}: results with {found}, expected 3 (written by another evlm "
+    assert message == (f"{WHERE}: results with {found}, expected 4 (written by another evlm "
                        "version): rerun `evlm run SPEC` for run a (the evaluate stage reruns)")
 
 

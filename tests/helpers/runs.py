@@ -46,7 +46,8 @@ def results(batch_sizes=(1,), value: float = 0.9) -> EvaluateResults:
                              pruning_over_flops_ratio=0.75, over_flops_ratio=0.5)
                  for bs in latency},
         generation=None,
-        sparsity=Sparsity(overall=0.5, vision=0.6, text=0.4, fusion=0.3),
+        sparsity=Sparsity(overall=0.5, vision=0.6, text=0.4, fusion=0.3,
+                          expected_at_end=0.512, overruled_share=0.025),
         warnings=(),
         exported={},
         timing=TIMING,

@@ -55,7 +55,7 @@ def test_a_run_reads_with_bench_timings_while_they_retimed_its_results(project):
 
 
 def test_a_malformed_bench_file_is_one_line_naming_it(project):
-    (project / "runs/a/bench.json").write_text(json.dumps({"schema_version": 3}))
+    (project / "runs/a/bench.json").write_text(json.dumps({"schema_version": 4}))
     with pytest.raises(EvlmError) as error:
         load_run("a", project)
     assert str(error.value).startswith(f"{project}/runs/a/bench.json: field ")

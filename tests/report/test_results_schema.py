@@ -28,7 +28,7 @@ def old_run(in_tmp_dir):
     return in_tmp_dir
 
 
-EXPECTED = ("runs/old/evaluate/metrics.json: results with schema_version 0, expected 3 "
+EXPECTED = ("runs/old/evaluate/metrics.json: results with schema_version 0, expected 4 "
             "(written by another evlm version): rerun `evlm run SPEC` for run old "
             "(the evaluate stage reruns)")
 
@@ -57,7 +57,7 @@ def test_an_unversioned_file_is_refused_too(in_tmp_dir):
     result = CliRunner().invoke(main, ["diff", "new", "older"])
     assert result.exit_code == 2
     assert result.stderr.splitlines() == [
-        "runs/older/evaluate/metrics.json: results with no schema_version, expected 3 (written "
+        "runs/older/evaluate/metrics.json: results with no schema_version, expected 4 (written "
         "by another evlm version): rerun `evlm run SPEC` for run older (the evaluate stage "
         "reruns)"]
 
