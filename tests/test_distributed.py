@@ -13,6 +13,7 @@ own: 2 gloo processes against 1 on the same global batch.
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,6 +181,43 @@ def test_two_nodes_of_one_process_train_as_one_node_of_two(project):
     assert two.keys() == nodes.keys()
     assert not [k for k in two if not torch.equal(two[k], nodes[k])]
     assert (project / "two/masks.json").read_text() == (project / "nodes/masks.json").read_text()
+
+
+def idle_slurm_nodes() -> int:
+    """Idle nodes of a Slurm cluster that answers here; 0 without one."""
+    if not (shutil.which("sinfo") and shutil.which("salloc")):
+        return 0
+    try:
+        out = subprocess.run(["sinfo", "-h", "-t", "idle", "-o", "%D"], capture_output=True,
+                             text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return 0
+    return sum(int(n) for n in out.stdout.split() if n.isdigit()) if out.returncode == 0 else 0
+
+
+@pytest.mark.skipif(idle_slurm_nodes() < 2,
+                    reason="needs a Slurm cluster with 2 idle nodes (one host can run two "
+                           "slurmd: docs/torchrun.md)")
+def test_slurm_runs_one_torchrun_per_node_and_trains_as_one_node_of_two(project):
+    """The stage inside a 2-node allocation, as `evlm run` in a job script runs it, with
+    `resources.launcher: slurm`: it relaunches itself as srun starting one torchrun agent per
+    node, meeting at port 29400 of the allocation's first node. The agents wait for each other
+    at the rendezvous, so the stage finishes only if srun started both. The weights are one
+    node of two processes', to the bit."""
+    if not (project / "two/model").exists():
+        assert prune(project, 2, "two").returncode == 0
+    spec = yaml.safe_load((project / "params2.yaml").read_text())
+    spec["resources"].update(processes=1, nodes=2, launcher="slurm")
+    (project / "params_slurm.yaml").write_text(yaml.safe_dump(spec))
+    command = ["salloc", "--nodes=2", "--ntasks-per-node=1", sys.executable, "-m", "evlm_cli",
+               "stage", "prune", *prune_arguments("_slurm", "slurm")]
+    done = subprocess.run(command, cwd=project, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("stage prune done") == 1
+    two, slurm = (load_file(project / f"{r}/model/model.safetensors") for r in ("two", "slurm"))
+    assert not [k for k in two if not torch.equal(two[k], slurm[k])]
+    assert (project / "two/masks.json").read_text() == (project / "slurm/masks.json").read_text()
 
 
 # Each training kind's inputs in the module's project, and its outputs.

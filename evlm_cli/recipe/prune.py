@@ -14,6 +14,7 @@ from evlm_cli.compress.slice import slice_model
 from evlm_cli.core.config import Params
 from evlm_cli.core.errors import TrainingError
 from evlm_cli.core.io import atomic_path, atomic_write_json
+from evlm_cli.core.ranks import is_main
 from evlm_cli.data.loader import open_prepared
 from evlm_cli.models.checkpoint import load_model, save_model
 from evlm_cli.models.vlm import param_breakdown
@@ -90,7 +91,7 @@ def run_prune(params: Params, *, prepared: Path, student: Path, teacher: Path, m
                   "overruled_units": overruled, "units": units,
                   "overruled_share": overruled / units if units else 0.0}
         report["warnings"] = budget_warnings(report, p.mode, p.target_sparsity, p.min_keep)
-        for line in report["warnings"]:
+        for line in report["warnings"] if is_main() else []:  # once, not once per process
             print(f"warning: prune: {line}", file=sys.stderr)
     student_model.eval()
     sliced = slice_model(student_model, values)

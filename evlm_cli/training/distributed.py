@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -153,8 +154,15 @@ def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
-                                   else None, broadcast_buffers=False)
+    with warnings.catch_warnings():
+        # Newer torch deprecates broadcast_buffers for forward_sync_buffers, whose False still
+        # syncs the buffers once at init, and advises keeping broadcast_buffers=False for
+        # rank-local buffers until an init option exists.
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated",
+                                category=FutureWarning)
+        return DistributedDataParallel(module, device_ids=[device.index]
+                                       if device.type == "cuda" else None,
+                                       broadcast_buffers=False)
 
 
 def average_gradients(params: Iterable[nn.Parameter]) -> None:
