@@ -361,21 +361,27 @@ def target_at(step: int, total_steps: int, target: float, warmup_fraction: float
 
 
 class Lagrangian(nn.Module):
-    """lambda_1 (s - t) + lambda_2 (s - t)^2, with the lambdas trained by gradient ASCENT.
+    """lambda_1 (s - t) + (lambda_2 + rho) (s - t)^2, the lambdas trained by gradient ASCENT.
 
     Backpropagate one total loss (task + penalty); step the model and log_alpha optimisers as
     usual (descent) and the lambdas' own optimiser built with `maximize=True` (see
     `ascent_optimizer`), so the lambdas grow while the constraint is violated.
+
+    `rho` is fixed: the pull back towards the target in proportion to the gap, which the
+    learned lambda_2 gives only once it has grown. lambda_1 integrates the gap while the gates
+    lag the rising target; without that proportional pull the sparsity then runs past the
+    target until lambda_1 unwinds (rho 0 is CoFi's penalty).
     """
 
-    def __init__(self):
+    def __init__(self, rho: float = 0.0):
         super().__init__()
         self.lambda_1 = nn.Parameter(torch.zeros(()))
         self.lambda_2 = nn.Parameter(torch.zeros(()))
+        self.rho = rho
 
     def penalty(self, expected_sparsity: Tensor, target: float) -> Tensor:
         gap = expected_sparsity - target
-        return self.lambda_1 * gap + self.lambda_2 * gap * gap
+        return self.lambda_1 * gap + (self.lambda_2 + self.rho) * gap * gap
 
 
 def ascent_optimizer(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -399,7 +405,7 @@ class SparsityConstraint(nn.Module):
     """
 
     def __init__(self, gates: L0Gates, mode: str, target: float, warmup_fraction: float = 0.0,
-                 min_keep: float = 0.0):
+                 min_keep: float = 0.0, quadratic_penalty: float = 0.0):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"pruning mode: expected one of {', '.join(MODES)}, got {mode!r}")
@@ -414,8 +420,9 @@ class SparsityConstraint(nn.Module):
         self.mode, self.target, self.warmup_fraction = mode, target, warmup_fraction
         self.min_keep = min_keep if mode == "modal-adaptive" else 0.0
         scopes = {"modal-adaptive": ["global"], "uniform": list(gates.encoders), "none": []}[mode]
-        self.lagrangians = nn.ModuleDict({scope: Lagrangian() for scope in scopes})
-        self.floors = nn.ModuleDict({enc: Lagrangian() for enc in gates.encoders}
+        rho = quadratic_penalty
+        self.lagrangians = nn.ModuleDict({scope: Lagrangian(rho) for scope in scopes})
+        self.floors = nn.ModuleDict({enc: Lagrangian(rho) for enc in gates.encoders}
                                     if self.min_keep > 0 else {})
 
     @property

@@ -254,6 +254,7 @@ class PruneConfig:
     gate_init: str
     gate_lr: float
     lagrangian_lr: float
+    quadratic_penalty: float
     label_smoothing: float  # captioning's LM loss
     temperature: float
     weights: LossWeights

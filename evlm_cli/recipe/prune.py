@@ -37,7 +37,7 @@ def budget_warnings(report: dict, mode: str, target: float, min_keep: float) -> 
         scope = "overall" if mode == "modal-adaptive" else "in the furthest encoder"
         warnings.append(f"training ended {report['training_gap']:.3f} from the target "
                         f"{target:g} {scope}; the final selection met it, overruling the gates "
-                        "(train longer, or raise lagrangian_lr)")
+                        "(train longer, or raise quadratic_penalty)")
     cross = [layer["cross_heads"]["kept"] for layer in
              report["encoders"].get("fusion", {}).get("layers", []) if "cross_heads" in layer]
     if cross and not any(cross):
@@ -64,7 +64,7 @@ def run_prune(params: Params, *, prepared: Path, student: Path, teacher: Path, m
                     init=p.gate_init)
     gates.to(device)
     constraint = SparsityConstraint(gates, p.mode, p.target_sparsity, p.warmup_fraction,
-                                    min_keep=p.min_keep)
+                                    min_keep=p.min_keep, quadratic_penalty=p.quadratic_penalty)
     objective = Objective(student_model, params.task, p.weights, p.temperature, teacher_model,
                           task_layer_maps(layer_maps, params.task), gates=gates, constraint=constraint,
                           task_spec=task_for(params.task, data.meta, p.label_smoothing))

@@ -221,3 +221,41 @@ def test_overruled_counts_the_units_a_final_selection_decides_against_the_gates(
     assert gates.overruled(chosen) == (2, 5)
     chosen["vision.0.attn_layer"][0] = False  # dropping the sublayer drops both heads under it
     assert gates.overruled(chosen) == (4, 5)
+
+
+def test_the_quadratic_penalty_adds_a_fixed_weight_to_lambda_2():
+    gates = L0Gates(tiny_groups())
+    constraint = SparsityConstraint(gates, "modal-adaptive", 0.5, quadratic_penalty=300.0)
+    lagrangian = constraint.lagrangians["global"]
+    with torch.no_grad():
+        lagrangian.lambda_1.fill_(2.0)
+        lagrangian.lambda_2.fill_(3.0)
+    penalty = lagrangian.penalty(torch.tensor(0.6), 0.5)
+    assert penalty.item() == pytest.approx(2.0 * 0.1 + (3.0 + 300.0) * 0.01)
+    penalty.backward()  # the multipliers' gradients are the gap and its square, as without rho
+    assert lagrangian.lambda_1.grad.item() == pytest.approx(0.1)
+    assert lagrangian.lambda_2.grad.item() == pytest.approx(0.01)
+    assert list(constraint.parameters()) == [lagrangian.lambda_1, lagrangian.lambda_2]
+
+
+@pytest.mark.parametrize("pull", [0.0, 3.0])
+def test_the_quadratic_penalty_stops_the_sparsity_at_the_target(pull):
+    """Gates under the ramped target and a task that wants every unit kept (`pull`): lambda_1
+    winds up while the gates lag the ramp, and CoFi's penalty (rho 0) carries the sparsity far
+    past the target before it comes back; rho 300 holds it within 0.01 all along."""
+    peaks = {}
+    for rho in (0.0, 300.0):
+        torch.manual_seed(0)
+        gates = L0Gates(two_encoder_groups(), init="heads_kept")
+        constraint = SparsityConstraint(gates, "modal-adaptive", 0.5, warmup_fraction=0.5,
+                                        quadratic_penalty=rho)
+        optimizers = [torch.optim.Adam(gates.parameters(), lr=0.1),
+                      constraint.ascent_optimizer(0.1)]
+        trajectory = []
+        for step in range(300):
+            keep = -pull * (1 - gates.expected_sparsity())
+            step_all(optimizers, constraint.loss(step, 300) + keep, gates)
+            trajectory.append(gates.expected_sparsity().item())
+        peaks[rho] = max(trajectory)
+        assert trajectory[-1] == pytest.approx(0.5, abs=0.01)
+    assert peaks[0.0] > 0.6 and peaks[300.0] < 0.51
