@@ -103,33 +103,31 @@ def test_a_team_shares_runs_through_a_dvc_remote_and_nothing_retrains(one_run):
 
 
 @pytest.mark.e2e
-def test_a_sweep_split_over_two_checkouts_runs_each_shared_stage_once(one_run, tmp_path):
+def test_a_second_machine_restores_every_stage_the_first_finished(one_run, tmp_path):
+    """`evlm run --remote`: the checkout that ran the spec pushes what it finished; a second
+    checkout of the same spec, sharing the remote, runs nothing and gets every output byte
+    for byte, the metrics and logs DVC does not cache included. (docs/results/remote_sweep.md
+    splits the default sweep this way; tests/test_remote.py starts two machines at once.)"""
     project, remote = one_run, tmp_path / "sweep_remote"
     dvc = [sys.executable, "-m", "dvc"]
     sh([*dvc, "remote", "add", "sweep", str(remote)], project)
-    # this checkout finished its half before it shared: it pushes what it has, runs nothing
     out = sh([*EVLM, "run", "--remote", "sweep", "specs/tiny_vqa.yaml"], project).stdout
     assert ran(out) == set() and re.search(r"evlm: pushed \d+ finished stage\(s\)", out)
-    # a second checkout, on another machine, takes the other half of the sweep
-    other = tmp_path / "other"
+    other = tmp_path / "other"  # another machine: the spec, a DVC project, the remote
     (other / "specs").mkdir(parents=True)
-    spec = other / "specs/tiny_vqa.yaml"
-    shutil.copy(REPO / "tests/specs/tiny_vqa.yaml", spec)
-    spec = edit_spec(spec, name="tiny_half", export=None, **{"prune.target_sparsity": 0.7})
+    shutil.copy(REPO / "tests/specs/tiny_vqa.yaml", other / "specs/tiny_vqa.yaml")
     sh([*dvc, "init", "--no-scm", "-q"], other)
     sh([*dvc, "remote", "add", "sweep", str(remote)], other)
-    out = sh([*EVLM, "run", "--remote", "sweep", "specs/tiny_half.yaml"], other).stdout
-    assert ran(out) == {"prune", "finetune", "evaluate"}
-    restored = set(re.findall(r"Stage '(shared-[^']+)' is cached - skipping run", out))
-    assert {name.split("-")[1] for name in restored} == {
-        "prepare_pairs", "teacher_pretrain", "distill", "prepare", "teacher", "teacher_eval",
-        "dense"}
-    for name in restored:  # what the first checkout made, byte for byte, metrics included
-        folder = f"runs/shared/{name.removeprefix('shared-')}"
-        mine = sorted(p.relative_to(other) for p in (other / folder).rglob("*") if p.is_file())
-        assert mine and all((project / f).read_bytes() == (other / f).read_bytes()
-                            for f in mine), name
-    assert (other / "runs/tiny_half/evaluate/metrics.json").is_file()
+    out = sh([*EVLM, "run", "--remote", "sweep", "specs/tiny_vqa.yaml"], other).stdout
+    assert ran(out) == set()
+    restored = re.findall(r"Stage '([^']+)' is cached - skipping run", out)
+    assert len(restored) == len(set(restored)) == 11
+    files = [p.relative_to(other) for p in (other / "runs").rglob("*")
+             if p.is_file() and p.name != "run.log"]  # run.log: each machine's own output
+    assert {f.name for f in files} >= {"metrics.json", "log.csv", "masks.json",
+                                       "model.safetensors", "model.onnx"}
+    assert [f for f in files if (project / f).read_bytes() != (other / f).read_bytes()] == []
+    assert "retention" in out  # the summary, from the restored metrics
 
 
 def busy_loops(count: int) -> list:

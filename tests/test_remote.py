@@ -165,7 +165,7 @@ def test_a_stage_finished_on_one_machine_is_restored_on_another_uncached_outputs
 
 def test_two_machines_started_together_run_a_shared_stage_once(tmp_path):
     counter = tmp_path / "runs.txt"
-    projects = [dvc_project(tmp_path / name, tmp_path / "remote", counter, seconds=4)
+    projects = [dvc_project(tmp_path / name, tmp_path / "remote", counter, seconds=3)
                 for name in ("a", "b")]
     procs = [share(project) for project in projects]
     outs = [proc.communicate(timeout=180)[0] for proc in procs]
