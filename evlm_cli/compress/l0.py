@@ -305,10 +305,7 @@ class L0Gates(nn.Module):
         """Exact prunable parameters kept by 0/1 masks (a unit under a dropped layer is dropped)."""
         kept = 0
         for g in self._selected(encoder):
-            mask = masks[g.name].bool()
-            if g.name in self.parent:
-                mask = mask & masks[self.parent[g.name]].bool()
-            kept += int(mask.sum()) * g.unit_params
+            kept += int(self._effective(masks, g).sum()) * g.unit_params
         return kept
 
     @torch.no_grad()
@@ -317,14 +314,15 @@ class L0Gates(nn.Module):
         (`deterministic_masks`), and how many units there are: heads and neurons, each
         taken as dropped when its sublayer is."""
         decided = self.deterministic_masks()
-
-        def effective(chosen: dict[str, Tensor], g: PrunableGroup) -> Tensor:
-            mask = chosen[g.name].bool()
-            return mask & chosen[self.parent[g.name]].bool() if g.name in self.parent else mask
-
         units = [g for g in self.groups if not g.is_layer_gate]
-        differ = sum(int((effective(masks, g) != effective(decided, g)).sum()) for g in units)
+        differ = sum(int((self._effective(masks, g) != self._effective(decided, g)).sum())
+                     for g in units)
         return differ, sum(g.size for g in units)
+
+    def _effective(self, masks: dict[str, Tensor], g: PrunableGroup) -> Tensor:
+        """`g`'s keep-mask in `masks`, with every unit dropped whose sublayer is dropped."""
+        mask = masks[g.name].bool()
+        return mask & masks[self.parent[g.name]].bool() if g.name in self.parent else mask
 
     def summary(self, masks: dict[str, Tensor] | None = None) -> dict:
         """JSON-ready account of what the masks keep: per encoder, per layer, and overall."""
@@ -333,10 +331,7 @@ class L0Gates(nn.Module):
         for enc in self.encoders:
             layers: dict[int, dict] = {}
             for g in self._selected(enc):
-                mask = masks[g.name].bool()
-                if g.name in self.parent:
-                    mask = mask & masks[self.parent[g.name]].bool()
-                indices = torch.nonzero(mask.cpu()).flatten().tolist()
+                indices = torch.nonzero(self._effective(masks, g).cpu()).flatten().tolist()
                 layers.setdefault(g.layer, {"layer": g.layer})[g.unit] = {
                     "kept": len(indices), "total": g.size, "kept_indices": indices}
             encoders[enc] = {**self._sparsity_record(masks, enc),
@@ -420,9 +415,9 @@ class SparsityConstraint(nn.Module):
         self.mode, self.target, self.warmup_fraction = mode, target, warmup_fraction
         self.min_keep = min_keep if mode == "modal-adaptive" else 0.0
         scopes = {"modal-adaptive": ["global"], "uniform": list(gates.encoders), "none": []}[mode]
-        rho = quadratic_penalty
-        self.lagrangians = nn.ModuleDict({scope: Lagrangian(rho) for scope in scopes})
-        self.floors = nn.ModuleDict({enc: Lagrangian(rho) for enc in gates.encoders}
+        self.lagrangians = nn.ModuleDict({scope: Lagrangian(quadratic_penalty)
+                                          for scope in scopes})
+        self.floors = nn.ModuleDict({enc: Lagrangian(quadratic_penalty) for enc in gates.encoders}
                                     if self.min_keep > 0 else {})
 
     @property

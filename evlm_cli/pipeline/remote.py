@@ -161,9 +161,9 @@ def _remote_odb(repo):
     return repo.cloud.get_remote_odb(None, "push --run-cache", hash_name="md5-dos2unix")
 
 
-def _entries_missing_there(repo) -> list[tuple[str, str]]:
-    """The run-cache entries this machine has and the remote lacks, as (key, value) pairs."""
-    odb = _remote_odb(repo)
+def _entries_missing_there(repo, odb) -> list[tuple[str, str]]:
+    """The run-cache entries this machine has and the remote (`odb`) lacks, as (key, value)
+    pairs."""
     runs = odb.fs.join(odb.path, "runs")
     there = set()
     if odb.fs.exists(runs):
@@ -175,10 +175,11 @@ def _entries_missing_there(repo) -> list[tuple[str, str]]:
     return sorted(here - there)
 
 
-def publish(repo) -> int:
-    """Push to the default remote every run-cache entry it lacks: first the objects of each
-    entry's outputs, the uncached ones included, then the entries. The number pushed."""
-    missing = _entries_missing_there(repo)
+def publish(repo, odb) -> int:
+    """Push to the default remote (`odb`, `_remote_odb`) every run-cache entry it lacks: first
+    the objects of each entry's outputs, the uncached ones included, then the entries. The
+    number pushed."""
+    missing = _entries_missing_there(repo, odb)
     if not missing:
         return 0
     for odb, objects in repo.stage_cache.get_used_objs(missing).items():
@@ -200,18 +201,18 @@ def reproduce(targets: list[str], remote: str, force: bool = False) -> None:
         # DVC's reminder to `git add` would follow every stage, not once at the end as under
         # `dvc repro`; `core.autostage` still stages the files
         repo.scm_context.quiet = True
-        pushed = publish(repo)  # what this machine finished before, e.g. without --remote
+        odb = _remote_odb(repo)
+        pushed = publish(repo, odb)  # what this machine finished before, e.g. without --remote
         if pushed:
             print(f"evlm: pushed {pushed} finished stage(s) to remote '{remote}'", flush=True)
-        odb = _remote_odb(repo)
         claims = Claims(odb.fs, odb.fs.join(odb.path, "evlm", "claims"))
         steps = plan_repro(get_active_graph(repo.index.graph), collect_stages(repo, targets))
         for name in [stage.addressing for stage in steps]:
-            with _claimed(repo, name, claims, force):
+            with _claimed(repo, odb, name, claims, force):
                 # pull=True pulls the remote's run-cache entries first, and the objects of the
                 # entry that matches, if one does: DVC then restores the stage, not runs it
                 repo.reproduce(name, single_item=True, pull=True, force=force)
-                pushed = publish(repo)
+                pushed = publish(repo, odb)
             if pushed:
                 print(f"evlm: stage '{name}' pushed to remote '{remote}'", flush=True)
 
@@ -235,30 +236,29 @@ def _needs_run(repo, name: str) -> str | None:
             return None
 
 
-def _finished(repo, key: str) -> bool:
+def _finished(repo, odb, key: str) -> bool:
     """Whether a run of the stage keyed `key` is in the run cache here or on the remote."""
     folder = Path(repo.stage_cache.cache_dir) / key[:2] / key
     if folder.is_dir() and any(folder.iterdir()):
         return True
-    odb = _remote_odb(repo)
     there = odb.fs.join(odb.path, "runs", key[:2], key)
     return odb.fs.exists(there) and bool(odb.fs.find(there))
 
 
 @contextlib.contextmanager
-def _claimed(repo, name: str, claims: Claims, force: bool) -> Iterator[None]:
+def _claimed(repo, odb, name: str, claims: Claims, force: bool) -> Iterator[None]:
     """Hold the claim on stage `name` while the body runs it, unless no one needs to run it:
     it is up to date here, or a finished run of it is on the remote (the body restores it).
     With --force every stage runs here, so there is nothing to wait for."""
     key = None if force else _needs_run(repo, name)
-    if key is None or _finished(repo, key):
+    if key is None or _finished(repo, odb, key):
         yield
         return
 
     def say(text: str) -> None:
         print(f"evlm: stage '{name}': {text}", flush=True)
 
-    with claims.hold(key, done=lambda: _finished(repo, key), say=say):
+    with claims.hold(key, done=lambda: _finished(repo, odb, key), say=say):
         yield
 
 
