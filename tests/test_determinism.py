@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -94,6 +95,25 @@ def killed_while_pruning(folder: Path) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        gone_for_good(proc.pid)
+
+
+def gone_for_good(group: int) -> None:
+    """Wait until no process of the group is left, zombies included. DVC takes the lock of a
+    process whose PID still exists for a live one, and the killed DVC's PID exists until
+    whatever adopted it reaps it: on some machines an init that reaps only every second or so.
+    """
+    deadline = time.monotonic() + 60
+    while any(member_of(pid, group) for pid in psutil.pids()):
+        assert time.monotonic() < deadline, "the killed processes were not reaped in a minute"
+        time.sleep(0.05)
+
+
+def member_of(pid: int, group: int) -> bool:
+    try:
+        return os.getpgid(pid) == group
+    except ProcessLookupError:
+        return False
 
 
 def test_a_spec_run_twice_from_scratch_once_killed_and_resumed_ends_the_same(tmp_path):
