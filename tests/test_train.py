@@ -47,6 +47,17 @@ def test_setup_seeds_the_generator():
     assert not torch.equal(first, torch.rand(3))
 
 
+def test_setup_switches_torch_to_its_deterministic_kernels_warning_where_it_has_none():
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        setup(0, None, "cpu")
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def test_auto_picks_cuda_when_there_is_one_and_the_cpu_otherwise(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert setup(5, None, "auto") == torch.device("cuda")
