@@ -17,7 +17,7 @@ def test_stage_names_params_and_deps(tmp_path):
     stages = stages_of(tmp_path)
     kinds = sorted(name.split("-")[1] if name.startswith("shared-") else name.split("-")[-1]
                    for name in stages)
-    assert kinds == sorted(KINDS)
+    assert kinds == sorted(k for k in KINDS if k != "text_assignment")  # NLVR2's only
     prune = stages["tiny_vqa-prune"]
     assert prune["params"] == [{"runs/tiny_vqa/params.yaml": ["seed", "task", "device",
                                                               "precision", "augment", "prune"]}]
@@ -46,6 +46,23 @@ def test_stage_names_params_and_deps(tmp_path):
 
 
 SHARED = ["prepare_pairs", "teacher_pretrain", "distill", "prepare", "teacher", "teacher_eval"]
+
+
+def test_nlvr2s_teacher_starts_from_text_assignment_where_the_spec_asks_and_is_another_stage():
+    plain = tiny("pairs", **{"task": "nlvr2", "evaluate.metric": "nlvr2_accuracy",
+                             "export": None})
+    assigned = {**plain, "name": "assigned", "text_assignment": {
+        "lr_scale": 0.5, "hard_negatives": 0.5, "train": plain["pretrain"]["train"]}}
+    before, after = ({s.kind.name: s for s in plan(spec)} for spec in (plain, assigned))
+    assert "text_assignment" not in before
+    stage = after["text_assignment"]
+    assert stage.inputs == {"pairs": after["prepare_pairs"].outputs["data"],
+                            "pretrained": after["teacher_pretrain"].outputs["model"]}
+    assert after["teacher"].inputs["assigned"] == stage.outputs["model"]
+    assert "assigned" not in before["teacher"].inputs
+    # the same task_teacher settings, but another starting point: another teacher stage
+    assert after["teacher"].name != before["teacher"].name
+    assert after["teacher_pretrain"].name == before["teacher_pretrain"].name
 
 
 def names(spec) -> dict[str, str]:

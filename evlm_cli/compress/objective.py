@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from evlm_cli.compress import distill as kd
@@ -24,6 +25,8 @@ from evlm_cli.tasks import TASKS, Task
 from evlm_cli.tasks import pretrain as objectives
 from evlm_cli.tasks.pretrain import Masking, NegativeRule
 
+# The objective of NLVR2's domain pre-training (`assign_step`), named as a task.
+TEXT_ASSIGNMENT = "text_assignment"
 # Only the task loss: a teacher trained on its own.
 TASK_ONLY = LossWeights(task=1.0, logits=0.0, hidden=0.0, attention=0.0)
 
@@ -105,10 +108,39 @@ def contrast_step(model: VLM, batch: dict[str, Tensor], weights: dict[str, float
     return Step(out, terms, logits, drawn)
 
 
+def assign_step(model: VLM, batch: dict[str, Tensor], gates: Gates | None, opts: dict,
+                choices: dict[str, Tensor] | None = None, hard_share: float = 1.0) -> Step:
+    """Text assignment (X-VLM's NLVR2 domain pre-training) on a batch of image-text pairs:
+    each text fused with two of the batch's images, fusion layer 2i reading the first and
+    2i + 1 the second, as NLVR2 reads its pair; the `ta` head says which image the text
+    describes, or neither (`pretrain.assignment_draws`). Images are encoded once each; the
+    ITC projection that draws the negatives gets no gradient, as in X-VLM. Positives are the
+    examples that show the same picture as far as the captions can tell (`image_group`, where
+    the data has it), so two images with the same captions are never each other's negatives.
+    `hard_share`: the share of negatives drawn by similarity, the rest evenly.
+    """
+    images, ids, mask = model_inputs(batch)
+    drawn = dict(choices or {})
+    vision = model.vision(images, gates=gates, **opts)
+    if "first" not in drawn:
+        with torch.no_grad():
+            embeds = F.normalize(model.heads["itc"].vision_proj(vision.last[:, 0].detach()), dim=-1)
+        groups = batch.get("image_group", batch["image_index"])
+        drawn["first"], drawn["second"], drawn["labels"] = objectives.assignment_draws(
+            embeds, groups, hard_share=hard_share)
+    text = model.encode_text(ids, mask, gates=gates, **opts)
+    pair = (vision.last[drawn["first"]], vision.last[drawn["second"]])
+    fused = model.fuse(text.last, mask, pair, gates=gates, **opts)
+    logits = model.heads["ta"](model.pool(fused.last, mask))
+    return Step(VLMOutput(vision, text, fused, mask),
+                {"task": F.cross_entropy(logits, drawn["labels"])}, [logits], drawn)
+
+
 class Objective:
     """Task loss + weighted distillation terms (+ the sparsity penalty when pruning).
 
-    `task` is a task name ("vqa", "nlvr2", "retrieval", "captioning") or "pretrain". `task_weights` weighs the
+    `task` is a task name ("vqa", "nlvr2", "retrieval", "captioning"), "pretrain" or
+    "text_assignment". `task_weights` weighs the
     contrastive terms (itc, itm, mlm) of pre-training and retrieval into the task term, and
     `negative_rule` says where ITC and ITM find their negatives. `task_spec` is a classifying
     or generative task as the data and the spec set it up (`tasks.task_for`).
@@ -123,7 +155,7 @@ class Objective:
                  negative_rule: NegativeRule | None = None, task_spec: Task | None = None):
         self.student, self.task, self.weights, self.temperature = student, task, weights, temperature
         self.task_spec = task_spec
-        self.contrastive = task == "pretrain" or TASKS[task].contrastive
+        self.contrastive = task == "pretrain" or (task in TASKS and TASKS[task].contrastive)
         if self.contrastive:
             self.task_weights = dict(task_weights or TASKS[task].terms)
             if self.task_weights.get("mlm") and masking is None:
@@ -145,6 +177,9 @@ class Objective:
 
     def step(self, model: VLM, batch: dict[str, Tensor], gates: Gates | None, opts: dict,
              choices: dict[str, Tensor] | None = None) -> Step:
+        if self.task == TEXT_ASSIGNMENT:
+            hard_share = self.negative_rule.hard_share if self.negative_rule else 1.0
+            return assign_step(model, batch, gates, opts, choices, hard_share)
         if self.contrastive:
             return contrast_step(model, batch, self.task_weights, self.masking, gates, opts,
                                  choices, self.negative_rule)

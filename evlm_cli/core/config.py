@@ -217,6 +217,15 @@ class TaskTeacherConfig:
 
 
 @dataclass(frozen=True)
+class TextAssignmentConfig:
+    """NLVR2's domain pre-training (X-VLM's text assignment) of the teacher, on the pairs."""
+
+    lr_scale: float  # the pre-trained tensors' learning rate, as a share of train.lr
+    hard_negatives: float  # the share of negatives drawn by image similarity, the rest evenly
+    train: OptimConfig
+
+
+@dataclass(frozen=True)
 class LayerMap:
     vision: tuple[int, ...] | None
     text: tuple[int, ...] | None
@@ -326,6 +335,7 @@ class Params:
     augment: AugmentConfig | None = None
     teacher: TeacherConfig | None = None
     pretrain: PretrainConfig | None = None
+    text_assignment: TextAssignmentConfig | None = None
     task_teacher: TaskTeacherConfig | None = None
     student: StudentConfig | None = None
     distill: DistillConfig | None = None

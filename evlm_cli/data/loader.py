@@ -177,6 +177,8 @@ class PreparedSplit:
         # Questions and NLVR2 statements have answer targets and ids; captions have neither.
         self.targets = tensors.get("targets")
         self.question_id = tensors.get("question_id")
+        # Captions: the images a text cannot tell apart (prepare's `caption_groups`).
+        self.image_group = tensors.get("image_group")
 
     def __len__(self) -> int:
         return self.image_index.shape[0]
@@ -200,6 +202,8 @@ class PreparedSplit:
         if self.targets is not None:
             batch["targets"] = self.targets[indices].float()
             batch["question_id"] = self.question_id[indices]
+        if self.image_group is not None:
+            batch["image_group"] = self.image_group[indices]
         if augment is not None:
             if seed is None:
                 raise ValueError("an augmented batch needs its seed")

@@ -12,7 +12,8 @@ Layout of the output directory:
   `skip_bad_images`, drops the examples that show it);
 - `<split>.safetensors` per split, one row per text: `image_index` int64 [N] (NLVR2: [N, 2],
   the left and the right image), `input_ids` int32 [N, L], `attention_mask` uint8 [N, L]; for
-  VQA and NLVR2 also `targets` float16 [N, A] and `question_id` int64 [N]. VQA's targets are
+  VQA and NLVR2 also `targets` float16 [N, A] and `question_id` int64 [N]; for captions also
+  `image_group` int64 [N] (`caption_groups`). VQA's targets are
   the official accuracy of each answer (see `evlm_cli.tasks.vqa.answer_scores`); NLVR2's are one-hot over the answers
   `NLVR2_ANSWERS` and its question ids are row indices. Retrieval and captioning evaluation
   splits list every caption of an image as its own row;
@@ -401,6 +402,8 @@ def encode_split(
         "input_ids": input_ids,
         "attention_mask": mask,
     }
+    if text_key == "caption":
+        tensors["image_group"] = caption_groups(records, image_index)
     if text_key == "question":
         tensors["targets"] = target_scores(records, answer_index)
         tensors["question_id"] = torch.tensor([r["question_id"] for r in records],
@@ -409,6 +412,20 @@ def encode_split(
         tensors["targets"] = label_targets(records, answer_index)
         tensors["question_id"] = torch.arange(count, dtype=torch.int64)
     return tensors
+
+
+def caption_groups(records: list, image_index: torch.Tensor) -> torch.Tensor:
+    """int64 [N]: for each caption row, the lowest image row among the images whose captions
+    in this split are the same set as its image's (case and spacing aside): images the text
+    cannot tell apart. On captions written per image (COCO) every image is its own group; on
+    captions derived from a few facts (the easy-VQA demo) images with the same facts share
+    one, and text assignment draws no negative from a text's own group."""
+    said: dict[int, set[str]] = {}
+    for record, row in zip(records, image_index.tolist(), strict=True):
+        said.setdefault(row, set()).add(" ".join(record["caption"].lower().split()))
+    first: dict[frozenset[str], int] = {}
+    group = {row: first.setdefault(frozenset(texts), row) for row, texts in sorted(said.items())}
+    return torch.tensor([group[row] for row in image_index.tolist()], dtype=torch.int64)
 
 
 def target_scores(records: list[VqaRecord], answer_index: dict[str, int]) -> torch.Tensor:

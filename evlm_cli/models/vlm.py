@@ -180,6 +180,12 @@ def xvlm_mlp(width: int, outputs: int) -> nn.Sequential:
                          nn.Linear(2 * width, outputs))
 
 
+# Heads that read a text fused with two images, whose fusion layers come in pairs, layer 2i
+# reading the first image and 2i + 1 the second (`paired_fusion`): NLVR2's classifier and
+# text assignment's, the NLVR2 domain pre-training (X-VLM's `NLVR_pretrain.py`).
+PAIRED_HEADS = ("nlvr2", "ta")
+
+
 def build_heads(cfg: VLMConfig) -> nn.ModuleDict:
     w = cfg.fusion.width
     heads = nn.ModuleDict()
@@ -188,12 +194,14 @@ def build_heads(cfg: VLMConfig) -> nn.ModuleDict:
             if cfg.num_answers < 1:
                 raise ValueError("the vqa head needs num_answers >= 1")
             heads["vqa"] = xvlm_mlp(w, cfg.num_answers)
-        elif name == "nlvr2":
+        elif name in PAIRED_HEADS:
             if cfg.fusion.layers % 2:
-                raise ValueError(f"the nlvr2 head reads a fusion encoder whose layers take the two "
-                                 f"images in turn, so it needs an even number of fusion layers, "
-                                 f"not {cfg.fusion.layers}")
-            heads["nlvr2"] = xvlm_mlp(w, 2)  # true or false
+                raise ValueError(f"the {name} head reads a fusion encoder whose layers take the "
+                                 f"two images in turn, so it needs an even number of fusion "
+                                 f"layers, not {cfg.fusion.layers}")
+            # NLVR2: true or false (X-VLM's cls_head); text assignment: the text describes the
+            # first image, the second or neither (X-VLM's ta_head, a single Linear)
+            heads[name] = xvlm_mlp(w, 2) if name == "nlvr2" else nn.Linear(w, 3)
         elif name == "itm":
             heads["itm"] = xvlm_mlp(w, 2) if cfg.itm_head == "mlp" else nn.Linear(w, 2)
         elif name == "itc":
@@ -201,7 +209,7 @@ def build_heads(cfg: VLMConfig) -> nn.ModuleDict:
         elif name == "mlm":
             heads["mlm"] = MLMHead(w, cfg.text.vocab_size, cfg.fusion.eps)
         else:
-            raise ValueError(f"unknown head {name!r} (known: vqa, nlvr2, itm, itc, mlm)")
+            raise ValueError(f"unknown head {name!r} (known: vqa, nlvr2, ta, itm, itc, mlm)")
     return heads
 
 
@@ -527,13 +535,14 @@ def with_heads(model: VLM, heads: list[str], *, num_answers: int | None = None,
     are dropped. At another `image_size` the position embeddings are resampled to its patch
     grid with the kernel of the weights' source (`VisionConfig.pos_resample`), as X-VLM
     fine-tunes at a larger size than it pre-trains; the patch stem does not depend on the size.
-    A model given the nlvr2 head it lacked has its fusion layers paired, one for each image
-    (`paired_fusion`).
+    A model given a paired head (nlvr2, ta) when it had none has its fusion layers paired, one
+    for each image (`paired_fusion`); one that had one keeps them as they are.
     """
     cfg = model.config.to_dict()
     cfg.update(heads=list(heads), pool=pool or cfg["pool"],
                num_answers=cfg["num_answers"] if num_answers is None else num_answers)
-    pair = "nlvr2" in heads and "nlvr2" not in model.config.heads
+    pair = (any(h in PAIRED_HEADS for h in heads)
+            and not any(h in PAIRED_HEADS for h in model.config.heads))
     if pair:
         cfg["fusion"] = asdict(paired_fusion(model.config.fusion))
     patch = cfg["vision"]["patch_size"]

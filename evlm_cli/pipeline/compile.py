@@ -111,7 +111,10 @@ def plan(spec: dict) -> list[Stage]:
             k, o = ref.split(".")
             if k in stages:
                 inputs[arg] = stages[k].outputs[o]
+                refs.append([k, o])
         if kind.shared:
+            # an optional input that is there names the stage too (NLVR2's teacher with text
+            # assignment and without are two stages); one that is not leaves the name as it was
             upstream = sorted({stages[k].name for k, _ in refs})
             h = _digest(kind.name, subset(upstream_spec, tracked_sections(kind)), upstream)
             folder = SHARED / f"{kind.name}-{h}"

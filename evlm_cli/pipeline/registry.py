@@ -91,9 +91,19 @@ KINDS: dict[str, StageKind] = {k.name: k for k in [
         inputs={"pairs": "prepare_pairs.data"},
         outputs=(Output("data", "data"),), shared=True),
     StageKind(
-        "teacher", "fine-tune the pre-trained teacher on the task, or import a task teacher",
+        "text_assignment", "NLVR2's domain pre-training (X-VLM's text assignment): the "
+        "pre-trained teacher, fusion layers paired, learns on the pairs which of two images a "
+        "caption describes",
+        "evlm_cli.recipe.teacher:run_text_assignment", (*_RUNNING, "text_assignment"),
+        inputs={"pairs": "prepare_pairs.data", "pretrained": "teacher_pretrain.model"},
+        outputs=(Output("model", "model"), Output("log", "log.csv", "plots")), shared=True,
+        enabled_by="text_assignment", trains=True),
+    StageKind(
+        "teacher", "fine-tune the pre-trained teacher on the task (NLVR2: after text "
+        "assignment, where the spec asks for it), or import a task teacher",
         "evlm_cli.recipe.teacher:run_teacher", (*_TRAINING, "task_teacher"),
         inputs={"prepared": "prepare.data", "pretrained": "teacher_pretrain.model"},
+        optional_inputs={"assigned": "text_assignment.model"},
         outputs=(Output("model", "model"), Output("log", "log.csv", "plots")),
         shared=True, trains=True),
     StageKind(

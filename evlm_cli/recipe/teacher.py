@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evlm_cli.compress.objective import TASK_ONLY, Masking, NegativeRule, Objective
+import torch
+
+from evlm_cli.compress.objective import (
+    TASK_ONLY,
+    TEXT_ASSIGNMENT,
+    Masking,
+    NegativeRule,
+    Objective,
+    assign_step,
+)
 from evlm_cli.core.config import OptimConfig, Params, PretrainConfig, to_dict
 from evlm_cli.core.errors import CheckpointError
 from evlm_cli.core.io import atomic_path
@@ -74,12 +83,67 @@ def run_teacher_pretrain(params: Params, *, pairs: Path, model: Path, log: Path)
     return summary
 
 
-def task_teacher(params: Params, data: PreparedData, pretrained: Path
-                 ) -> tuple[VLM, set[str] | None]:
+def run_text_assignment(params: Params, *, pairs: Path, pretrained: Path, model: Path,
+                        log: Path) -> dict:
+    """NLVR2's domain pre-training (X-VLM's `NLVR_pretrain.py`): the pre-trained teacher with
+    its fusion layers paired and a fresh `ta` head learns, on the pairs, which of two images
+    a caption describes (`objective.assign_step`). Its ITC projection draws the negatives and
+    stays as it is. The NLVR2 teacher is then fine-tuned from this model."""
+    ta = params.text_assignment
+    device = setup(params.seed, params.resources.threads, params.device)
+    data = open_prepared(pairs, params.resources)
+    source = load_model(pretrained)
+    if "itc" not in source.config.heads:
+        raise CheckpointError(f"{pretrained}: has no itc head, which text assignment draws its "
+                              "negatives by")
+    assigner = with_heads(source, ["ta", "itc"])
+    for p in assigner.heads["itc"].parameters():
+        p.requires_grad_(False)
+    assigner.to(device)
+    trained = {k for k in assigner.state_dict() if not k.startswith("heads.ta.")}
+    run = make_run("text_assignment", data.split("train"), ta.train, params.seed,
+                   modules={"model": assigner},
+                   optims=[Optim(param_groups(assigner, trained, ta.train, ta.lr_scale))],
+                   loss=Objective(assigner, TEXT_ASSIGNMENT, TASK_ONLY, 1.0,
+                                  negative_rule=NegativeRule(hard_share=ta.hard_negatives)),
+                   device=device,
+                   precision=params.precision, log_path=log, key=(ta,),
+                   inputs=(pairs, pretrained))
+    summary = {"last_step": fit(run),
+               "val_metric": assignment_accuracy(assigner, data, ta.train.batch_size, device,
+                                                 params.seed, ta.hard_negatives)}
+    with atomic_path(model) as tmp:
+        save_model(assigner.cpu(), tmp)
+    finish(run)
+    return summary
+
+
+@torch.no_grad()
+def assignment_accuracy(model: VLM, data: PreparedData, batch_size: int, device: torch.device,
+                        seed: int, hard_share: float) -> float:
+    """The share of validation captions whose image text assignment picks right (first,
+    second or neither; a third each), the draws seeded so every run asks the same."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    right = total = 0
+    for batch in data.split("val").batches(batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+            step = assign_step(model, batch, None, {}, hard_share=hard_share)
+        right += int((step.logits[0].argmax(1) == step.choices["labels"]).sum())
+        total += len(step.choices["labels"])
+    model.train()
+    return right / max(total, 1)
+
+
+def task_teacher(params: Params, data: PreparedData, pretrained: Path,
+                 assigned: Path | None = None) -> tuple[VLM, set[str] | None]:
     """The task teacher before fine-tuning, and the names of its tensors that come from the
     pre-trained teacher (all but a fresh task head); None when it is imported finished and
     needs no fine-tuning: an evlm task model, or X-VLM's fine-tuned model (retrieval, NLVR2)
-    in the pre-trained teacher's shape."""
+    in the pre-trained teacher's shape. `assigned`: NLVR2's teacher starts from the model text
+    assignment trained (its fusion layers already paired) instead of the pre-trained one."""
     tt, task = params.task_teacher, TASKS[params.task]
     if tt.checkpoint is not None:
         source = f"task_teacher.checkpoint {tt.checkpoint}"
@@ -104,8 +168,9 @@ def task_teacher(params: Params, data: PreparedData, pretrained: Path
                                   f"{model.config.num_answers} answers, the task data has "
                                   f"{data.num_answers}")
         return model, None
-    source = load_model(pretrained)
-    require_positions(source, data.meta["max_text_len"], f"the pre-trained teacher {pretrained}")
+    start = assigned or pretrained
+    source = load_model(start)
+    require_positions(source, data.meta["max_text_len"], f"the pre-trained teacher {start}")
     model = with_heads(source, list(task.heads), num_answers=data.num_answers,
                        image_size=data.meta["image_size"])
     # Every encoder tensor came from the pre-trained teacher (NLVR2's paired fusion layers
@@ -123,12 +188,12 @@ def require_positions(model: VLM, needed: int, source: str) -> None:
                               f"{needed} (data.max_text_len)")
 
 
-def run_teacher(params: Params, *, prepared: Path, pretrained: Path, model: Path, log: Path
-                ) -> dict:
+def run_teacher(params: Params, *, prepared: Path, pretrained: Path,
+                assigned: Path | None = None, model: Path, log: Path) -> dict:
     tt = params.task_teacher
     device = setup(params.seed, params.resources.threads, params.device)
     data = open_prepared(prepared, params.resources, params.augment)
-    teacher, pretrained_names = task_teacher(params, data, pretrained)
+    teacher, pretrained_names = task_teacher(params, data, pretrained, assigned)
     train = pretrained_names is not None
     summary = {"imported": not train}
     if train:
@@ -142,7 +207,8 @@ def run_teacher(params: Params, *, prepared: Path, pretrained: Path, model: Path
                                       task_spec=task_for(params.task, data.meta,
                                                          tt.label_smoothing)),
                        device=device, precision=params.precision,
-                       log_path=log, key=(tt, params.augment), inputs=(prepared, pretrained),
+                       log_path=log, key=(tt, params.augment),
+                       inputs=(prepared, assigned or pretrained),
                        augment=data.augmenter(params.augment))
         summary["last_step"] = fit(run)
     summary["val_metric"] = evaluate_task(teacher, data, "val", params.task,

@@ -25,6 +25,11 @@ from evlm_cli.spec.words import JsonPath, Where, dotted, plural, quote, show
 Problems = Iterator[tuple[Where, str]]
 
 TRAINED_SECTIONS = ("pretrain", "distill", "task_teacher", "prune", "finetune")
+
+
+def trained_sections(spec: dict) -> list[str]:
+    """The sections of `spec` that train: TRAINED_SECTIONS, and text assignment where on."""
+    return [*TRAINED_SECTIONS, *(["text_assignment"] if spec.get("text_assignment") else [])]
 # Hub ids have no file suffix; a missing 'weights.pth' is a missing file, not a hub id.
 FILE_SUFFIXES = (".json", ".txt", ".pt", ".pth", ".th", ".bin", ".safetensors", ".ckpt", ".npz")
 
@@ -71,10 +76,17 @@ def export_packages_are_installed(spec: dict) -> Problems:
                             f"{' and '.join(missing)}: {EXPORT_INSTALL}")
 
 
+def text_assignment_is_nlvr2s(spec: dict) -> Problems:
+    task = spec["task"]
+    if spec.get("text_assignment") is not None and task != "nlvr2":
+        yield ("text_assignment",), (f"text_assignment: is NLVR2's domain pre-training, and task "
+                                     f"{task} reads no pair of images; set text_assignment: null")
+
+
 def answers_are_balanced_only_where_there_are_answers(spec: dict) -> Problems:
     """Pre-training and distillation read image-text pairs, and so does a task without answers
     (retrieval, captioning): they are sampled evenly."""
-    sections = ["pretrain", "distill"]
+    sections = ["pretrain", "distill", *(["text_assignment"] if spec.get("text_assignment") else [])]
     if not CATALOGUE[spec["task"]].has_answers:
         sections += ["task_teacher", "prune", "finetune"]
     for section in sections:
@@ -308,7 +320,7 @@ def batches_split_over_processes(spec: dict) -> Problems:
     world = processes * nodes
     over = (f"resources.processes = {processes}" if nodes == 1 else
             f"resources.nodes x resources.processes = {nodes} x {processes}")
-    for section in TRAINED_SECTIONS:
+    for section in trained_sections(spec):
         size = spec[section]["train"]["batch_size"]
         if size % world:
             yield ("resources", "processes"), (
@@ -461,6 +473,7 @@ RULES: list[Callable[[dict], Problems]] = [
     metric_fits_task,
     scoring_has_java,
     task_is_exportable,
+    text_assignment_is_nlvr2s,
     export_packages_are_installed,
     answers_are_balanced_only_where_there_are_answers,
     student_is_no_deeper_than_teacher,

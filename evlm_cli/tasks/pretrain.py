@@ -222,6 +222,45 @@ def sample_hard_negatives(
     return negatives[0], negatives[1]
 
 
+# Text assignment (X-VLM's NLVR2 domain pre-training, `models/model_nlvr_pretrain.py`): a text
+# fused with two images describes the first (label 0), the second (1) or neither (2).
+ASSIGNMENT_LABELS = 3
+# The scale of the image-image similarity its negatives are drawn by (X-VLM's fixed 0.07).
+ASSIGNMENT_TEMPERATURE = 0.07
+
+
+@torch.no_grad()
+def assignment_draws(image_embeds: Tensor, image_ids: Tensor,
+                     generator: torch.Generator | None = None, hard_share: float = 1.0
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """Text assignment's questions for a batch of image-text pairs: for the text of each
+    example, two images of the batch and which of them it describes.
+
+    `image_embeds` [B, D] are the images' normalised ITC embeddings; examples that share an
+    image id are each other's positives, never negatives. As X-VLM: a third of the texts see
+    their own image first and a negative second (label 0), a third the other way round (1),
+    and a third two different negatives (2, or one negative twice where the batch holds only
+    one); negatives are drawn by softmax(image-image similarity / 0.07) over the row's
+    negatives, and with `hard_share` below 1 that share of the draws so, the rest evenly (as
+    `pretrain.hard_negatives` does for ITM). Returns (first, second, labels): int64 [B] each,
+    rows of the batch's images.
+    """
+    sim = image_embeds.float() @ image_embeds.float().t() / ASSIGNMENT_TEMPERATURE
+    device = _draw_device(generator, sim)
+    probs = negative_probs(sim, image_ids, hard_share).to(device)
+    rows = torch.arange(len(probs), device=device)
+    negative = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    others = probs.clone()
+    others[rows, negative] = 0.0
+    alone = others.sum(1) == 0  # no second negative: the first one twice still says "neither"
+    others[alone] = probs[alone]
+    second_negative = torch.multinomial(others, 1, generator=generator).squeeze(1)
+    labels = torch.randint(ASSIGNMENT_LABELS, (len(probs),), generator=generator, device=device)
+    first = torch.where(labels == 0, rows, negative)
+    second = torch.where(labels == 0, negative, torch.where(labels == 1, rows, second_negative))
+    return tuple(t.to(image_embeds.device) for t in (first, second, labels))
+
+
 def itm_loss(pos_logits: Tensor, neg_logits: Tensor) -> Tensor:
     """Cross-entropy on 2-way match logits [N, 2]: label 1 for `pos_logits`, 0 for `neg_logits`.
 

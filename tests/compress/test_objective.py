@@ -111,6 +111,7 @@ def pairs_batch():
 
 MASKING = Masking(mask_id=4, vocab_size=30, special_ids=(0, 1, 2, 3, 4), prob=0.3)
 ALL = LossWeights(task=1.0, logits=1.0, hidden=1.0, attention=1.0)
+TASK_ONLY_WEIGHTS = LossWeights(task=1.0, logits=0.0, hidden=0.0, attention=0.0)
 
 
 def test_the_teacher_answers_the_students_questions():
@@ -160,3 +161,43 @@ def test_retrieval_trains_itc_and_itm_only():
     _, logs = objective(pairs_batch(), 0, 1)
     assert {"itc", "itm"} <= set(logs) and "mlm" not in logs
     assert logs["task"] == pytest.approx(logs["itc"] + logs["itm"], rel=1e-5)
+
+
+def test_text_assignment_fuses_each_text_with_the_two_drawn_images_in_their_order():
+    teacher, _, _ = pretrain_models()
+    assigner = with_heads(teacher, ["ta", "itc"])
+    assert assigner.config.fusion.layers == 2 * teacher.config.fusion.layers
+    objective = Objective(assigner, "text_assignment", TASK_ONLY_WEIGHTS, 1.0)
+    data = pairs_batch()
+    torch.manual_seed(0)
+    step = objective.step(assigner, data, None, {})
+    first, second, labels = (step.choices[k] for k in ("first", "second", "labels"))
+    own = torch.arange(4)
+    same = data["image_index"]
+    # the text's own image sits where its label says, and no negative shows its image
+    assert torch.equal(first[labels == 0], own[labels == 0])
+    assert torch.equal(second[labels == 1], own[labels == 1])
+    for rows, which in ((labels != 0, first), (labels != 1, second)):
+        assert (same[which[rows]] != same[rows]).all()
+    # the logits are the ta head over the text fused with exactly those two images
+    out = assigner.vision(data["images"])
+    text = assigner.encode_text(data["input_ids"], data["attention_mask"])
+    fused = assigner.fuse(text.last, data["attention_mask"], (out.last[first], out.last[second]))
+    expected = assigner.heads["ta"](assigner.pool(fused.last, data["attention_mask"]))
+    torch.testing.assert_close(step.logits[0], expected)
+    loss, _ = objective(data, 0, 1)
+    loss.backward()
+    assert assigner.heads["ta"].weight.grad.abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in assigner.fusion.layers[1].parameters()
+               if p.requires_grad and p.grad is not None)
+
+
+def test_a_model_with_a_paired_head_is_not_paired_again():
+    teacher, _, _ = pretrain_models()
+    assigner = with_heads(teacher, ["ta", "itc"])
+    nlvr2 = with_heads(assigner, ["nlvr2"], num_answers=2)
+    assert nlvr2.config.fusion.layers == assigner.config.fusion.layers
+    own = assigner.state_dict()
+    for key, value in nlvr2.state_dict().items():
+        if not key.startswith("heads."):
+            assert torch.equal(value, own[key]), key

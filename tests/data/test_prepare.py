@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from evlm_cli.core.config import DataConfig, build
 from evlm_cli.core.errors import DataError
 from evlm_cli.data.loader import PreparedData
-from evlm_cli.data.prepare import limit_examples, prepare, read_task_splits
+from evlm_cli.data.prepare import caption_groups, limit_examples, prepare, read_task_splits
 from evlm_cli.data.records import split_off_pairs_by_image
 from evlm_cli.data.tokenizer import load_tokenizer
 
@@ -562,3 +562,15 @@ def test_captions_are_prepared_with_the_prompt_in_front(caption_files):
     plain = tmp_path / "plain"
     prep({**xvlm_spec(root, files), "task": "captioning"}, plain)
     assert json.loads((plain / "meta.json").read_text())["caption_prompt_ids"] == []
+
+
+def test_images_whose_captions_are_the_same_set_share_a_group():
+    records = [{"image": "a", "caption": "a red circle"}, {"image": "a", "caption": "A  red circle."},
+               {"image": "b", "caption": "a red circle"}, {"image": "b", "caption": "a red circle."},
+               {"image": "c", "caption": "a red circle"},  # the same text, but not all of a's
+               {"image": "d", "caption": "a blue square"}]
+    rows = {"a": 0, "b": 1, "c": 2, "d": 3}
+    index = torch.tensor([rows[r["image"]] for r in records])
+    groups = caption_groups(records, index)
+    # a and b: "a red circle" and "a red circle." each (case and spacing aside)
+    assert groups.tolist() == [0, 0, 0, 0, 2, 3]

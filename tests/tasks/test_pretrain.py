@@ -11,6 +11,7 @@ from evlm_cli.tasks.pretrain import (
     IGNORE_INDEX,
     TERMS,
     Masking,
+    assignment_draws,
     continuation_ids,
     global_batch,
     itc_loss,
@@ -446,3 +447,44 @@ def test_continuation_ids_are_the_wordpiece_vocabularys_continued_pieces(tmp_pat
     pieces = tokenizer.convert_ids_to_tokens(ids)
     assert len(pieces) > 4  # the small vocabulary splits words
     assert [i in continued for i in ids] == [p.startswith("##") for p in pieces]
+
+
+def test_text_assignment_asks_each_question_a_third_of_the_time_and_never_with_a_positive():
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5])  # rows 0, 1 (and 4, 5) show one picture
+    embeds = F.normalize(torch.randn(8, 4, generator=generator), dim=-1)
+    counts = torch.zeros(3)
+    own = torch.arange(8)
+    for _ in range(300):
+        first, second, labels = assignment_draws(embeds, ids, generator)
+        counts += torch.bincount(labels, minlength=3)
+        assert torch.equal(first[labels == 0], own[labels == 0])
+        assert torch.equal(second[labels == 1], own[labels == 1])
+        # every other image shown is a negative: another picture than the text's
+        assert (ids[second[labels == 0]] != ids[labels == 0]).all()
+        assert (ids[first[labels == 1]] != ids[labels == 1]).all()
+        two = labels == 2
+        assert (ids[first[two]] != ids[two]).all() and (ids[second[two]] != ids[two]).all()
+        assert (first[two] != second[two]).all()  # two different negatives where there are
+    assert torch.allclose(counts / counts.sum(), torch.full((3,), 1 / 3), atol=0.03)
+
+
+def test_text_assignment_draws_negatives_by_image_similarity():
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.eye(4)
+    embeds[1] = F.normalize(torch.tensor([1.0, 0.2, 0, 0]), dim=0)  # image 1 resembles image 0
+    picked = torch.zeros(4)
+    for _ in range(500):
+        first, second, labels = assignment_draws(embeds, torch.arange(4), generator)
+        if labels[0] == 0:
+            picked[second[0]] += 1
+    assert picked[1] / picked.sum() > 0.99  # exp((0.98 - 0) / 0.07) to one
+
+
+def test_text_assignment_with_one_negative_shows_it_twice_for_neither():
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.tensor([0, 0, 1])
+    for _ in range(50):
+        first, second, labels = assignment_draws(torch.eye(3), ids, generator)
+        assert torch.equal(first[:2][labels[:2] == 2], torch.tensor([2] * int((labels[:2] == 2).sum())))
+        assert torch.equal(second[:2][labels[:2] == 2], first[:2][labels[:2] == 2])
