@@ -68,7 +68,7 @@ def test_run_rerun_partial_reruns_and_sharing(finished):
     assert "made" in first and "a DVC project (without git)" in first
     assert ran(first) == {"prepare_pairs", "teacher_pretrain", "distill", "prepare",
                           "teacher", "teacher_eval", "dense", "prune", "finetune", "export",
-                          "evaluate"}
+                          "evaluate", "text_assignment"}
     # The four tasks share the task-agnostic stages: each is in dvc.yaml, and ran, once.
     names = re.findall(r"Running stage '([^']+)'", first)
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
@@ -77,6 +77,13 @@ def test_run_rerun_partial_reruns_and_sharing(finished):
         assert sum(n.startswith(f"shared-{kind}-") for n in names) == 1, kind
     for kind in ("prepare", "teacher", "teacher_eval"):  # the task's own, one per task
         assert sum(n.startswith(f"shared-{kind}-") for n in stages) == 4, kind
+    # NLVR2's teacher alone starts from text assignment, which ran once, on the shared pairs
+    assigned = [n for n in stages if n.startswith("shared-text_assignment-")]
+    assert len(assigned) == 1 and sum(n == assigned[0] for n in names) == 1
+    taking = [n for n, v in stages.items() if "--assigned" in v["cmd"]]
+    assert len(taking) == 1 and taking[0].startswith("shared-teacher-")
+    params_file = next(iter(stages[taking[0]]["params"][0]))
+    assert yaml.safe_load((project / params_file).read_text())["task"] == "nlvr2"
     nlvr2 = results_of(project, "tiny_nlvr2")
     assert nlvr2.metric == "nlvr2_accuracy"
     assert nlvr2.student.score.value == pytest.approx(accuracy_by_hand(project, "tiny_nlvr2"),
