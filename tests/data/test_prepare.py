@@ -506,8 +506,12 @@ def test_xvlm_captions_write_retrieval_rows_and_raw_references(caption_files):
     rows = {}
     for split in ("train", "val", "test"):
         tensors = load_file(out / f"{split}.safetensors")
-        assert set(tensors) == {"image_index", "input_ids", "attention_mask"}  # no targets
+        # no targets; which images share their captions (every image its own group here)
+        assert set(tensors) == {"image_index", "image_group", "input_ids", "attention_mask"}
         assert tensors["image_index"].dtype == torch.int64
+        groups = dict(zip(tensors["image_index"].tolist(), tensors["image_group"].tolist(),
+                          strict=True))
+        assert len(set(groups.values())) == len(groups)
         assert tensors["input_ids"].shape == (summary["splits"][split], TEXT_LEN)
         rows[split] = tensors["image_index"].tolist()
     shown = {split: [color_of(images, row) for row in rows[split]] for split in rows}
