@@ -7,8 +7,8 @@ NLVR2 data under `--project`), then, in this process, with evlm's own functions:
   text assignment (optional, `--ta-epochs`): `recipe.teacher.run_text_assignment`, as the
   `text_assignment` stage runs it; or `--start MODEL`, another model to start from (the VQA
   task teacher);
-  NLVR2 fine-tuning: the task teacher as the `teacher` stage builds it (from the text-assigned
-  model where there is one), trained with the spec's task_teacher settings and
+  NLVR2 fine-tuning: the `teacher` stage's own function (`recipe.teacher.run_teacher`, from
+  the text-assigned model where there is one), with the spec's task_teacher settings but
   `--epochs`/`--lr-scale`, the validation accuracy taken after every epoch;
   the validation accuracy of each template ("the left image contains ...", "the two shapes
   are the same ...") and of each kind of thing named (shape, colour, size, place).
@@ -28,23 +28,21 @@ import json
 import re
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 import yaml
 
-from evlm_cli.compress.objective import TASK_ONLY, Objective
 from evlm_cli.core.config import params_from_dict
 from evlm_cli.data import nlvr2
 from evlm_cli.data.captions import COLORS, SHAPES, SIZES
 from evlm_cli.data.loader import open_prepared
+from evlm_cli.models.checkpoint import load_model
 from evlm_cli.models.vlm import TaskLogits
 from evlm_cli.recipe import teacher as recipe
 from evlm_cli.recipe.prepare import run_prepare
 from evlm_cli.recipe.scoring import evaluate_task
-from evlm_cli.tasks import task_for
-from evlm_cli.training.loop import Callback, Optim, fit, make_run, setup
+from evlm_cli.training.loop import Callback, callbacks_installed, setup
 
 # A statement's template, recognised from its words (nlvr2.THING_TEMPLATES, COMPARISON_TEMPLATES).
 TEMPLATES = (("left", r"^the left image"), ("right", r"^the right image"),
@@ -107,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     raw["text_assignment"] = {"lr_scale": a.ta_lr_scale, "hard_negatives": a.ta_hard,
                               "train": {**raw["pretrain"]["train"], "epochs": a.ta_epochs,
                                         "lr": a.ta_lr}}
+    teacher_section = raw["task_teacher"]
+    raw["task_teacher"] = {**teacher_section, "lr_scale": a.lr_scale or teacher_section["lr_scale"],
+                           "train": {**teacher_section["train"], "epochs": a.epochs}}
     params = params_from_dict(raw)
     pairs = next(project.glob("runs/shared/prepare_pairs-*/data"))
     pretrained = next(project.glob("runs/shared/teacher_pretrain-*/model"))
@@ -128,33 +129,26 @@ def main(argv: list[str] | None = None) -> int:
                 params, pairs=pairs, pretrained=pretrained, model=assigned,
                 log=a.work / "text_assignment_log.csv")
         result["text_assignment_seconds"] = round(time.time() - start)
+    # the teacher stage itself, with the epochs and body lr asked, its loop hooked for the curve
     device = setup(params.seed, params.resources.threads, params.device)
     data = open_prepared(prepared, params.resources, params.augment)
-    teacher, names = recipe.task_teacher(params, data, pretrained, assigned)
-    tt = params.task_teacher
-    cfg = replace(tt.train, epochs=a.epochs)
-    split = data.split("train")
     curve = result["curve"] = []
-    per_epoch = 0  # the run's batches per epoch, once it is made
 
     class Curve(Callback):
         def after_backward(self, step, run):
-            if (step + 1) % per_epoch == 0:
-                curve.append({"epoch": (step + 1) // per_epoch,
-                              "val": evaluate_task(teacher, data, "val", "nlvr2", 256, device),
+            if (step + 1) % len(run.batches) == 0:
+                model = run.modules["model"]
+                curve.append({"epoch": (step + 1) // len(run.batches),
+                              "val": evaluate_task(model, data, "val", "nlvr2", 256, device),
                               "seconds": round(time.time() - start)})
-                teacher.train()
+                model.train()
                 print(json.dumps(curve[-1]), flush=True)
 
-    run = make_run("nlvr2_teacher_study", split, cfg, params.seed, modules={"model": teacher},
-                   optims=[Optim(recipe.param_groups(teacher, names, cfg,
-                                                     a.lr_scale or tt.lr_scale))],
-                   loss=Objective(teacher, "nlvr2", TASK_ONLY, 1.0,
-                                  task_spec=task_for("nlvr2", data.meta, tt.label_smoothing)),
-                   device=device, log_path=None, key=tuple(sorted(result["args"].items())),
-                   inputs=(prepared, assigned or pretrained))
-    per_epoch = len(run.batches)
-    fit(run, [Curve()])
+    finished = a.work / "teacher"
+    with callbacks_installed(Curve()):
+        recipe.run_teacher(params, prepared=prepared, pretrained=pretrained, assigned=assigned,
+                           model=finished, log=a.work / "teacher_log.csv")
+    teacher = load_model(finished)
     result["val"] = evaluate_task(teacher, data, "val", "nlvr2", 256, device)
     result["by_statement"] = accuracy_by_statement(teacher, data)
     result["seconds"] = round(time.time() - start)

@@ -124,7 +124,7 @@ def assign_step(model: VLM, batch: dict[str, Tensor], gates: Gates | None, opts:
     vision = model.vision(images, gates=gates, **opts)
     if "first" not in drawn:
         with torch.no_grad():
-            embeds = F.normalize(model.heads["itc"].vision_proj(vision.last[:, 0].detach()), dim=-1)
+            embeds = model.heads["itc"].image_embeds(vision.last[:, 0].detach())
         groups = batch.get("image_group", batch["image_index"])
         drawn["first"], drawn["second"], drawn["labels"] = objectives.assignment_draws(
             embeds, groups, hard_share=hard_share)

@@ -155,9 +155,13 @@ class ITCHead(nn.Module):
         self.text_proj = nn.Linear(text_width, embed_dim)
         self.temp = nn.Parameter(torch.tensor(0.07))
 
+    def image_embeds(self, image_cls: Tensor) -> Tensor:
+        """The images' normalised embeddings [B, embed_dim]."""
+        return nn.functional.normalize(self.vision_proj(image_cls), dim=-1)
+
     def forward(self, image_cls: Tensor, text_cls: Tensor) -> Tensor:
         """Similarity logits [B_image, B_text]."""
-        img = nn.functional.normalize(self.vision_proj(image_cls), dim=-1)
+        img = self.image_embeds(image_cls)
         txt = nn.functional.normalize(self.text_proj(text_cls), dim=-1)
         return img @ txt.t() / self.temp.clamp(min=1e-3)
 

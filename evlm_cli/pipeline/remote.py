@@ -182,8 +182,8 @@ def publish(repo, odb) -> int:
     missing = _entries_missing_there(repo, odb)
     if not missing:
         return 0
-    for odb, objects in repo.stage_cache.get_used_objs(missing).items():
-        result = repo.cloud.push(objects, odb=odb)
+    for destination, objects in repo.stage_cache.get_used_objs(missing).items():
+        result = repo.cloud.push(objects, odb=destination)
         if result.failed:
             names = ", ".join(sorted(str(o.obj_name or o.value) for o in result.failed))
             raise EvlmError(f"remote {repo.config['core']['remote']}: could not push {names}")

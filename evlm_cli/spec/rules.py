@@ -27,9 +27,14 @@ Problems = Iterator[tuple[Where, str]]
 TRAINED_SECTIONS = ("pretrain", "distill", "task_teacher", "prune", "finetune")
 
 
+def optional_pair_sections(spec: dict) -> list[str]:
+    """The sections that train on the pairs and that `spec` may leave out: text assignment."""
+    return ["text_assignment"] if spec.get("text_assignment") else []
+
+
 def trained_sections(spec: dict) -> list[str]:
     """The sections of `spec` that train: TRAINED_SECTIONS, and text assignment where on."""
-    return [*TRAINED_SECTIONS, *(["text_assignment"] if spec.get("text_assignment") else [])]
+    return [*TRAINED_SECTIONS, *optional_pair_sections(spec)]
 # Hub ids have no file suffix; a missing 'weights.pth' is a missing file, not a hub id.
 FILE_SUFFIXES = (".json", ".txt", ".pt", ".pth", ".th", ".bin", ".safetensors", ".ckpt", ".npz")
 
@@ -86,7 +91,7 @@ def text_assignment_is_nlvr2s(spec: dict) -> Problems:
 def answers_are_balanced_only_where_there_are_answers(spec: dict) -> Problems:
     """Pre-training and distillation read image-text pairs, and so does a task without answers
     (retrieval, captioning): they are sampled evenly."""
-    sections = ["pretrain", "distill", *(["text_assignment"] if spec.get("text_assignment") else [])]
+    sections = ["pretrain", "distill", *optional_pair_sections(spec)]
     if not CATALOGUE[spec["task"]].has_answers:
         sections += ["task_teacher", "prune", "finetune"]
     for section in sections:
